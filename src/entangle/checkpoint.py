@@ -1,0 +1,149 @@
+"""Atomic checkpoints: weights (safetensors), optimiser, scheduler, RNG states, data position.
+
+A checkpoint is written into `checkpoints/.tmp-step-N/` and renamed to `checkpoints/step-N/`
+when complete, so a kill at any moment leaves the previous checkpoint intact. Everything loads
+with `torch.load(weights_only=True)` or safetensors: no pickled code.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from entangle.errors import TrainingError
+from entangle.models import is_peft
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    found = [(int(m.group(1)), os.path.join(root, d)) for d in os.listdir(root) if (m := STEP_DIR.match(d))]
+    return sorted(found)
+
+
+def resolve_resume(run_dir: str, resume: str) -> str | None:
+    """`latest` -> the newest complete checkpoint (None if there is none); otherwise a folder path."""
+    if resume == "latest":
+        found = list_checkpoints(run_dir)
+        return found[-1][1] if found else None
+    if not os.path.isfile(os.path.join(resume, "trainer_state.json")):
+        raise TrainingError(f"{resume}: not a checkpoint folder (no trainer_state.json); use train.resume=latest")
+    return resume
+
+
+def save_weights(accelerator, model, folder: str) -> None:
+    """A folder that `transformers` (full) or `peft` (adapter) loads directly."""
+    unwrapped = accelerator.unwrap_model(model)
+    state = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(folder, state_dict=state, safe_serialization=True)
+
+
+def load_weights(model, folder: str) -> None:
+    """Load weights saved by `save_weights` into an unwrapped model (tied weights re-tied)."""
+    if is_peft(model):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(os.path.join(folder, "adapter_model.safetensors")))
+        return
+    state = {}
+    for f in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    shared = {id(p) for n, p in model.state_dict(keep_vars=True).items() if n in state}
+    really_missing = [n for n in missing if id(model.state_dict(keep_vars=True)[n]) not in shared]
+    if really_missing or unexpected:
+        raise TrainingError(f"{folder}: weights do not match the model (missing {really_missing[:3]}, "
+                            f"unexpected {unexpected[:3]})")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuples(state["python"]))
+    np.random.set_state(_tuples(state["numpy"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(x):  # safe-loaded states come back with lists where the setters want tuples
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _rng_to_saveable(state: dict) -> dict:
+    py = state["python"]
+    npy = state["numpy"]
+    return {**state, "python": [py[0], list(py[1]), py[2]],
+            "numpy": [npy[0], torch.from_numpy(npy[1].astype(np.int64)), npy[2], npy[3], npy[4]]}
+
+
+def _rng_from_saved(state: dict) -> dict:
+    npy = state["numpy"]
+    return {**state, "numpy": (npy[0], npy[1].numpy().astype(np.uint32), npy[2], npy[3], npy[4])}
+
+
+def save_checkpoint(run_dir: str, step: int, accelerator, model, optimizer, scheduler, trainer_state: dict,
+                    extra_tensors: dict[str, dict] | None = None, keep: int = 0) -> str:
+    """Write `checkpoints/step-N` atomically; every process writes its own RNG state."""
+    root = os.path.join(run_dir, "checkpoints")
+    final = os.path.join(root, f"step-{step}")
+    tmp = os.path.join(root, f".tmp-step-{step}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    save_weights(accelerator, model, os.path.join(tmp, "model"))
+    torch.save(_rng_to_saveable(rng_state()), os.path.join(tmp, f"rng-{accelerator.process_index}.pt"))
+    if accelerator.is_main_process:
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+        for name, tensors in (extra_tensors or {}).items():
+            torch.save(tensors, os.path.join(tmp, f"{name}.pt"))
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(trainer_state, f, indent=1)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep > 0:
+            for _, old in list_checkpoints(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(folder: str, accelerator, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimiser, scheduler and this process's RNG; returns the trainer state."""
+    load_weights(accelerator.unwrap_model(model), os.path.join(folder, "model"))
+    optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
+    scheduler.load_state_dict(torch.load(os.path.join(folder, "scheduler.pt"), weights_only=True))
+    rng_file = os.path.join(folder, f"rng-{accelerator.process_index}.pt")
+    if os.path.exists(rng_file):
+        set_rng_state(_rng_from_saved(torch.load(rng_file, weights_only=True)))
+    with open(os.path.join(folder, "trainer_state.json")) as f:
+        return json.load(f)
+
+
+def load_extra(folder: str, name: str) -> dict | None:
+    path = os.path.join(folder, f"{name}.pt")
+    return torch.load(path, weights_only=True) if os.path.exists(path) else None

@@ -1,0 +1,95 @@
+"""The `entangle` command: `train`, `config`, `losses`. Errors print as one line, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from entangle import __version__
+from entangle.errors import EntangleError
+
+
+def _train(args) -> int:
+    from entangle import config
+    from entangle.loop import train
+
+    overrides = list(args.overrides) + (["train.resume=latest"] if args.resume else [])
+    cfg = config.load(args.config, overrides)
+    result = train(cfg)
+    if result.status == "interrupted":
+        print(f"interrupted; checkpoint in {result.run_dir}/checkpoints (resume with --resume)", file=sys.stderr)
+        return 130
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def _config(args) -> int:
+    from entangle import config
+
+    print(config.to_yaml(config.load(args.config, args.overrides)), end="")
+    return 0
+
+
+def _losses(args) -> int:
+    from entangle import losses
+
+    for name in losses.names():
+        s = losses.spec(name)
+        fn = losses.get(name)
+        params = ", ".join(f"{k}={v}" for k, v in s.defaults.items())
+        alias = f" (alias {', '.join(s.aliases)})" if s.aliases else ""
+        print(f"{name}{alias}: reference={'yes' if fn.uses_reference else 'no'}, "
+              f"length-normalised={'yes' if fn.length_normalized else 'no'}; {params}; {s.citation}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="entangle", description="Margin-based preference optimisation with "
+                                "gradient-entanglement diagnostics.")
+    p.add_argument("--version", action="version", version=f"entangle {__version__}")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train from a YAML config with key=value overrides")
+    t.add_argument("config", nargs="?", help="YAML config (defaults only when omitted)")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10 loss.params.beta=0.2")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+    t.set_defaults(func=_train)
+    c = sub.add_parser("config", help="print the resolved config (defaults <- file <- overrides)")
+    c.add_argument("config", nargs="?")
+    c.add_argument("overrides", nargs="*")
+    c.set_defaults(func=_config)
+    losses_p = sub.add_parser("losses", help="list the registered losses and their defaults")
+    losses_p.set_defaults(func=_losses)
+    return p
+
+
+def _split_config_arg(args) -> None:
+    # `entangle train key=value` (no file): argparse puts the first override in `config`.
+    if getattr(args, "config", None) and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides = [args.config, *args.overrides]
+        args.config = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _split_config_arg(args)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "datasets", "accelerate", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        return args.func(args)
+    except EntangleError as e:
+        print(f"entangle: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("entangle: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

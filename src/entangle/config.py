@@ -1,0 +1,214 @@
+"""The typed config tree: every default lives here; YAML files and `key=value` overrides only override.
+
+    cfg = config.load("configs/tiny-dpo.yaml", ["train.max_steps=20", "loss.params.beta=0.2"])
+
+Unknown keys and wrong types raise ConfigError naming the key and the valid choices. Loading has
+no side effects. The field comments document each key; `entangle config` prints the resolved tree.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from entangle import losses
+from entangle.errors import ConfigError
+
+
+@dataclass
+class LoraConfig:
+    r: int = 0                      # LoRA rank; 0 trains all parameters
+    alpha: float = 16.0             # LoRA scaling numerator (scaling = alpha / r)
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"              # tiny | tiny-gpt2 | smollm2-135m | a local folder | a hub id
+    dtype: str = "auto"             # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
+    trust_remote_code: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DataConfig:
+    train: str = "synthetic:sentiment"   # .jsonl/.json/.parquet file, datasets folder, hub id, or synthetic:NAME
+    eval: Optional[str] = None           # same forms; evaluated every train.eval_every steps
+    split: str = "train"                 # split for folders and hub ids
+    eval_split: str = "test"
+    columns: Dict[str, str] = field(default_factory=dict)   # e.g. {prompt: question, chosen: good}
+    max_length: Optional[int] = 512      # prompt + longest response, in tokens
+    max_prompt_length: Optional[int] = None   # prompts keep their last tokens
+    max_train_examples: Optional[int] = None
+    max_eval_examples: Optional[int] = None
+    skip_bad: bool = False               # count and skip malformed records instead of stopping
+
+
+@dataclass
+class LossConfig:
+    name: str = "dpo"                    # any name of `entangle losses`
+    params: Dict[str, Any] = field(default_factory=dict)    # hyper-parameters; unset ones keep published defaults
+
+
+@dataclass
+class ReferenceConfig:
+    type: str = "auto"   # auto (frozen if the loss uses one, else none) | frozen | precomputed | none
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-6
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+
+
+@dataclass
+class ScheduleConfig:
+    decay: str = "linear"        # linear | cosine | constant (after warm-up)
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0    # used when warmup_steps is 0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/entangle"
+    batch_size: int = 4          # pairs per micro-batch per process
+    grad_accum: int = 1          # micro-batches per optimiser step
+    max_grad_norm: Optional[float] = 1.0   # null disables clipping (the norm is still logged)
+    max_steps: Optional[int] = None        # optimiser steps; overrides epochs
+    epochs: float = 1.0
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0          # 0: only at the end (when data.eval is set)
+    eval_batch_size: int = 8
+    save_every: int = 0          # 0: only the final model (and on interruption)
+    keep_checkpoints: int = 0    # 0 keeps all
+    overwrite: bool = False      # allow a non-empty output_dir (its old run is replaced)
+    resume: Optional[str] = None # latest | a checkpoint folder
+    max_nonfinite: int = 3       # consecutive non-finite steps before the run stops
+    device: str = "auto"         # auto | cpu | cuda
+
+
+@dataclass
+class TrackingConfig:
+    report_to: List[str] = field(default_factory=list)   # tensorboard | wandb | mlflow (all off by default)
+    project: str = "entangle"
+    progress: bool = True        # progress bar on the terminal
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+CHOICES = {
+    "reference.type": ("auto", "frozen", "precomputed", "none"),
+    "schedule.decay": ("linear", "cosine", "constant"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16", "float64", "fp32", "bf16", "fp16"),
+}
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+def all_keys(cls=Config, prefix: str = "") -> list[str]:
+    out = []
+    for f in fields(cls):
+        key = f"{prefix}{f.name}"
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        out += all_keys(type(default), key + ".") if is_dataclass(default) else [key]
+    return out
+
+
+def _explain(e: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(e, "full_key", None) or ""
+    msg = str(e).splitlines()[0]
+    if "not in" in msg or "Key" in type(e).__name__ or "not found" in msg:
+        valid = all_keys()
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+        parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        siblings = [k for k in valid if k.startswith(parent) and k.count(".") == key.count(".")]
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return ConfigError(f"{source}: unknown config key {key!r}; {hint}valid: {', '.join(siblings)}")
+    return ConfigError(f"{source}: config key {key!r}: {msg}")
+
+
+def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Defaults <- YAML file <- dotted overrides, validated. Returns a DictConfig typed as Config."""
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        try:
+            data = OmegaConf.load(path)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except Exception as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, DictConfig):
+            raise ConfigError(f"{path}: the config must be a mapping of sections (model, data, loss, ...)")
+        cfg = _merge(cfg, data, path)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.max_steps=10)")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    validate(cfg)
+    return cfg
+
+
+def _merge(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, other)
+    except OmegaConfBaseException as e:
+        raise _explain(e, source) from None
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks that need more than types: choices, ranges, loss hyper-parameters."""
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"config key {key!r} is {value!r}; valid: {', '.join(choices)}")
+    for t in cfg.tracking.report_to:
+        if t not in TRACKERS:
+            raise ConfigError(f"config key 'tracking.report_to' has {t!r}; valid: {', '.join(TRACKERS)}")
+    for key in ("train.batch_size", "train.grad_accum", "train.log_every", "train.eval_batch_size"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"config key {key!r} must be at least 1")
+    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
+        raise ConfigError("config key 'train.max_steps' must be at least 1 (or null to use train.epochs)")
+    if cfg.optimizer.lr <= 0 or len(cfg.optimizer.betas) != 2:
+        raise ConfigError("config keys 'optimizer.lr' must be > 0 and 'optimizer.betas' a pair like [0.9, 0.999]")
+    try:
+        fn = losses.get(cfg.loss.name, **OmegaConf.to_container(cfg.loss.params))
+    except ConfigError as e:
+        raise ConfigError(f"config key 'loss': {e}") from None
+    if not fn.paired:
+        raise ConfigError(f"loss {fn.name!r} is unpaired; `entangle train` trains paired losses "
+                          f"(valid: {', '.join(n for n in losses.names() if n != 'kto')})")
+    if cfg.reference.type in ("frozen", "precomputed") and not fn.uses_reference:
+        raise ConfigError(f"loss {fn.name!r} uses no reference model; set reference.type=none (or auto)")
+    if cfg.reference.type == "none" and fn.uses_reference:
+        raise ConfigError(f"loss {fn.name!r} needs a reference; set reference.type=frozen or precomputed (or auto)")
+
+
+def reference_type(cfg: DictConfig) -> str:
+    """The one place that reads a loss's `uses_reference`: auto -> frozen or none."""
+    if cfg.reference.type != "auto":
+        return cfg.reference.type
+    fn = losses.get(cfg.loss.name, **OmegaConf.to_container(cfg.loss.params))
+    return "frozen" if fn.uses_reference else "none"
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)

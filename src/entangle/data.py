@@ -1,0 +1,414 @@
+"""Preference data: read records, parse the formats TRL users have, tokenise once, collate.
+
+    examples, skipped = read_examples("pairs.jsonl")                    # -> [PreferenceExample]
+    pairs, stats = tokenize_pairs(examples, tokenizer, max_length=512)   # -> [TokenizedPair]
+    batch = collate_pairs(pairs[:4], pad_id)                             # concatenated [2B, T]
+
+Formats: explicit `prompt/chosen/rejected` strings; chat message lists (the prompt is every message
+before the final assistant turn); implicit prompts (chosen and rejected share a prefix); unpaired
+`prompt/completion/label` rows for KTO. Column names can be remapped with `columns`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+
+from entangle.errors import DataError
+
+Text = str | list[dict[str, str]]  # a plain string or a list of chat messages
+
+
+@dataclass
+class PreferenceExample:
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    where: str = ""  # "file:line" for error messages
+
+
+@dataclass
+class UnpairedExample:
+    prompt: Text
+    completion: Text
+    label: bool
+    where: str = ""
+
+
+@dataclass
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    index: int  # position in the source, stable across runs (keys the reference cache)
+
+
+@dataclass
+class TokenStats:
+    n_examples: int = 0
+    n_truncated: int = 0
+    n_dropped: int = 0
+    n_skipped: int = 0  # bad records skipped at read time
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+DEFAULT_COLUMNS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected",
+                   "completion": "completion", "label": "label"}
+
+
+# ------------------------------------------------------------------------------------ reading
+
+
+def iter_records(source: str, split: str = "train") -> Iterator[tuple[str, Any]]:
+    """Yield `(where, record)` from a JSONL/JSON/Parquet file, a `datasets` folder or a hub id."""
+    if os.path.isfile(source):
+        name = os.path.basename(source)
+        if source.endswith((".jsonl", ".jsonl.gz")):
+            yield from _iter_jsonl(source, name)
+        elif source.endswith(".json"):
+            yield from _iter_json(source, name)
+        elif source.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            for i, row in enumerate(pq.read_table(source).to_pylist()):
+                yield f"{name}:row {i + 1}", row
+        else:
+            raise DataError(f"{source}: unknown file type; use .jsonl, .json or .parquet")
+    elif os.path.isdir(source):
+        yield from _iter_datasets_folder(source, split)
+    else:
+        yield from _iter_hub(source, split)
+
+
+def _iter_jsonl(path: str, name: str) -> Iterator[tuple[str, Any]]:
+    opener = open
+    if path.endswith(".gz"):
+        import gzip
+
+        opener = gzip.open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{name}:{n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{name}:{n}", _Invalid(f"invalid JSON ({e.msg} at column {e.colno})")
+
+
+def _iter_json(path: str, name: str) -> Iterator[tuple[str, Any]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{name}:{e.lineno}: invalid JSON ({e.msg}); fix the file or convert it to JSONL") from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))  # {"train": [...]} or {"data": [...]}
+    if not isinstance(data, list):
+        raise DataError(f"{name}: expected a JSON list of records")
+    for i, rec in enumerate(data):
+        yield f"{name}:record {i + 1}", rec
+
+
+def _iter_datasets_folder(path: str, split: str) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(path)
+    except Exception:  # not a save_to_disk folder: a folder of data files
+        try:
+            ds = datasets.load_dataset(path, split=split)
+        except Exception as e:
+            raise DataError(f"{path}: cannot read it as a datasets folder ({type(e).__name__}: {e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path}: no split {split!r}; it has {', '.join(ds)}")
+        ds = ds[split]
+    name = os.path.basename(os.path.normpath(path))
+    for i, row in enumerate(ds):
+        yield f"{name}[{split}]:row {i + 1}", row
+
+
+def _iter_hub(name: str, split: str) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:
+        raise DataError(f"{name}: not a file or folder, and the hub dataset could not be loaded "
+                        f"({type(e).__name__}); check the path, or the network for hub ids") from None
+    for i, row in enumerate(ds):
+        yield f"{name}[{split}]:row {i + 1}", row
+
+
+class _Invalid:
+    def __init__(self, why: str):
+        self.why = why
+
+
+# ------------------------------------------------------------------------------------ parsing
+
+
+def _text(rec: Mapping, col: str, field_name: str, where: str) -> Text:
+    if col not in rec or rec[col] is None:
+        raise DataError(f"{where}: field {col!r} is missing; map it with data.columns.{field_name}=NAME")
+    v = rec[col]
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list) and all(isinstance(m, Mapping) for m in v):
+        for i, m in enumerate(v):
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: field {col!r} message {i}: needs string 'role' and 'content'")
+        return [{"role": m["role"], "content": m["content"]} for m in v]
+    raise DataError(f"{where}: field {col!r} must be a string or a list of chat messages, got {type(v).__name__}")
+
+
+def _nonempty(t: Text) -> bool:
+    if isinstance(t, str):
+        return bool(t.strip())
+    return bool(t) and bool(t[-1]["content"].strip())
+
+
+def _split_implicit(chosen: Text, rejected: Text, where: str) -> tuple[Text, Text, Text]:
+    """Find the shared prompt of two full conversations (strings or message lists)."""
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        if not chosen or chosen[-1]["role"] != "assistant" or not rejected or rejected[-1]["role"] != "assistant":
+            raise DataError(f"{where}: field 'chosen'/'rejected': the last message must be the assistant's")
+        if chosen[:-1] != rejected[:-1]:
+            raise DataError(f"{where}: field 'chosen'/'rejected': the conversations differ before the final "
+                            "assistant turn; give an explicit 'prompt'")
+        return chosen[:-1], chosen[-1:], rejected[-1:]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        k = len(os.path.commonprefix([chosen, rejected]))
+        # Cut at the last whitespace of the shared prefix so no word is split between prompt and response.
+        cut = max((i for i in range(k) if chosen[i].isspace()), default=0)
+        if cut == 0:
+            raise DataError(f"{where}: field 'prompt' is missing and chosen/rejected share no prefix; "
+                            "give an explicit 'prompt'")
+        return chosen[:cut], chosen[cut:], rejected[cut:]
+    raise DataError(f"{where}: fields 'chosen' and 'rejected' must both be strings or both message lists")
+
+
+def parse_pair(rec: Any, where: str, columns: Mapping[str, str] | None = None) -> PreferenceExample:
+    """One record -> PreferenceExample, or DataError naming the place and field."""
+    cols = {**DEFAULT_COLUMNS, **(columns or {})}
+    if isinstance(rec, _Invalid):
+        raise DataError(f"{where}: {rec.why}")
+    if not isinstance(rec, Mapping):
+        raise DataError(f"{where}: expected an object with prompt/chosen/rejected, got {type(rec).__name__}")
+    chosen = _text(rec, cols["chosen"], "chosen", where)
+    rejected = _text(rec, cols["rejected"], "rejected", where)
+    if rec.get(cols["prompt"]) is None:
+        prompt, chosen, rejected = _split_implicit(chosen, rejected, where)
+    else:
+        prompt = _text(rec, cols["prompt"], "prompt", where)
+        if isinstance(prompt, list):  # a plain-string answer to a chat prompt is the assistant's turn
+            chosen = [{"role": "assistant", "content": chosen}] if isinstance(chosen, str) else chosen
+            rejected = [{"role": "assistant", "content": rejected}] if isinstance(rejected, str) else rejected
+    for key, v in (("chosen", chosen), ("rejected", rejected)):
+        if not _nonempty(v):
+            raise DataError(f"{where}: field {cols[key]!r} is an empty response")
+    if chosen == rejected:
+        raise DataError(f"{where}: fields {cols['chosen']!r} and {cols['rejected']!r} are identical")
+    return PreferenceExample(prompt, chosen, rejected, where)
+
+
+def parse_unpaired(rec: Any, where: str, columns: Mapping[str, str] | None = None) -> UnpairedExample:
+    cols = {**DEFAULT_COLUMNS, **(columns or {})}
+    if isinstance(rec, _Invalid):
+        raise DataError(f"{where}: {rec.why}")
+    if not isinstance(rec, Mapping):
+        raise DataError(f"{where}: expected an object with prompt/completion/label, got {type(rec).__name__}")
+    prompt = _text(rec, cols["prompt"], "prompt", where)
+    completion = _text(rec, cols["completion"], "completion", where)
+    if isinstance(prompt, list) and isinstance(completion, str):
+        completion = [{"role": "assistant", "content": completion}]
+    label = rec.get(cols["label"])
+    if not isinstance(label, bool):
+        raise DataError(f"{where}: field {cols['label']!r} must be true or false, got {label!r}")
+    if not _nonempty(completion):
+        raise DataError(f"{where}: field {cols['completion']!r} is an empty response")
+    return UnpairedExample(prompt, completion, label, where)
+
+
+def read_examples(source: str, columns: Mapping[str, str] | None = None, skip_bad: bool = False,
+                  split: str = "train", limit: int | None = None, unpaired: bool = False):
+    """Read and validate every record; returns `(examples, n_skipped)`.
+
+    A bad record raises DataError naming file, line and field, unless `skip_bad` (then counted)."""
+    parse = parse_unpaired if unpaired else parse_pair
+    out, skipped = [], 0
+    for where, rec in iter_records(source, split):
+        try:
+            out.append(parse(rec, where, columns))
+        except DataError:
+            if not skip_bad:
+                raise
+            skipped += 1
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise DataError(f"{source}: no usable records" + (f" ({skipped} skipped as bad)" if skipped else ""))
+    return out, skipped
+
+
+# ------------------------------------------------------------------------------------ tokenising
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _chat_text(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def encode_prompt_response(tokenizer, prompt: Text, response: Text, where: str = "") -> tuple[list[int], list[int]]:
+    """Token ids of the prompt and of one response, with exactly one EOS ending the response."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token; set one before training")
+    if isinstance(prompt, list):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise DataError(f"{where}: chat messages need a tokenizer with a chat template")
+        if isinstance(response, str):
+            response = [{"role": "assistant", "content": response}]
+        prompt_text = _chat_text(tokenizer, prompt, True)
+        full = _chat_text(tokenizer, prompt + response, False)
+        if not full.startswith(prompt_text):
+            raise DataError(f"{where}: the chat template renders the prompt differently with and without the "
+                            "response; give prompt/chosen/rejected as strings")
+        prompt_ids = _encode(tokenizer, prompt_text)  # the template itself carries any BOS
+        response_ids = _encode(tokenizer, full[len(prompt_text):])
+    else:
+        if isinstance(response, list):
+            raise DataError(f"{where}: a string prompt needs string responses")
+        prompt_ids = _encode(tokenizer, prompt)
+        bos = tokenizer.bos_token_id
+        if bos is not None and getattr(tokenizer, "add_bos_token", False) and prompt_ids[:1] != [bos]:
+            prompt_ids = [bos] + prompt_ids
+        response_ids = _encode(tokenizer, response)
+    if eos in response_ids:  # the template's own end-of-turn: cut what follows it (e.g. a newline)
+        last = len(response_ids) - 1 - response_ids[::-1].index(eos)
+        response_ids = response_ids[: last + 1]
+    else:
+        response_ids = response_ids + [eos]
+    if not prompt_ids:
+        raise DataError(f"{where}: field 'prompt' tokenises to nothing; give a non-empty prompt")
+    return prompt_ids, response_ids
+
+
+def truncate(prompt: list[int], responses: Sequence[list[int]], max_length: int | None,
+             max_prompt_length: int | None) -> tuple[list[int], list[list[int]], bool]:
+    """Keep the end of the prompt, then the start of each response, within the limits."""
+    cut = False
+    longest = max(len(r) for r in responses)
+    if max_length is not None and len(prompt) + longest > max_length:
+        if max_prompt_length is not None and len(prompt) > max_prompt_length:
+            prompt, cut = prompt[-max_prompt_length:], True
+        room = max_length - len(prompt)
+        if room < longest:
+            responses, cut = [r[: max(room, 0)] for r in responses], True
+    elif max_prompt_length is not None and len(prompt) > max_prompt_length:
+        prompt, cut = prompt[-max_prompt_length:], True
+    return prompt, list(responses), cut
+
+
+def tokenize_pairs(examples: Sequence[PreferenceExample], tokenizer, max_length: int | None = None,
+                   max_prompt_length: int | None = None) -> tuple[list[TokenizedPair], TokenStats]:
+    """Tokenise once; pairs whose responses truncate to nothing, or become identical, are dropped."""
+    stats, out = TokenStats(n_examples=len(examples)), []
+    for i, ex in enumerate(examples):
+        p, c = encode_prompt_response(tokenizer, ex.prompt, ex.chosen, ex.where)
+        p2, r = encode_prompt_response(tokenizer, ex.prompt, ex.rejected, ex.where)
+        if p != p2:
+            raise DataError(f"{ex.where}: the prompt tokenises differently for chosen and rejected")
+        p, (c, r), cut = truncate(p, [c, r], max_length, max_prompt_length)
+        if not c or not r or c == r:
+            stats.n_dropped += 1
+            continue
+        stats.n_truncated += cut
+        out.append(TokenizedPair(p, c, r, i))
+    return out, stats
+
+
+@dataclass
+class TokenizedCompletion:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    label: bool
+    index: int
+
+
+def tokenize_unpaired(examples: Sequence[UnpairedExample], tokenizer, max_length: int | None = None,
+                      max_prompt_length: int | None = None) -> tuple[list[TokenizedCompletion], TokenStats]:
+    stats, out = TokenStats(n_examples=len(examples)), []
+    for i, ex in enumerate(examples):
+        p, c = encode_prompt_response(tokenizer, ex.prompt, ex.completion, ex.where)
+        p, (c,), cut = truncate(p, [c], max_length, max_prompt_length)
+        if not c:
+            stats.n_dropped += 1
+            continue
+        stats.n_truncated += cut
+        out.append(TokenizedCompletion(p, c, ex.label, i))
+    return out, stats
+
+
+# ------------------------------------------------------------------------------------ collating
+
+
+@dataclass
+class Batch:
+    """Sequences padded on the right. Pairs are laid out chosen rows first, then rejected rows."""
+
+    input_ids: torch.Tensor       # [N, T]
+    attention_mask: torch.Tensor  # [N, T] 1 for real tokens
+    response_mask: torch.Tensor   # [N, T] True where the token is a response token (scored)
+    index: torch.Tensor           # [n_pairs] source positions
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device) -> "Batch":
+        move = (lambda t: t.to(device) if isinstance(t, torch.Tensor) else t)
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.response_mask),
+                     move(self.index), {k: move(v) for k, v in self.extra.items()})
+
+
+def pad_sequences(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """`(prompt, response)` rows -> input_ids, attention_mask, response_mask, each [N, T]."""
+    T = max(len(p) + len(r) for p, r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), T), dtype=torch.long)
+    resp = torch.zeros((len(rows), T), dtype=torch.bool)
+    for i, (p, r) in enumerate(rows):
+        n = len(p) + len(r)
+        ids[i, :n] = torch.tensor(p + r, dtype=torch.long)
+        attn[i, :n] = 1
+        resp[i, len(p):n] = True
+    return ids, attn, resp
+
+
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> Batch:
+    """B pairs -> one concatenated batch of 2B rows (chosen 0..B-1, rejected B..2B-1)."""
+    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    ids, attn, resp = pad_sequences(rows, pad_id)
+    return Batch(ids, attn, resp, torch.tensor([p.index for p in pairs], dtype=torch.long))
+
+
+def collate_unpaired(items: Sequence[TokenizedCompletion], pad_id: int) -> Batch:
+    """B completions -> B rows, plus B KL rows pairing each prompt with the next row's completion."""
+    n = len(items)
+    rows = [(c.prompt_ids, c.completion_ids) for c in items]
+    rows += [(items[i].prompt_ids, items[(i + 1) % n].completion_ids) for i in range(n)]
+    ids, attn, resp = pad_sequences(rows, pad_id)
+    labels = torch.tensor([c.label for c in items], dtype=torch.bool)
+    return Batch(ids, attn, resp, torch.tensor([c.index for c in items], dtype=torch.long), {"labels": labels})

@@ -1,0 +1,21 @@
+"""User-facing errors: each prints as one line on the command line, with no traceback."""
+
+
+class EntangleError(Exception):
+    """Base class: the message says what is wrong and what to do."""
+
+
+class ConfigError(EntangleError, ValueError):
+    """A configuration key or value is unknown or invalid."""
+
+
+class DataError(EntangleError, ValueError):
+    """A preference record is malformed; the message names the file, line and field."""
+
+
+class ModelError(EntangleError):
+    """A model or tokenizer could not be loaded."""
+
+
+class TrainingError(EntangleError):
+    """Training cannot continue (non-finite losses, an unusable run directory)."""

@@ -1,0 +1,89 @@
+"""Response log-probs from one forward pass, computing logits only where a response token is scored.
+
+    out = sequence_logps(model, batch)          # out.logps [N], out.lengths [N]
+    chosen, rejected = out.logps.chunk(2)       # pairs are laid out chosen rows first
+
+The decoder runs once over the padded batch; the LM head and log-softmax run only on the K
+hidden states that predict response tokens, so no `[N, T, vocab]` tensor exists over the prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from entangle.data import Batch
+from entangle.models import is_peft
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+@dataclass
+class LogpsOut:
+    logps: torch.Tensor                # [N] summed response log-probs (float32 or wider)
+    lengths: torch.Tensor              # [N] response token counts
+    token_logps: torch.Tensor | None   # [N, T] log-prob of the token at each position (0 off-response)
+
+
+def split_model(model):
+    """`(decoder, lm_head, config)` of a causal LM (through PEFT), or None if the layout is unknown."""
+    base = model.get_base_model() if is_peft(model) else model
+    decoder = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    cfg = getattr(base, "config", None)
+    if decoder is None or head is None or cfg is None or getattr(cfg, "logit_scale", None) not in (None, 1.0):
+        return None
+    return decoder, head, cfg
+
+
+def response_logits(head, cfg, hidden: torch.Tensor) -> torch.Tensor:
+    """LM head on selected hidden states [K, d] -> float32 logits [K, V] (with Gemma-style soft-capping)."""
+    logits = head(hidden).float()
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def sequence_logps(model, batch: Batch, token_level: bool = False) -> LogpsOut:
+    """Summed log-probs of each row's response tokens given everything before them."""
+    ids, attn, resp = batch.input_ids, batch.attention_mask, batch.response_mask
+    N, T = ids.shape
+    target = resp[:, 1:]                      # [N, T-1] position t predicts token t+1
+    rows = torch.arange(N, device=ids.device)[:, None].expand(N, T - 1)[target]   # [K]
+    targets = ids[:, 1:][target]              # [K]
+    parts = split_model(model)
+    if parts is not None:
+        decoder, head, cfg = parts
+        hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state  # [N, T, d]
+        logits = response_logits(head, cfg, hidden[:, :-1][target])                             # [K, V]
+    else:
+        name = type(model).__name__
+        if name not in _warned:
+            _warned.add(name)
+            log.warning("%s: unknown decoder/head layout; computing full logits (more memory)", name)
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1][target].float()
+    tok = -F.cross_entropy(logits, targets, reduction="none")                                   # [K]
+    logps = torch.zeros(N, dtype=tok.dtype, device=ids.device).index_add(0, rows, tok)
+    lengths = target.sum(1)
+    token_logps = None
+    if token_level:
+        token_logps = torch.zeros(N, T, dtype=tok.dtype, device=ids.device)
+        token_logps[:, 1:][target] = tok
+    return LogpsOut(logps, lengths, token_logps)
+
+
+def naive_logps(model, batch: Batch) -> torch.Tensor:
+    """The textbook computation, one row at a time over full logits: the reference for tests."""
+    out = []
+    for i in range(batch.n_rows):
+        n = int(batch.attention_mask[i].sum())
+        ids = batch.input_ids[i : i + 1, :n]
+        logits = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)                     # [n-1, V]
+        lp = logits.gather(1, ids[0, 1:, None])[:, 0]
+        out.append(lp[batch.response_mask[i, 1:n]].sum())
+    return torch.stack(out)

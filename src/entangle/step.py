@@ -1,0 +1,125 @@
+"""One optimisation step: the maths, nothing else. `train_step` and `eval_batch` return metric sums.
+
+Metric sums are tensors reduced over processes by the caller's `finish_metrics`, so that means are
+exact under gradient accumulation and multi-process runs (accuracies can never exceed 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from entangle.data import Batch
+from entangle.logps import sequence_logps
+from entangle.losses import Loss
+from entangle.reference import Reference
+
+SUM_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+            "logps/chosen", "logps/rejected", "n_pairs", "n_tokens")
+
+
+@dataclass
+class StepParts:
+    accelerator: Any
+    model: Any                  # prepared (possibly DDP/FSDP-wrapped) policy
+    optimizer: Any
+    scheduler: Any
+    loss_fn: Loss
+    reference: Reference
+    max_grad_norm: float | None
+
+
+def pair_forward(model, loss_fn: Loss, reference: Reference, batch: Batch):
+    """Policy and reference log-probs of a concatenated batch -> (per-pair loss [B], metric sums)."""
+    out = sequence_logps(model, batch)                        # logps [2B]
+    pc, pr = out.logps.chunk(2)                               # [B], [B]
+    lc, lr = out.lengths.chunk(2)
+    ref = reference.logps(batch)                              # [2B] or None
+    rc, rr = ref.chunk(2) if ref is not None else (None, None)
+    loss_fn.observe(pc, pr, rc, rr, lc, lr)                   # running state (BCO) sees the batch first
+    per_pair = loss_fn(pc, pr, rc, rr, lc, lr)                # [B]
+    rw, rl = loss_fn.rewards(pc, pr, rc, rr, lc, lr)
+    sums = {
+        "loss": per_pair.detach().sum(),
+        "rewards/chosen": rw.sum(),
+        "rewards/rejected": rl.sum(),
+        "rewards/margins": (rw - rl).sum(),
+        "rewards/accuracies": (rw > rl).float().sum(),
+        "logps/chosen": pc.detach().sum(),
+        "logps/rejected": pr.detach().sum(),
+        "n_pairs": torch.tensor(float(pc.numel())),
+        "n_tokens": batch.attention_mask.sum().float(),
+    }
+    return per_pair, sums
+
+
+def _add(acc: dict, sums: dict) -> None:
+    for k, v in sums.items():
+        v = v.detach().float().cpu() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+        acc[k] = acc[k] + v if k in acc else v
+
+
+def train_step(parts: StepParts, micro_batches: Sequence[Batch]) -> dict[str, torch.Tensor]:
+    """Forward/backward over the micro-batches, clip, step. Returns this process's metric sums."""
+    acc = parts.accelerator
+    model, optimizer = parts.model, parts.optimizer
+    # 1. Learning rate for this step (the scheduler advanced after the previous step).
+    lr = parts.scheduler.get_last_lr()[0]
+    n_pairs = sum(b.n_rows // 2 for b in micro_batches)
+    sums: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(micro_batches):
+        # 2. Gradients synchronise across processes only on the last micro-batch.
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else acc.no_sync(model):
+            # 3. Policy forward, reference log-probs, per-pair loss.
+            per_pair, batch_sums = pair_forward(model, parts.loss_fn, parts.reference, batch)
+            # 4. Backward of this micro-batch's share of the step's mean loss.
+            acc.backward(per_pair.sum() / n_pairs)
+        _add(sums, batch_sums)
+    # 5. Clip (or just measure) the gradient norm.
+    params = [p for p in model.parameters() if p.requires_grad]
+    max_norm = parts.max_grad_norm if parts.max_grad_norm is not None else math.inf
+    grad_norm = acc.clip_grad_norm_(params, max_norm)
+    grad_norm = torch.as_tensor(grad_norm).detach().float().cpu()
+    # 6. Optimiser step, unless the loss or gradient is not finite; then the step is skipped.
+    finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(sums["loss"]))
+    if finite:
+        optimizer.step()
+        parts.scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    sums["grad_norm"] = grad_norm
+    sums["learning_rate"] = torch.tensor(lr)
+    sums["skipped"] = torch.tensor(0.0 if finite else 1.0)
+    return sums
+
+
+@torch.no_grad()
+def eval_batch(model, loss_fn: Loss, reference: Reference, batch: Batch) -> dict[str, torch.Tensor]:
+    _, sums = pair_forward(model, loss_fn, reference, batch)
+    out: dict[str, torch.Tensor] = {}
+    _add(out, sums)
+    return out
+
+
+MEAN_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+             "logps/chosen", "logps/rejected")
+
+
+def finish_metrics(accelerator, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Sum over processes, then divide by the global pair count: exact means."""
+    keys = [k for k in SUM_KEYS if k in sums]
+    vec = torch.stack([sums[k] for k in keys]).to(accelerator.device)
+    vec = accelerator.reduce(vec, reduction="sum").cpu()
+    total = dict(zip(keys, vec.tolist()))
+    n = max(total["n_pairs"], 1.0)
+    out = {k: total[k] / n for k in MEAN_KEYS if k in total}
+    out["n_pairs"] = total["n_pairs"]
+    out["n_tokens"] = total["n_tokens"]
+    for k in ("grad_norm", "learning_rate", "skipped"):
+        if k in sums:
+            out[k] = float(sums[k])
+    return out
