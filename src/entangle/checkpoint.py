@@ -42,12 +42,17 @@ def resolve_resume(run_dir: str, resume: str) -> str | None:
     return resume
 
 
-def save_weights(accelerator, model, folder: str) -> None:
+def hf_model(accelerator, policy):
+    """The transformers/peft model inside a prepared `Policy`."""
+    return accelerator.unwrap_model(policy).model
+
+
+def save_weights(accelerator, policy, folder: str) -> None:
     """A folder that `transformers` (full) or `peft` (adapter) loads directly."""
-    unwrapped = accelerator.unwrap_model(model)
-    state = accelerator.get_state_dict(model)
+    state = accelerator.get_state_dict(policy)  # gathered under FSDP/ZeRO-3
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(folder, state_dict=state, safe_serialization=True)
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+        hf_model(accelerator, policy).save_pretrained(folder, state_dict=state, safe_serialization=True)
 
 
 def load_weights(model, folder: str) -> None:
@@ -134,7 +139,7 @@ def save_checkpoint(run_dir: str, step: int, accelerator, model, optimizer, sche
 
 def load_checkpoint(folder: str, accelerator, model, optimizer, scheduler) -> dict:
     """Restore weights, optimiser, scheduler and this process's RNG; returns the trainer state."""
-    load_weights(accelerator.unwrap_model(model), os.path.join(folder, "model"))
+    load_weights(hf_model(accelerator, model), os.path.join(folder, "model"))
     optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
     scheduler.load_state_dict(torch.load(os.path.join(folder, "scheduler.pt"), weights_only=True))
     rng_file = os.path.join(folder, f"rng-{accelerator.process_index}.pt")

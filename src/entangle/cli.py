@@ -18,9 +18,11 @@ def _train(args) -> int:
     cfg = config.load(args.config, overrides)
     result = train(cfg)
     if result.status == "interrupted":
-        print(f"interrupted; checkpoint in {result.run_dir}/checkpoints (resume with --resume)", file=sys.stderr)
-        return 130
-    print(f"run directory: {result.run_dir}")
+        if result.is_main:
+            print(f"interrupted; checkpoint in {result.run_dir}/checkpoints (resume with --resume)", file=sys.stderr)
+        return 143 if result.stop_signal == "SIGTERM" else 130
+    if result.is_main:
+        print(f"run directory: {result.run_dir}")
     return 0
 
 

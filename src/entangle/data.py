@@ -378,7 +378,9 @@ class Batch:
         return self.input_ids.shape[0]
 
     def to(self, device) -> "Batch":
-        move = (lambda t: t.to(device) if isinstance(t, torch.Tensor) else t)
+        def move(t):
+            return t.to(device) if isinstance(t, torch.Tensor) else t
+
         return Batch(move(self.input_ids), move(self.attention_mask), move(self.response_mask),
                      move(self.index), {k: move(v) for k, v in self.extra.items()})
 

@@ -40,18 +40,45 @@ def split_model(model):
     return decoder, head, cfg
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Log-softmax in at least float32 (bf16/fp16 logits lose too much)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def response_logits(head, cfg, hidden: torch.Tensor) -> torch.Tensor:
     """LM head on selected hidden states [K, d] -> float32 logits [K, V] (with Gemma-style soft-capping)."""
-    logits = head(hidden).float()
+    logits = upcast(head(hidden))
     cap = getattr(cfg, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
 
 
+class Policy(torch.nn.Module):
+    """A causal LM whose forward returns response log-probs. Training wraps *this* module with
+    DDP/FSDP/DeepSpeed, so the response-only computation runs inside the wrapper's forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self._no_split_modules = getattr(model, "_no_split_modules", None)  # FSDP auto-wrap reads it
+
+    def forward(self, input_ids, attention_mask, response_mask, token_level: bool = False):
+        out = _logps(self.model, input_ids, attention_mask, response_mask, token_level)
+        return out.logps, out.lengths, out.token_logps
+
+
 def sequence_logps(model, batch: Batch, token_level: bool = False) -> LogpsOut:
-    """Summed log-probs of each row's response tokens given everything before them."""
-    ids, attn, resp = batch.input_ids, batch.attention_mask, batch.response_mask
+    """Summed log-probs of each row's response tokens given everything before them.
+
+    `model` is a causal LM, a `Policy`, or a DDP/FSDP wrapper of a `Policy`."""
+    inner = getattr(model, "module", model)
+    if isinstance(inner, Policy):
+        return LogpsOut(*model(batch.input_ids, batch.attention_mask, batch.response_mask, token_level))
+    return _logps(model, batch.input_ids, batch.attention_mask, batch.response_mask, token_level)
+
+
+def _logps(model, ids, attn, resp, token_level: bool) -> LogpsOut:
     N, T = ids.shape
     target = resp[:, 1:]                      # [N, T-1] position t predicts token t+1
     rows = torch.arange(N, device=ids.device)[:, None].expand(N, T - 1)[target]   # [K]
@@ -66,7 +93,8 @@ def sequence_logps(model, batch: Batch, token_level: bool = False) -> LogpsOut:
         if name not in _warned:
             _warned.add(name)
             log.warning("%s: unknown decoder/head layout; computing full logits (more memory)", name)
-        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1][target].float()
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1][target]
+        logits = upcast(logits)
     tok = -F.cross_entropy(logits, targets, reduction="none")                                   # [K]
     logps = torch.zeros(N, dtype=tok.dtype, device=ids.device).index_add(0, rows, tok)
     lengths = target.sum(1)
@@ -83,7 +111,7 @@ def naive_logps(model, batch: Batch) -> torch.Tensor:
     for i in range(batch.n_rows):
         n = int(batch.attention_mask[i].sum())
         ids = batch.input_ids[i : i + 1, :n]
-        logits = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)                     # [n-1, V]
+        logits = upcast(model(input_ids=ids).logits[0, :-1]).log_softmax(-1)                    # [n-1, V]
         lp = logits.gather(1, ids[0, 1:, None])[:, 0]
         out.append(lp[batch.response_mask[i, 1:n]].sum())
     return torch.stack(out)

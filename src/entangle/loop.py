@@ -23,10 +23,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from entangle import __version__, losses, synthetic
-from entangle.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint, save_weights
+from entangle.checkpoint import (hf_model, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint,
+                                 save_weights)
 from entangle.config import reference_type
 from entangle.data import TokenizedPair, collate_pairs, read_examples, tokenize_pairs
 from entangle.errors import TrainingError
+from entangle.logps import Policy
 from entangle.models import LoraSettings, count_parameters, load_model
 from entangle.reference import make_reference, precompute_reference
 from entangle.step import StepParts, eval_batch, finish_metrics, train_step
@@ -39,6 +41,8 @@ class RunResult:
     run_dir: str
     summary: dict
     status: str  # finished | interrupted
+    stop_signal: str | None = None   # SIGINT | SIGTERM | requested, when interrupted
+    is_main: bool = True
 
 
 # ------------------------------------------------------------------------------------ data
@@ -197,7 +201,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
     warmup = cfg.schedule.warmup_steps or int(cfg.schedule.warmup_ratio * total_steps)
     sched_name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.schedule.decay]
     scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    model, optimizer = acc.prepare(model, optimizer)
+    model, optimizer = acc.prepare(Policy(model), optimizer)
     parts = StepParts(acc, model, optimizer, scheduler, loss_fn, train_ref, tc.max_grad_norm)
 
     # Run directory, resume.
@@ -210,7 +214,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
         metrics_log.truncate_after(start_step)
         if main:
             log.info("resumed from %s at step %d", resume_from, start_step)
-    trainable, total = count_parameters(acc.unwrap_model(model))
+    trainable, total = count_parameters(hf_model(acc, model))
     info = {"version": __version__, "git_sha": git_sha(), "processes": world, "global_batch_pairs": global_batch,
             "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "trainable_parameters": trainable,
             "total_parameters": total, "reference": ref_kind, "data": {"train": train_stats, "eval": eval_stats}}
@@ -272,7 +276,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
                 if main:
                     log.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)",
                                 step + 1, nonfinite_run)
-            if tc.eval_every and eval_pairs and (step + 1) % tc.eval_every == 0:
+            is_last = step + 1 == total_steps
+            if eval_pairs and (is_last or (tc.eval_every and (step + 1) % tc.eval_every == 0)):
                 last_eval = evaluate(step + 1)
                 row.update(last_eval)
             if (step + 1) % tc.log_every == 0 or step + 1 == total_steps or m["skipped"]:
@@ -302,14 +307,10 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
             signal.signal(s, h)
 
     if status == "finished":
-        if eval_pairs and (not last_eval or not tc.eval_every or total_steps % tc.eval_every):
-            last_eval = evaluate(total_steps)
-            if last:
-                metrics_log.write({"step": total_steps, **last_eval})
         save_weights(acc, model, os.path.join(run_dir, "final"))
         if main:
             tokenizer.save_pretrained(os.path.join(run_dir, "final"))
-    summary = {"status": status, "steps": last.get("step", start_step), "total_steps": total_steps,
+    summary = {"status": status, "stop_reason": stop.reason, "steps": last.get("step", start_step), "total_steps": total_steps,
                "runtime_s": round(time.time() - t0, 2), **info,
                "final": {k: v for k, v in last.items() if not k.startswith("eval/")}, "eval": last_eval}
     if main:
@@ -317,7 +318,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
     if cfg.tracking.report_to:
         acc.end_training()
     acc.wait_for_everyone()
-    return RunResult(run_dir, summary, status)
+    return RunResult(run_dir, summary, status, stop.reason, main)
 
 
 def _in_main_thread() -> bool:

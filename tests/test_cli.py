@@ -1,0 +1,65 @@
+"""The command line: one-line errors with exit 2 and no traceback; signals save a checkpoint."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import write_jsonl
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def entangle(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "entangle.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_losses_lists_the_registry():
+    out = entangle("losses").stdout
+    assert "dpo (alias sigmoid): reference=yes" in out and "simpo: reference=no, length-normalised=yes" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "train.batchsize=3"], "did you mean 'train.batch_size'"),
+    (["train", "configs/nope.yaml"], "no such config file"),
+    (["config", "loss.name=nope"], "unknown loss 'nope'"),
+])
+def test_config_errors_are_one_line(args, message):
+    p = entangle(*args)
+    assert p.returncode == 2 and message in p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_bad_data_names_file_line_and_field(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"},
+                                                  {"prompt": "a", "chosen": "b"}])
+    p = entangle("-q", "train", f"data.train={path}", f"train.output_dir={tmp_path / 'run'}")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "pairs.jsonl:2: field 'rejected' is missing" in p.stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
+    out = tmp_path / "run"
+    args = ["-q", "train", "configs/tiny-dpo.yaml", f"train.output_dir={out}", "train.max_steps=100000",
+            "tracking.progress=false", "data.eval=null"]
+    proc = subprocess.Popen([sys.executable, "-m", "entangle.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in err and "resume" in err
+    step = json.loads((out / "summary.json").read_text())["steps"]
+    assert (out / "checkpoints" / f"step-{step}").is_dir()
+    p = entangle("-q", "train", "configs/tiny-dpo.yaml", f"train.output_dir={out}", f"train.max_steps={step + 2}",
+                 "tracking.progress=false", "data.eval=null", "--resume")
+    assert p.returncode == 0, p.stderr
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["step"] for r in lines][-3:] == [step, step + 1, step + 2]

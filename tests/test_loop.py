@@ -1,0 +1,152 @@
+"""The training loop: run directory, exact resume, accumulation, faults, multi-process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from entangle import config, losses
+from entangle.errors import TrainingError
+from entangle.loop import train
+
+TIMING = {"tokens_per_s", "pairs_per_s", "step_time_s"}
+
+
+def cfg_for(out, *overrides):
+    base = ["model.name=tiny", "data.train=synthetic:sentiment?config=short&n=64",
+            "data.eval=synthetic:sentiment?config=short&n=16&split=test", "data.max_length=64",
+            "optimizer.lr=3e-3", "train.batch_size=4", "train.max_steps=6", "tracking.progress=false",
+            f"train.output_dir={out}"]
+    return config.load(None, base + list(overrides))
+
+
+def rows(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
+
+
+def test_run_directory_contents_and_metric_names(tmp_path):
+    out = tmp_path / "run"
+    result = train(cfg_for(out, "train.save_every=3", "train.eval_every=3"))
+    assert result.status == "finished"
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "final/model.safetensors",
+                 "checkpoints/step-3/model/model.safetensors", "checkpoints/step-3/optimizer.pt"):
+        assert (out / name).exists(), name
+    r = rows(out)
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "step", "epoch"):
+        assert key in r[0], key
+    assert "eval/rewards/accuracies" in r[2] and "tokens_per_s" in json.loads((out / "metrics.jsonl").open().readline())
+    assert "version: 0.1.0" in (out / "config.yaml").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["data"]["train"]["n_examples"] == 64
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert sum(p.numel() for p in model.parameters()) == summary["total_parameters"]
+
+
+@pytest.mark.parametrize("extra", [[], ["model.lora.r=4", "model.lora.dropout=0.1", "optimizer.lr=1e-2"]],
+                         ids=["full", "lora-dropout"])
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, extra):
+    a = cfg_for(tmp_path / "a", "train.eval_every=2", *extra)
+    train(a)
+
+    def stop_at_3(row, stop):
+        if row["step"] == 3:
+            stop()  # the same path SIGINT/SIGTERM take
+
+    b = cfg_for(tmp_path / "b", "train.eval_every=2", *extra)
+    first = train(b, callbacks=[stop_at_3])
+    assert first.status == "interrupted" and (tmp_path / "b/checkpoints/step-3").is_dir()
+    train(cfg_for(tmp_path / "b", "train.eval_every=2", "train.resume=latest", *extra))
+    assert rows(tmp_path / "a") == rows(tmp_path / "b")  # exact on CPU, every logged number
+
+
+def test_gradient_accumulation_matches_a_large_batch(tmp_path):
+    big = rows(train(cfg_for(tmp_path / "big", "train.batch_size=4")).run_dir)
+    acc = rows(train(cfg_for(tmp_path / "acc", "train.batch_size=2", "train.grad_accum=2")).run_dir)
+    for x, y in zip(big, acc):
+        for k in ("loss", "rewards/margins", "grad_norm", "rewards/accuracies"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), k
+        assert 0 <= y["rewards/accuracies"] <= 1
+
+
+def test_refuses_a_non_empty_run_directory(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("precious")
+    with pytest.raises(TrainingError, match="not empty; set train.overwrite=true"):
+        train(cfg_for(tmp_path / "run"))
+    assert (tmp_path / "run" / "keep.txt").read_text() == "precious"
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
+    spec = losses.LossSpec("test_nan", uses_reference=False, length_normalized=False, citation="arXiv:0",
+                           defaults={}, loss=lambda p: p.pc * float("nan"))
+    losses.register(spec)
+    try:
+        cfg = cfg_for(tmp_path / "run", "loss.name=test_nan", "train.max_nonfinite=2")
+        with pytest.raises(TrainingError, match="2 consecutive steps had a non-finite loss"):
+            train(cfg)
+        r = rows(tmp_path / "run")
+        assert [x.get("skipped_nonfinite") for x in r] == [1, 1]
+    finally:
+        losses._REGISTRY.pop("test_nan")
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path, monkeypatch):
+    from entangle import checkpoint
+
+    out = tmp_path / "run"
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def flaky(obj, path, *a, **k):
+        if str(path).endswith("optimizer.pt"):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError("disk full")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(checkpoint.torch, "save", flaky)
+    with pytest.raises(OSError):
+        train(cfg_for(out, "train.save_every=2"))
+    assert checkpoint.resolve_resume(str(out), "latest").endswith("step-2")
+    assert sorted(os.listdir(out / "checkpoints")) == [".tmp-step-4", "step-2"]
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    train(cfg_for(out, "train.save_every=2", "train.resume=latest"))
+    assert rows(out)[-1]["step"] == 6
+
+
+def test_lora_final_is_a_peft_adapter(tmp_path):
+    out = tmp_path / "run"
+    train(cfg_for(out, "model.lora.r=4"))
+    assert (out / "final" / "adapter_config.json").exists()
+    from peft import PeftModel
+
+    from entangle.models import load_model
+
+    base, _ = load_model("tiny")
+    model = PeftModel.from_pretrained(base, out / "final")
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    common = ["data.eval=null", "train.max_steps=4", "train.device=cpu"]
+    one = rows(train(cfg_for(tmp_path / "one", "train.batch_size=4", *common)).run_dir)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "entangle.cli", "-q",
+           "train", "model.name=tiny", "data.train=synthetic:sentiment?config=short&n=64", "data.max_length=64",
+           "optimizer.lr=3e-3", "train.batch_size=2", "tracking.progress=false",
+           f"train.output_dir={tmp_path / 'two'}", *common]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    two = rows(tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+    assert len(one) == len(two) == 4
+    for x, y in zip(one, two):
+        for k in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), (x["step"], k)
