@@ -16,7 +16,7 @@ import shutil
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from entangle.errors import TrainingError
 from entangle.models import is_peft
@@ -122,7 +122,7 @@ def save_checkpoint(run_dir: str, step: int, accelerator, model, optimizer, sche
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         for name, tensors in (extra_tensors or {}).items():
-            torch.save(tensors, os.path.join(tmp, f"{name}.pt"))
+            save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(tmp, f"{name}.safetensors"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump(trainer_state, f, indent=1)
     accelerator.wait_for_everyone()
@@ -150,5 +150,5 @@ def load_checkpoint(folder: str, accelerator, model, optimizer, scheduler) -> di
 
 
 def load_extra(folder: str, name: str) -> dict | None:
-    path = os.path.join(folder, f"{name}.pt")
-    return torch.load(path, weights_only=True) if os.path.exists(path) else None
+    path = os.path.join(folder, f"{name}.safetensors")
+    return load_file(path) if os.path.exists(path) else None

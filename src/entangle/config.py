@@ -57,7 +57,12 @@ class LossConfig:
 
 @dataclass
 class ReferenceConfig:
-    type: str = "auto"   # auto (frozen if the loss uses one, else none) | frozen | precomputed | none
+    # auto (frozen if the loss uses one, else none) | frozen | precomputed | none
+    # | trust_region (needs alpha, tau) | soft (alpha 0.6, tau 1) | hard (alpha 1, tau 512)
+    type: str = "auto"
+    alpha: Optional[float] = None  # trust region: weight of the policy in each blend
+    tau: Optional[int] = None      # trust region: optimiser steps between blends
+    kl_to_init: bool = True        # log ref/kl_to_init (full-parameter trust region: one extra pass over the data)
 
 
 @dataclass
@@ -115,7 +120,7 @@ class Config:
 
 
 CHOICES = {
-    "reference.type": ("auto", "frozen", "precomputed", "none"),
+    "reference.type": ("auto", "frozen", "precomputed", "none", "trust_region", "soft", "hard"),
     "schedule.decay": ("linear", "cosine", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16", "float64", "fp32", "bf16", "fp16"),
@@ -196,14 +201,38 @@ def validate(cfg: DictConfig) -> None:
     if not fn.paired:
         raise ConfigError(f"loss {fn.name!r} is unpaired; `entangle train` trains paired losses "
                           f"(valid: {', '.join(n for n in losses.names() if n != 'kto')})")
-    if cfg.reference.type in ("frozen", "precomputed") and not fn.uses_reference:
+    if cfg.reference.type not in ("auto", "none") and not fn.uses_reference:
         raise ConfigError(f"loss {fn.name!r} uses no reference model; set reference.type=none (or auto)")
     if cfg.reference.type == "none" and fn.uses_reference:
         raise ConfigError(f"loss {fn.name!r} needs a reference; set reference.type=frozen or precomputed (or auto)")
 
 
+    if cfg.reference.type in TR_PRESETS:
+        alpha, tau = trust_region(cfg)
+        if alpha is None or tau is None:
+            raise ConfigError("reference.type=trust_region needs reference.alpha and reference.tau "
+                              "(or use the presets soft / hard)")
+        if not 0 <= alpha <= 1 or tau < 1:
+            raise ConfigError(f"reference.alpha must be in [0, 1] and reference.tau >= 1 (got {alpha}, {tau})")
+    elif cfg.reference.alpha is not None or cfg.reference.tau is not None:
+        raise ConfigError("reference.alpha and reference.tau apply only to reference.type=trust_region, "
+                          "soft or hard; a precomputed or frozen reference never moves")
+
+
+TR_PRESETS = {"trust_region": (None, None), "soft": (0.6, 1), "hard": (1.0, 512)}
+
+
+def trust_region(cfg: DictConfig) -> tuple[float | None, int | None]:
+    """(alpha, tau) of a moving reference: the preset's numbers unless overridden."""
+    alpha, tau = TR_PRESETS[cfg.reference.type]
+    r = cfg.reference
+    return (r.alpha if r.alpha is not None else alpha), (r.tau if r.tau is not None else tau)
+
+
 def reference_type(cfg: DictConfig) -> str:
     """The one place that reads a loss's `uses_reference`: auto -> frozen or none."""
+    if cfg.reference.type in TR_PRESETS:
+        return "trust_region"
     if cfg.reference.type != "auto":
         return cfg.reference.type
     fn = losses.get(cfg.loss.name, **OmegaConf.to_container(cfg.loss.params))

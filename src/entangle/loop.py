@@ -23,14 +23,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from entangle import __version__, losses, synthetic
-from entangle.checkpoint import (hf_model, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint,
-                                 save_weights)
-from entangle.config import reference_type
+from entangle.checkpoint import (hf_model, list_checkpoints, load_checkpoint, load_extra, resolve_resume,
+                                 save_checkpoint, save_weights)
+from entangle.config import reference_type, trust_region
 from entangle.data import TokenizedPair, collate_pairs, read_examples, tokenize_pairs
 from entangle.errors import TrainingError
 from entangle.logps import Policy
 from entangle.models import LoraSettings, count_parameters, load_model
-from entangle.reference import make_reference, precompute_reference
+from entangle.reference import TrustRegionReference, initial_policy, make_reference, precompute_reference
 from entangle.step import StepParts, eval_batch, finish_metrics, train_step
 
 log = logging.getLogger("entangle")
@@ -185,7 +185,11 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
         eval_ref = precompute_reference(model, eval_pairs, pad_id, tc.eval_batch_size, main, barrier) \
             if eval_pairs else None
     else:
-        train_ref = eval_ref = make_reference(ref_kind, model)
+        alpha, tau = trust_region(cfg) if ref_kind == "trust_region" else (0.0, 1)
+        train_ref = eval_ref = make_reference(ref_kind, model, alpha, tau)
+    moving = train_ref if isinstance(train_ref, TrustRegionReference) else None
+    initial = initial_policy(train_ref, model, train_pairs, pad_id, tc.eval_batch_size, main, barrier) \
+        if cfg.reference.kl_to_init else None
 
     # Optimiser and schedule.
     world = acc.num_processes
@@ -202,7 +206,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
     sched_name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.schedule.decay]
     scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     model, optimizer = acc.prepare(Policy(model), optimizer)
-    parts = StepParts(acc, model, optimizer, scheduler, loss_fn, train_ref, tc.max_grad_norm)
+    parts = StepParts(acc, model, optimizer, scheduler, loss_fn, train_ref, tc.max_grad_norm, initial)
 
     # Run directory, resume.
     metrics_log = JsonlLog(os.path.join(run_dir, "metrics.jsonl"), main)
@@ -211,6 +215,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
         state = load_checkpoint(resume_from, acc, model, optimizer, scheduler)
         start_step, nonfinite_run = state["step"], state.get("nonfinite_run", 0)
         loss_fn.state = state.get("loss_state", loss_fn.state)
+        if moving is not None:
+            moving.load_state_tensors(load_extra(resume_from, "reference"), state["ref_updates"])
         metrics_log.truncate_after(start_step)
         if main:
             log.info("resumed from %s at step %d", resume_from, start_step)
@@ -237,7 +243,11 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
     def save(step: int) -> None:
         tstate = {"step": step, "nonfinite_run": nonfinite_run, "loss_state": loss_fn.state,
                   "epoch": step / steps_per_epoch}
-        save_checkpoint(run_dir, step, acc, model, optimizer, scheduler, tstate, keep=tc.keep_checkpoints)
+        extra = {}
+        if moving is not None:
+            tstate["ref_updates"] = moving.updates
+            extra["reference"] = moving.state_tensors()
+        save_checkpoint(run_dir, step, acc, model, optimizer, scheduler, tstate, extra, keep=tc.keep_checkpoints)
 
     def evaluate(step: int) -> dict:
         model.eval()
@@ -255,6 +265,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
 
     last: dict = {}
     last_eval: dict = {}
+    ref_drift = moving.drift() if moving is not None else 0.0
     status = "finished"
     try:
         for step in range(start_step, total_steps):
@@ -268,6 +279,12 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
             m = finish_metrics(acc, sums)
             dt = time.time() - t_step
             nonfinite_run = nonfinite_run + 1 if m["skipped"] else 0
+            if moving is not None:
+                # Trust region: every tau optimiser steps (not micro-batches), blend the policy in.
+                if not m["skipped"] and moving.due(step + 1):
+                    moving.update(hf_model(acc, model))
+                    ref_drift = moving.drift()
+                m["ref/updates"], m["ref/drift"] = float(moving.updates), ref_drift
             row = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4),
                    **{k: v for k, v in m.items() if k not in ("n_pairs", "n_tokens", "skipped")},
                    "tokens_per_s": m["n_tokens"] / dt, "pairs_per_s": m["n_pairs"] / dt, "step_time_s": dt}

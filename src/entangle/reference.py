@@ -114,10 +114,187 @@ def precompute_reference(policy, pairs: Sequence[TokenizedPair], pad_id: int, ba
     return PrecomputedReference(t["index"], t["chosen"], t["rejected"], path)
 
 
-def make_reference(kind: str, policy) -> Reference:
-    """`frozen` or `none`; `precomputed` needs the data and goes through `precompute_reference`."""
+def make_reference(kind: str, policy, alpha: float = 0.0, tau: int = 1) -> Reference:
+    """`frozen`, `trust_region` or `none`; `precomputed` needs the data (`precompute_reference`).
+
+    A precomputed table cannot follow a moving reference, so the two never combine."""
     if kind == "none":
         return Reference()
     if kind == "frozen":
         return FrozenReference(policy)
+    if kind == "trust_region":
+        return TrustRegionReference(policy, alpha, tau)
     raise ValueError(f"reference type {kind!r} is built with precompute_reference")
+
+
+class _Initial(Reference):
+    kind = "initial"
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def logps(self, batch: Batch) -> torch.Tensor:
+        return self.fn(batch)
+
+
+def initial_policy(reference: Reference, policy, pairs, pad_id: int, batch_size: int, is_main: bool = True,
+                   barrier=lambda: None) -> Reference | None:
+    """Log-probs of the *initial* policy for `ref/kl_to_init`: a static reference is the initial
+    policy; a LoRA trust region re-applies its initial deltas; a full trust region uses a table
+    of initial log-probs computed once (cached on disk like `precomputed`)."""
+    if reference.kind in ("frozen", "precomputed"):
+        return reference
+    if isinstance(reference, TrustRegionReference):
+        if reference.lora:
+            return _Initial(reference.initial_logps)
+        return precompute_reference(policy, pairs, pad_id, batch_size, is_main, barrier)
+    return None
+
+
+# ------------------------------------------------------------------------------------ trust region
+
+
+class TrustRegionReference(Reference):
+    """A reference that moves: every `tau` optimiser steps, theta_ref <- alpha*theta + (1-alpha)*theta_ref.
+
+    Blends happen in float32 whatever the model dtype (a float32 master copy is kept for lower
+    precisions), parameters are paired by name. For PEFT/LoRA policies the reference is
+    `W0 + delta_ref` per adapted module, with delta_ref <- alpha*(scaling*B*A) + (1-alpha)*delta_ref,
+    exactly: a dense float32 delta per adapted module, applied by a forward hook on its base layer."""
+
+    kind = "trust_region"
+
+    def __init__(self, policy, alpha: float, tau: int):
+        if not 0.0 <= alpha <= 1.0 or tau < 1:
+            raise ValueError(f"trust-region reference needs 0 <= alpha <= 1 and tau >= 1 (got {alpha}, {tau})")
+        self.alpha, self.tau, self.updates = float(alpha), int(tau), 0
+        self.lora = is_peft(policy)
+        if self.lora:
+            self.model = policy
+            self.delta: dict[str, torch.Tensor] = {}
+            for name, layer in _lora_layers(policy):
+                d = _lora_delta(layer)
+                if bool(d.any()):  # adapters that start non-zero: the initial policy is W0 + BA
+                    self.delta[name] = d
+        else:
+            self.model = copy.deepcopy(policy).eval().requires_grad_(False)
+            self.master = {n: p.detach().float().clone() if p.dtype in (torch.bfloat16, torch.float16) else None
+                           for n, p in self.model.named_parameters()}
+        self.initial = self.state_tensors()
+
+    # -- forward
+    def logps(self, batch: Batch) -> torch.Tensor:
+        with torch.inference_mode(), self._context():
+            out = sequence_logps(self.model, batch).logps
+        return out.clone()
+
+    def _context(self, delta: dict | None = None):
+        if not self.lora:
+            return contextlib.nullcontext()
+        delta = self.delta if delta is None else delta
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.model.disable_adapter())
+        for name, layer in _lora_layers(self.model):
+            if name in delta:
+                stack.enter_context(_add_delta(layer, delta[name]))
+        return stack
+
+    def initial_logps(self, batch: Batch) -> torch.Tensor:
+        """LoRA only: log-probs under the initial policy (W0 + the initial deltas), at no memory cost."""
+        with torch.inference_mode(), self._context(self.initial):
+            out = sequence_logps(self.model, batch).logps
+        return out.clone()
+
+    # -- update
+    def due(self, step: int) -> bool:
+        """Whether optimiser step `step` (1-based, counted after the step) triggers an update."""
+        return self.alpha > 0 and step % self.tau == 0
+
+    @torch.no_grad()
+    def update(self, policy) -> None:
+        """Blend the current policy into the reference (float32), pairing parameters by name."""
+        a = self.alpha
+        if self.lora:
+            for name, layer in _lora_layers(policy):
+                d = _lora_delta(layer)
+                old = self.delta.get(name)
+                self.delta[name] = a * d if old is None else a * d + (1 - a) * old
+        else:
+            theirs = dict(policy.named_parameters())
+            for n, p in self.model.named_parameters():
+                if n not in theirs:
+                    raise KeyError(f"trust-region update: policy has no parameter {n!r}")
+                src = theirs[n].detach()
+                if self.master[n] is None:          # float32/float64 reference: blend in place
+                    p.mul_(1 - a).add_(src, alpha=a)
+                else:                               # lower precision: blend the float32 master, then round
+                    self.master[n].mul_(1 - a).add_(src.float(), alpha=a)
+                    p.copy_(self.master[n])
+        self.updates += 1
+
+    # -- state
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The reference's exact state (float32): LoRA deltas, or the full parameters."""
+        if self.lora:
+            return {k: v.detach().cpu().clone() for k, v in self.delta.items()}
+        def exact(n, p):  # float32 at least; a float64 model keeps float64
+            t = self.master[n] if self.master[n] is not None else p.detach()
+            return (t if t.dtype == torch.float64 else t.float()).cpu().clone()
+
+        return {n: exact(n, p) for n, p in self.model.named_parameters()}
+
+    @torch.no_grad()
+    def load_state_tensors(self, state: dict[str, torch.Tensor], updates: int) -> None:
+        self.updates = updates
+        if self.lora:
+            device = next(self.model.parameters()).device
+            self.delta = {k: v.to(device) for k, v in state.items()}
+            return
+        for n, p in self.model.named_parameters():
+            if self.master[n] is not None:
+                self.master[n].copy_(state[n])
+            p.copy_(state[n])
+
+    def drift(self) -> float:
+        """L2 distance of the reference's parameters (LoRA: its deltas) from where they started."""
+        now = self.state_tensors()
+        total = 0.0
+        for k, v in now.items():
+            start = self.initial.get(k)
+            total += float(((v - start) if start is not None else v).double().pow(2).sum())
+        return total ** 0.5
+
+
+def _lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model() if is_peft(model) else model
+    return [(n, m) for n, m in base.named_modules() if isinstance(m, LoraLayer)]
+
+
+def _lora_delta(layer) -> torch.Tensor:
+    """scaling * B @ A of the active adapter(s), float32, in the base weight's layout."""
+    total = None
+    for name in layer.active_adapters:
+        if name in getattr(layer, "lora_A", {}):
+            d = layer.get_delta_weight(name).detach().float()
+            total = d if total is None else total + d
+    return total if total is not None else torch.zeros_like(layer.get_base_layer().weight, dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def _add_delta(layer, delta: torch.Tensor):
+    """Make the base layer compute (W0 + delta) x for the duration (no change to W0 itself)."""
+    base = layer.get_base_layer()
+    transposed = getattr(layer, "fan_in_fan_out", False)  # GPT-2 Conv1D stores [in, out]
+
+    def hook(module, args, output):
+        x = args[0]
+        d = delta.to(x.dtype)
+        return output + (x @ d if transposed else torch.nn.functional.linear(x, d))
+
+    handle = base.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -19,7 +19,7 @@ from entangle.losses import Loss
 from entangle.reference import Reference
 
 SUM_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-            "logps/chosen", "logps/rejected", "n_pairs", "n_tokens")
+            "logps/chosen", "logps/rejected", "ref/kl_to_init", "n_pairs", "n_tokens")
 
 
 @dataclass
@@ -31,9 +31,10 @@ class StepParts:
     loss_fn: Loss
     reference: Reference
     max_grad_norm: float | None
+    initial: Reference | None = None   # the initial policy, for ref/kl_to_init
 
 
-def pair_forward(model, loss_fn: Loss, reference: Reference, batch: Batch):
+def pair_forward(model, loss_fn: Loss, reference: Reference, batch: Batch, initial: Reference | None = None):
     """Policy and reference log-probs of a concatenated batch -> (per-pair loss [B], metric sums)."""
     out = sequence_logps(model, batch)                        # logps [2B]
     pc, pr = out.logps.chunk(2)                               # [B], [B]
@@ -54,6 +55,10 @@ def pair_forward(model, loss_fn: Loss, reference: Reference, batch: Batch):
         "n_pairs": torch.tensor(float(pc.numel())),
         "n_tokens": batch.attention_mask.sum().float(),
     }
+    if initial is not None:
+        # KL(policy || initial) estimated on the batch's responses: mean of log pi - log pi_init.
+        init = ref if initial is reference else initial.logps(batch)
+        sums["ref/kl_to_init"] = (out.logps.detach() - init).sum() / 2
     return per_pair, sums
 
 
@@ -76,7 +81,7 @@ def train_step(parts: StepParts, micro_batches: Sequence[Batch]) -> dict[str, to
         last = i == len(micro_batches) - 1
         with contextlib.nullcontext() if last else acc.no_sync(model):
             # 3. Policy forward, reference log-probs, per-pair loss.
-            per_pair, batch_sums = pair_forward(model, parts.loss_fn, parts.reference, batch)
+            per_pair, batch_sums = pair_forward(model, parts.loss_fn, parts.reference, batch, parts.initial)
             # 4. Backward of this micro-batch's share of the step's mean loss.
             acc.backward(per_pair.sum() / n_pairs)
         _add(sums, batch_sums)
@@ -106,7 +111,7 @@ def eval_batch(model, loss_fn: Loss, reference: Reference, batch: Batch) -> dict
 
 
 MEAN_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-             "logps/chosen", "logps/rejected")
+             "logps/chosen", "logps/rejected", "ref/kl_to_init")
 
 
 def finish_metrics(accelerator, sums: dict[str, torch.Tensor]) -> dict[str, float]:
