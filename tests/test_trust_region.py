@@ -79,7 +79,7 @@ def test_bf16_reference_with_small_alpha_still_moves(tok):
     naive = ((1 - 1e-3) * start[name].bfloat16() + 1e-3 * p.detach()).bfloat16()
     stuck = (naive == start[name].bfloat16()).float().mean()
     moved = (ref.state_tensors()[name] != start[name]).float().mean()
-    assert stuck > 0.9 and moved > 0.99  # a bf16 blend leaves most weights where they were
+    assert stuck > 0.75 and moved > 0.99  # a bf16 blend leaves most weights where they were
 
 
 def tr_cfg(out, *extra):
