@@ -46,6 +46,17 @@ def _losses(args) -> int:
     return 0
 
 
+def _study_trust_region(args) -> int:
+    from entangle.studies import trust_region
+
+    summary = trust_region.run(args.out, model=args.model, data=args.data, eval_data=args.eval_data,
+                               steps=args.steps, loss=args.loss, soft_alpha=args.soft_alpha,
+                               hard_tau=args.hard_tau, lora_r=args.lora_r, extra=args.overrides)
+    print(trust_region.format_table(summary))
+    print(f"study: {args.out}/summary.json, plot: {args.out}/{summary['plot']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="entangle", description="Margin-based preference optimisation with "
                                 "gradient-entanglement diagnostics.")
@@ -61,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config", nargs="?")
     c.add_argument("overrides", nargs="*")
     c.set_defaults(func=_config)
+    st = sub.add_parser("study", help="the papers' experiments").add_subparsers(dest="study", required=True)
+    tr = st.add_parser("trust-region", help="static vs soft vs hard reference on the same model and data")
+    tr.add_argument("--model", default="tiny", help="tiny (default) | smollm2-135m | a folder or hub id")
+    tr.add_argument("--data", help="training pairs (default: generated for tiny, HH helpful-base for smollm2)")
+    tr.add_argument("--eval-data", help="held-out pairs")
+    tr.add_argument("--steps", type=int, help="optimiser steps per variant")
+    tr.add_argument("--loss", default="dpo", help="any loss with a reference (TR-DPO, TR-IPO, ...)")
+    tr.add_argument("--soft-alpha", type=float, default=0.6)
+    tr.add_argument("--hard-tau", type=int, help="steps between hard updates (default: steps / 4)")
+    tr.add_argument("--lora-r", type=int, help="LoRA rank (default: full fine-tuning)")
+    tr.add_argument("--out", default="runs/study-trust-region")
+    tr.add_argument("overrides", nargs="*", help="extra config overrides for every variant")
+    tr.set_defaults(func=_study_trust_region)
     losses_p = sub.add_parser("losses", help="list the registered losses and their defaults")
     losses_p.set_defaults(func=_losses)
     return p

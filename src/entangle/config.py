@@ -91,6 +91,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     eval_every: int = 0          # 0: only at the end (when data.eval is set)
+    eval_at_start: bool = False  # also evaluate before the first step (logged as step 0)
     eval_batch_size: int = 8
     save_every: int = 0          # 0: only the final model (and on interruption)
     keep_checkpoints: int = 0    # 0 keeps all

@@ -188,8 +188,11 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
         alpha, tau = trust_region(cfg) if ref_kind == "trust_region" else (0.0, 1)
         train_ref = eval_ref = make_reference(ref_kind, model, alpha, tau)
     moving = train_ref if isinstance(train_ref, TrustRegionReference) else None
-    initial = initial_policy(train_ref, model, train_pairs, pad_id, tc.eval_batch_size, main, barrier) \
-        if cfg.reference.kl_to_init else None
+    initial = eval_initial = None
+    if cfg.reference.kl_to_init:
+        initial = initial_policy(train_ref, model, train_pairs, pad_id, tc.eval_batch_size, main, barrier)
+        if eval_pairs:
+            eval_initial = initial_policy(eval_ref, model, eval_pairs, pad_id, tc.eval_batch_size, main, barrier)
 
     # Optimiser and schedule.
     world = acc.num_processes
@@ -255,7 +258,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
         mine = eval_pairs[acc.process_index :: world]
         for s in range(0, len(mine), tc.eval_batch_size):
             batch = collate_pairs(mine[s : s + tc.eval_batch_size], pad_id).to(acc.device)
-            for k, v in eval_batch(model, loss_fn, eval_ref, batch).items():
+            for k, v in eval_batch(model, loss_fn, eval_ref, batch, eval_initial).items():
                 sums[k] = sums.get(k, 0) + v
         model.train()
         if not sums:  # more processes than eval pairs: still join the reduction
@@ -267,6 +270,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
     last_eval: dict = {}
     ref_drift = moving.drift() if moving is not None else 0.0
     status = "finished"
+    if eval_pairs and tc.eval_at_start and start_step == 0:
+        metrics_log.write({"step": 0, "epoch": 0.0, **evaluate(0)})
     try:
         for step in range(start_step, total_steps):
             t_step = time.time()

@@ -19,7 +19,8 @@ from entangle.losses import Loss
 from entangle.reference import Reference
 
 SUM_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-            "logps/chosen", "logps/rejected", "ref/kl_to_init", "n_pairs", "n_tokens")
+            "logps/chosen", "logps/rejected", "ref/kl_to_init", "ref/margin_vs_init", "ref/accuracy_vs_init",
+            "n_pairs", "n_tokens")
 
 
 @dataclass
@@ -59,6 +60,11 @@ def pair_forward(model, loss_fn: Loss, reference: Reference, batch: Batch, initi
         # KL(policy || initial) estimated on the batch's responses: mean of log pi - log pi_init.
         init = ref if initial is reference else initial.logps(batch)
         sums["ref/kl_to_init"] = (out.logps.detach() - init).sum() / 2
+        # The preference measured against the initial policy: comparable across moving references.
+        ic, ir = init.chunk(2)
+        margin = (pc.detach() - ic) - (pr.detach() - ir)
+        sums["ref/margin_vs_init"] = margin.sum()
+        sums["ref/accuracy_vs_init"] = (margin > 0).float().sum()
     return per_pair, sums
 
 
@@ -103,15 +109,16 @@ def train_step(parts: StepParts, micro_batches: Sequence[Batch]) -> dict[str, to
 
 
 @torch.no_grad()
-def eval_batch(model, loss_fn: Loss, reference: Reference, batch: Batch) -> dict[str, torch.Tensor]:
-    _, sums = pair_forward(model, loss_fn, reference, batch)
+def eval_batch(model, loss_fn: Loss, reference: Reference, batch: Batch,
+               initial: Reference | None = None) -> dict[str, torch.Tensor]:
+    _, sums = pair_forward(model, loss_fn, reference, batch, initial)
     out: dict[str, torch.Tensor] = {}
     _add(out, sums)
     return out
 
 
 MEAN_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-             "logps/chosen", "logps/rejected", "ref/kl_to_init")
+             "logps/chosen", "logps/rejected", "ref/kl_to_init", "ref/margin_vs_init", "ref/accuracy_vs_init")
 
 
 def finish_metrics(accelerator, sums: dict[str, torch.Tensor]) -> dict[str, float]:
