@@ -188,6 +188,9 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
         alpha, tau = trust_region(cfg) if ref_kind == "trust_region" else (0.0, 1)
         train_ref = eval_ref = make_reference(ref_kind, model, alpha, tau)
     moving = train_ref if isinstance(train_ref, TrustRegionReference) else None
+    if moving is not None and acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        raise TrainingError(f"a moving reference under {acc.distributed_type.name} is not supported yet (its "
+                            "sharded parameters would need a per-module gather); use DDP or a static reference")
     initial = eval_initial = None
     if cfg.reference.kl_to_init:
         initial = initial_policy(train_ref, model, train_pairs, pad_id, tc.eval_batch_size, main, barrier)
