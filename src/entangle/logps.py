@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from entangle.data import Batch
+from entangle.diagnostics.ghost import RowMap
 from entangle.models import is_peft
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,11 @@ def _logps(model, ids, attn, resp, token_level: bool) -> LogpsOut:
     if parts is not None:
         decoder, head, cfg = parts
         hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state  # [N, T, d]
-        logits = response_logits(head, cfg, hidden[:, :-1][target])                             # [K, V]
+        RowMap.current = rows                 # lets the entanglement recorder split the [K, d] head input by row
+        try:
+            logits = response_logits(head, cfg, hidden[:, :-1][target])                         # [K, V]
+        finally:
+            RowMap.current = None
     else:
         name = type(model).__name__
         if name not in _warned:

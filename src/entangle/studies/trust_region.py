@@ -13,6 +13,7 @@ import json
 import os
 
 from entangle import config
+from entangle.errors import TrainingError
 from entangle.loop import train, write_json
 from entangle.report import load_metrics, plot_metrics
 
@@ -47,7 +48,9 @@ def run(out: str, model: str = "tiny", data: str | None = None, eval_data: str |
     runs, table = {}, {}
     for name, ref in variants(steps, soft_alpha, hard_tau).items():
         run_dir = os.path.join(out, name)
-        train(config.load(None, base + ref + [f"train.output_dir={run_dir}"]))
+        result = train(config.load(None, base + ref + [f"train.output_dir={run_dir}"]))
+        if result.status != "finished":
+            raise TrainingError(f"study interrupted during {name!r}; its checkpoint is in {run_dir}")
         rows = load_metrics(run_dir)
         runs[name] = rows
         table[name] = _summarise(rows)

@@ -1,0 +1,79 @@
+"""Gradient entanglement: per-pair inner products of the chosen and rejected log-prob gradients.
+
+    from entangle.diagnostics import entanglement_stats
+    stats = entanglement_stats(model, pairs)   # pairs: [{"prompt_ids", "chosen_ids", "rejected_ids"}]
+    # -> {"inner", "norm_w2", "norm_l2", "cos"}: float tensors [len(pairs)]
+
+The fast path (`ghost.GradientRecorder`) reads the statistics off one backward pass; where it cannot
+be exact it raises `Unsupported` and the exact slow path (`brute.brute_force_stats`) is used instead.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from entangle.data import TokenizedPair, collate_pairs
+from entangle.diagnostics.brute import brute_force_stats
+from entangle.diagnostics.ghost import GradientRecorder, Unsupported
+from entangle.logps import sequence_logps
+
+log = logging.getLogger(__name__)
+
+__all__ = ["entanglement_stats", "with_cos", "GradientRecorder", "Unsupported", "brute_force_stats",
+           "classify", "predicted_changes"]
+
+
+def with_cos(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    denom = (stats["norm_w2"] * stats["norm_l2"]).sqrt().clamp_min(1e-300)
+    return {**stats, "cos": stats["inner"] / denom}
+
+
+def entanglement_stats(model, pairs, method: str = "fast", pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Exact <grad log pi_w, grad log pi_l>, norms and cosine per pair, over parameters with requires_grad.
+
+    `log pi(y|x)` is the sum of the log-probs of the given response ids after `prompt_ids` (no EOS
+    is added). `method`: "fast" (one backward, falls back to "exact" where it cannot apply) or "exact"."""
+    items = [TokenizedPair(list(p["prompt_ids"]), list(p["chosen_ids"]), list(p["rejected_ids"]), i)
+             for i, p in enumerate(pairs)]
+    device = next(model.parameters()).device
+    batch = collate_pairs(items, pad_id).to(device)
+    if method == "fast":
+        rec = GradientRecorder(model)
+        try:
+            model.zero_grad(set_to_none=True)
+            rec.start(batch.n_rows)
+            logps = sequence_logps(model, batch).logps
+            rec.recording = False
+            logps.sum().backward()  # coefficient 1 per row: the output gradients are d log pi_r / d out
+            stats = rec.result(torch.ones(batch.n_rows))
+        except Unsupported as e:
+            log.warning("entanglement_stats: fast path not applicable (%s); using the exact slow path", e)
+            method = "exact"
+        finally:
+            rec.close()
+            model.zero_grad(set_to_none=True)
+    if method == "exact":
+        stats = brute_force_stats(model, batch)
+    elif method != "fast":
+        raise ValueError(f"method must be 'fast' or 'exact', got {method!r}")
+    return {k: v.float() if v.dtype == torch.float64 and next(model.parameters()).dtype != torch.float64 else v
+            for k, v in with_cos(stats).items()}
+
+
+def predicted_changes(stats, d_w, d_l, lr: float):
+    """First-order changes of both log-probs for an SGD step of size lr on each pair alone (spec §3)."""
+    pred_w = lr * (d_w * stats["norm_w2"] - d_l * stats["inner"])
+    pred_l = lr * (d_w * stats["inner"] - d_l * stats["norm_l2"])
+    return pred_w, pred_l
+
+
+def classify(pred_w: torch.Tensor, pred_l: torch.Tensor) -> torch.Tensor:
+    """1: chosen up, rejected down; 2: both down; 3: both up; 0: chosen down, rejected up."""
+    up_w, up_l = pred_w > 0, pred_l > 0
+    case = torch.zeros_like(pred_w, dtype=torch.long)
+    case[up_w & ~up_l] = 1
+    case[~up_w & ~up_l] = 2
+    case[up_w & up_l] = 3
+    return case

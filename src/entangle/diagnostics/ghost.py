@@ -1,0 +1,226 @@
+"""Per-row gradient inner products from one backward pass, without per-row backward passes.
+
+While a `GradientRecorder` is attached, every module that owns trainable parameters records its
+input (forward hook) and the gradient of its output (tensor hook). Because row r of a batch reaches
+the loss only through its log-prob, that output gradient is `c_r * d log pi_r / d output`; the
+recorder divides `c_r` out at the end. Per kind of module:
+
+- Linear / Conv1D (LoRA A and B included): `<G_r^T A_r, G_s^T A_s> = sum((A_r A_s^T) * (G_r G_s^T))`
+  ("ghost" Gram products), or the per-row weight gradients materialised when that is cheaper.
+- Embedding: `sum((G_r G_s^T) * [id_r == id_s])`.
+- Anything else (RMSNorm, LayerNorm, ...): per-row gradients by `torch.func.vjp` of the module.
+- Tied parameters (GPT-2 / SmolLM2 embeddings = LM head): the sum over usages, with cross terms.
+
+`result()` returns, for each pair i (rows i and i+B), `<g_w,g_w>`, `<g_l,g_l>`, `<g_w,g_l>`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call, vjp
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()
+
+
+class RowMap:
+    """Rows of a 2-D activation (the response-only LM head input [K, d]); set by logps._logps."""
+
+    current: torch.Tensor | None = None
+
+
+class Unsupported(Exception):
+    """The recorder cannot give exact numbers for this model or batch; use the exact slow path."""
+
+
+class _Usage:
+    __slots__ = ("module", "kind", "x", "g")
+
+    def __init__(self, module, kind, x):
+        self.module, self.kind, self.x, self.g = module, kind, x, None
+
+
+def _kind(module) -> str:
+    """Closed forms only for modules whose forward is exactly the base class's; others use vjp."""
+    forward = type(module).forward
+    if isinstance(module, nn.Linear) and forward is nn.Linear.forward:
+        return "linear"
+    if Conv1D and isinstance(module, Conv1D) and forward is Conv1D.forward:
+        return "conv1d"
+    if isinstance(module, nn.Embedding) and forward is nn.Embedding.forward and module.max_norm is None:
+        return "embedding"
+    return "generic"
+
+
+def _emb_grad(use) -> torch.Tensor:
+    """The embedding output gradient, zero where the id is the padding index (which gets no gradient)."""
+    ids, g = use.x[0], use.g
+    pad = use.module.padding_idx
+    return g if pad is None else g * (ids != pad).unsqueeze(-1).to(g.dtype)
+
+
+def _rows3d(x: torch.Tensor, n: int, rows: torch.Tensor | None) -> torch.Tensor:
+    """[N, T, ...] as is; a 2-D [K, d] activation with its row map -> zero-padded [N, Kmax, d]."""
+    if x.dim() >= 3 or (x.dim() == 2 and rows is None):
+        return x
+    counts = torch.bincount(rows, minlength=n)
+    out = x.new_zeros((n, int(counts.max()), x.shape[-1]))
+    pos = torch.arange(len(rows), device=rows.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    out[rows, pos] = x
+    return out
+
+
+class GradientRecorder:
+    """Attach around one forward+backward of a concatenated pair batch (chosen rows, then rejected)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.handles: list = []
+        self.usages: dict[int, list[_Usage]] = {}   # id(param) -> usages
+        self.params: dict[int, nn.Parameter] = {}
+        self.n_rows = 0
+        self.recording = False
+        self.problems: list[str] = []
+        for module in model.modules():
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if own:
+                for p in own:
+                    self.params[id(p)] = p
+                self.handles.append(module.register_forward_hook(self._forward_hook))
+
+    def start(self, n_rows: int) -> None:
+        """Record the next forward of `n_rows` rows (chosen rows first, then rejected)."""
+        self.n_rows = n_rows
+        self.recording = True
+        self.usages = {}
+        self.problems = []
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    # -- capture
+    def _forward_hook(self, module, args, output):
+        if not self.recording or not torch.is_grad_enabled():
+            return None
+        if not isinstance(output, torch.Tensor) or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+            self.problems.append(f"{type(module).__name__}: forward with several inputs or outputs")
+            return None
+        x, n, kind = args[0], self.n_rows, _kind(module)
+        rows = RowMap.current if x.dim() == 2 and kind != "embedding" else None
+        if output.dim() >= 2 and output.shape[0] == 1 and n > 1 and rows is None:
+            # A batch-broadcast output (GPT-2 position embeddings): expand so each row's gradient is kept.
+            output = output.expand(n, *output.shape[1:])
+            x = x.expand(n, *x.shape[1:])
+        elif rows is None and output.shape[0] != n:
+            self.problems.append(f"{type(module).__name__}: output batch {output.shape[0]} != rows {n}")
+            return None
+        use = _Usage(module, kind, (x.detach(), rows))
+        for p in module.parameters(recurse=False):
+            if p.requires_grad:
+                self.usages.setdefault(id(p), []).append(use)
+        output.register_hook(lambda g, use=use: setattr(use, "g", g.detach()))
+        return output
+
+    # -- per-usage helpers
+    def _factors(self, use: _Usage):
+        """(A [N,T,din], G [N,T,dout]) of a linear-like usage; Conv1D is x @ W so the same holds."""
+        x, rows = use.x
+        return _rows3d(x, self.n_rows, rows), _rows3d(use.g, self.n_rows, rows)
+
+    def _dense(self, use: _Usage, p: nn.Parameter) -> torch.Tensor:
+        """Per-row gradient of parameter `p` from this usage, materialised: [N, *p.shape]."""
+        n = self.n_rows
+        if use.kind in ("linear", "conv1d"):
+            A, G = self._factors(use)
+            if p is use.module.bias:
+                return G.sum(1)
+            W = torch.einsum("ntd,nte->ned", A, G) if use.kind == "linear" else torch.einsum("ntd,nte->nde", A, G)
+            return W
+        if use.kind == "embedding":
+            ids, G = use.x[0], _emb_grad(use)
+            out = G.new_zeros((n, *p.shape))
+            for r in range(n):
+                out[r].index_add_(0, ids[r].reshape(-1), G[r].reshape(-1, G.shape[-1]))
+            return out
+        # generic: vjp of the module on each row alone
+        names = [k for k, q in use.module.named_parameters(recurse=False)]
+        mine = dict(use.module.named_parameters(recurse=False))
+        key = next(k for k in names if mine[k] is p)
+        x = use.x[0]
+        outs = []
+        for r in range(n):
+            def f(params, r=r):
+                return functional_call(use.module, params, (x[r : r + 1],))
+            _, pull = vjp(f, {k: v.detach() for k, v in mine.items()})
+            outs.append(pull(use.g[r : r + 1])[0][key])
+        return torch.stack(outs)
+
+    def _pair_block(self, u: _Usage, v: _Usage, p: nn.Parameter, ri: torch.Tensor, si: torch.Tensor):
+        """<grad_r from usage u, grad_s from usage v> for row index vectors ri, si (same length)."""
+        if u is v and u.kind in ("linear", "conv1d") and p is u.module.weight:
+            A, G = self._factors(u)
+            din, dout = A.shape[-1], G.shape[-1]
+            T = A.shape[1]
+            if 3 * T * (din + dout) < 2 * din * dout:   # ghost Gram products are cheaper
+                aa = torch.bmm(A[ri], A[si].transpose(1, 2))      # [P, T, T]
+                gg = torch.bmm(G[ri], G[si].transpose(1, 2))
+                return (aa * gg).sum((1, 2))
+        if u is v and u.kind == "embedding":
+            ids, G = u.x[0], _emb_grad(u)
+            gg = torch.bmm(G[ri], G[si].transpose(1, 2))
+            same = ids[ri][:, :, None] == ids[si][:, None, :]
+            return (gg * same).sum((1, 2))
+        if u.kind == "embedding" and v.kind == "linear" and p is v.module.weight:
+            return self._emb_lin(u, v, ri, si)
+        if v.kind == "embedding" and u.kind == "linear" and p is u.module.weight:
+            return self._emb_lin(v, u, si, ri)
+        du, dv = self._dense(u, p), (self._dense(v, p) if v is not u else None)
+        dv = du if dv is None else dv
+        return (du[ri] * dv[si]).flatten(1).sum(1)
+
+    def _emb_lin(self, e: _Usage, h: _Usage, ri, si):
+        """<E_r, H_s> for a tied embedding (rows of W at ids) and linear head (G^T A), shapes [V, d]."""
+        ids, Ge = e.x[0], _emb_grad(e)              # [N, T], [N, T, d]
+        A, Gh = self._factors(h)                    # [N, K, d], [N, K, V]
+        out = []
+        for r, s in zip(ri.tolist(), si.tolist()):
+            P = Ge[r] @ A[s].T                      # [T, K]
+            M = Gh[s][:, ids[r]].T                  # [T, K]
+            out.append((P * M).sum())
+        return torch.stack(out)
+
+    # -- result
+    def result(self, coef: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-pair `norm_w2`, `norm_l2`, `inner` (float64) with the row coefficients divided out."""
+        n = self.n_rows
+        self.recording = False  # vjp below runs module forwards: do not record them
+        if self.problems:
+            raise Unsupported("; ".join(sorted(set(self.problems))[:3]))
+        missing = [k for k in self.params if k not in self.usages]
+        if missing:
+            raise Unsupported(f"{len(missing)} trainable parameter(s) not used through a module forward")
+        for uses in self.usages.values():
+            for u in uses:
+                if u.g is None:
+                    raise Unsupported(f"{type(u.module).__name__}: no output gradient was recorded")
+        if bool((coef == 0).any()):
+            raise Unsupported("a row has a zero loss coefficient (e.g. a hinge past its margin)")
+        B = n // 2
+        w, l = torch.arange(B), torch.arange(B, n)
+        ri = torch.cat([w, l, w])
+        si = torch.cat([w, l, l])
+        total = torch.zeros(3 * B, dtype=torch.float64)
+        for pid, uses in self.usages.items():
+            p = self.params[pid]
+            for u in uses:
+                for v in uses:
+                    total += self._pair_block(u, v, p, ri, si).double().cpu()
+        c = coef.double().cpu()
+        scale = c[ri] * c[si]
+        total = total / scale
+        return {"norm_w2": total[:B], "norm_l2": total[B : 2 * B], "inner": total[2 * B :]}
