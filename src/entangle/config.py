@@ -109,6 +109,18 @@ class TrackingConfig:
 
 
 @dataclass
+class EntanglementConfig:
+    every: int = 0               # measure every N optimiser steps; 0 = off
+    realised: bool = False       # also re-evaluate the batch after the step (one more forward)
+    method: str = "fast"         # fast (from the training backward; exact) | exact (one backward per row)
+
+
+@dataclass
+class DiagnosticsConfig:
+    entanglement: EntanglementConfig = field(default_factory=EntanglementConfig)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -118,12 +130,14 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
 
 CHOICES = {
     "reference.type": ("auto", "frozen", "precomputed", "none", "trust_region", "soft", "hard"),
     "schedule.decay": ("linear", "cosine", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
+    "diagnostics.entanglement.method": ("fast", "exact"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16", "float64", "fp32", "bf16", "fp16"),
 }
 TRACKERS = ("tensorboard", "wandb", "mlflow")

@@ -28,6 +28,7 @@ from entangle.checkpoint import (hf_model, list_checkpoints, load_checkpoint, lo
 from entangle.config import reference_type, trust_region
 from entangle.data import TokenizedPair, collate_pairs, read_examples, tokenize_pairs
 from entangle.errors import TrainingError
+from entangle.diagnostics.probe import EntanglementProbe
 from entangle.logps import Policy
 from entangle.models import LoraSettings, count_parameters, load_model
 from entangle.reference import TrustRegionReference, initial_policy, make_reference, precompute_reference
@@ -149,7 +150,7 @@ def _accelerator(cfg: DictConfig):
 
 def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]] = ()) -> RunResult:
     """Train `cfg` to completion, or until interrupted (then a checkpoint is saved)."""
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
     from transformers import get_scheduler
 
     t0 = time.time()
@@ -212,10 +213,13 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
     sched_name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.schedule.decay]
     scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     model, optimizer = acc.prepare(Policy(model), optimizer)
-    parts = StepParts(acc, model, optimizer, scheduler, loss_fn, train_ref, tc.max_grad_norm, initial)
+    ec = cfg.diagnostics.entanglement
+    probe = EntanglementProbe(acc.unwrap_model(model), ec.every, ec.realised, ec.method) if ec.every else None
+    parts = StepParts(acc, model, optimizer, scheduler, loss_fn, train_ref, tc.max_grad_norm, initial, probe)
 
     # Run directory, resume.
     metrics_log = JsonlLog(os.path.join(run_dir, "metrics.jsonl"), main)
+    pair_log = JsonlLog(os.path.join(run_dir, "entanglement.jsonl"), main)
     start_step, nonfinite_run = 0, 0
     if resume_from:
         state = load_checkpoint(resume_from, acc, model, optimizer, scheduler)
@@ -224,6 +228,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
         if moving is not None:
             moving.load_state_tensors(load_extra(resume_from, "reference"), state["ref_updates"])
         metrics_log.truncate_after(start_step)
+        pair_log.truncate_after(start_step)
         if main:
             log.info("resumed from %s at step %d", resume_from, start_step)
     trainable, total = count_parameters(hf_model(acc, model))
@@ -283,7 +288,10 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
             mine = idx[acc.process_index * per_rank : (acc.process_index + 1) * per_rank]
             micro = [collate_pairs([train_pairs[i] for i in mine[k : k + tc.batch_size]], pad_id).to(acc.device)
                      for k in range(0, per_rank, tc.batch_size)]
-            sums = train_step(parts, micro)
+            sums, pair_rows = train_step(parts, micro, step + 1)
+            if probe is not None and probe.due(step + 1):
+                for r in gather_object(pair_rows):
+                    pair_log.write({"step": step + 1, **r})
             m = finish_metrics(acc, sums)
             dt = time.time() - t_step
             nonfinite_run = nonfinite_run + 1 if m["skipped"] else 0

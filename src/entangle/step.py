@@ -33,11 +33,15 @@ class StepParts:
     reference: Reference
     max_grad_norm: float | None
     initial: Reference | None = None   # the initial policy, for ref/kl_to_init
+    probe: Any = None                  # diagnostics.probe.EntanglementProbe, or None
 
 
-def pair_forward(model, loss_fn: Loss, reference: Reference, batch: Batch, initial: Reference | None = None):
-    """Policy and reference log-probs of a concatenated batch -> (per-pair loss [B], metric sums)."""
+def pair_forward(model, loss_fn: Loss, reference: Reference, batch: Batch, initial: Reference | None = None,
+                 probe=None):
+    """Policy and reference log-probs of a concatenated batch -> (per-pair loss [B], metric sums, inputs)."""
     out = sequence_logps(model, batch)                        # logps [2B]
+    if probe is not None:
+        probe.watch(out.logps)
     pc, pr = out.logps.chunk(2)                               # [B], [B]
     lc, lr = out.lengths.chunk(2)
     ref = reference.logps(batch)                              # [2B] or None
@@ -65,7 +69,7 @@ def pair_forward(model, loss_fn: Loss, reference: Reference, batch: Batch, initi
         margin = (pc.detach() - ic) - (pr.detach() - ir)
         sums["ref/margin_vs_init"] = margin.sum()
         sums["ref/accuracy_vs_init"] = (margin > 0).float().sum()
-    return per_pair, sums
+    return per_pair, sums, {"pc": pc, "pr": pr, "rc": rc, "rr": rr, "lc": lc, "lr": lr}
 
 
 def _add(acc: dict, sums: dict) -> None:
@@ -74,10 +78,15 @@ def _add(acc: dict, sums: dict) -> None:
         acc[k] = acc[k] + v if k in acc else v
 
 
-def train_step(parts: StepParts, micro_batches: Sequence[Batch]) -> dict[str, torch.Tensor]:
-    """Forward/backward over the micro-batches, clip, step. Returns this process's metric sums."""
+def train_step(parts: StepParts, micro_batches: Sequence[Batch], step: int = 0) -> tuple[dict, list[dict]]:
+    """Forward/backward over the micro-batches, clip, step (`step` is 1-based).
+
+    Returns this process's metric sums and, on diagnostic steps, the per-pair entanglement rows."""
     acc = parts.accelerator
     model, optimizer = parts.model, parts.optimizer
+    probe = parts.probe if parts.probe is not None and parts.probe.due(step) else None
+    if probe is not None:
+        probe.start_step()
     # 1. Learning rate for this step (the scheduler advanced after the previous step).
     lr = parts.scheduler.get_last_lr()[0]
     n_pairs = sum(b.n_rows // 2 for b in micro_batches)
@@ -87,16 +96,22 @@ def train_step(parts: StepParts, micro_batches: Sequence[Batch]) -> dict[str, to
         last = i == len(micro_batches) - 1
         with contextlib.nullcontext() if last else acc.no_sync(model):
             # 3. Policy forward, reference log-probs, per-pair loss.
-            per_pair, batch_sums = pair_forward(model, parts.loss_fn, parts.reference, batch, parts.initial)
+            if probe is not None:
+                probe.begin(batch)
+            per_pair, batch_sums, inputs = pair_forward(model, parts.loss_fn, parts.reference, batch,
+                                                        parts.initial, probe)
             # 4. Backward of this micro-batch's share of the step's mean loss.
             acc.backward(per_pair.sum() / n_pairs)
+        # 5. Diagnostics (read-only): per-pair gradient inner products from that backward.
+        if probe is not None:
+            probe.end(batch, inputs, parts.loss_fn, lr)
         _add(sums, batch_sums)
-    # 5. Clip (or just measure) the gradient norm.
+    # 6. Clip (or just measure) the gradient norm.
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = parts.max_grad_norm if parts.max_grad_norm is not None else math.inf
     grad_norm = acc.clip_grad_norm_(params, max_norm)
     grad_norm = torch.as_tensor(grad_norm).detach().float().cpu()
-    # 6. Optimiser step, unless the loss or gradient is not finite; then the step is skipped.
+    # 7. Optimiser step, unless the loss or gradient is not finite; then the step is skipped.
     finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(sums["loss"]))
     if finite:
         optimizer.step()
@@ -105,13 +120,19 @@ def train_step(parts: StepParts, micro_batches: Sequence[Batch]) -> dict[str, to
     sums["grad_norm"] = grad_norm
     sums["learning_rate"] = torch.tensor(lr)
     sums["skipped"] = torch.tensor(0.0 if finite else 1.0)
-    return sums
+    rows: list[dict] = []
+    if probe is not None:
+        # 8. Optionally the realised log-prob changes, by re-evaluating the same batches.
+        probe.realise(probe.model, micro_batches)
+        probe_sums, rows = probe.finish()
+        sums.update(probe_sums)
+    return sums, rows
 
 
 @torch.no_grad()
 def eval_batch(model, loss_fn: Loss, reference: Reference, batch: Batch,
                initial: Reference | None = None) -> dict[str, torch.Tensor]:
-    _, sums = pair_forward(model, loss_fn, reference, batch, initial)
+    _, sums, _ = pair_forward(model, loss_fn, reference, batch, initial)
     out: dict[str, torch.Tensor] = {}
     _add(out, sums)
     return out
@@ -123,12 +144,15 @@ MEAN_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "r
 
 def finish_metrics(accelerator, sums: dict[str, torch.Tensor]) -> dict[str, float]:
     """Sum over processes, then divide by the global pair count: exact means."""
-    keys = [k for k in SUM_KEYS if k in sums]
+    keys = [k for k in SUM_KEYS if k in sums] + sorted(k for k in sums if k.startswith("entanglement/"))
     vec = torch.stack([sums[k] for k in keys]).to(accelerator.device)
     vec = accelerator.reduce(vec, reduction="sum").cpu()
     total = dict(zip(keys, vec.tolist()))
     n = max(total["n_pairs"], 1.0)
     out = {k: total[k] / n for k in MEAN_KEYS if k in total}
+    for k in total:
+        if k.startswith("entanglement/"):  # per-pair means; the fallback count stays a count
+            out[k] = total[k] if k == "entanglement/exact_fallback" else total[k] / n
     out["n_pairs"] = total["n_pairs"]
     out["n_tokens"] = total["n_tokens"]
     for k in ("grad_norm", "learning_rate", "skipped"):

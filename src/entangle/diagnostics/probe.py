@@ -1,0 +1,116 @@
+"""Entanglement inside the training step: attach, read the statistics off the backward, summarise.
+
+The step calls `begin(batch)` before a micro-batch's forward, `watch(logps)` on its log-prob
+tensor (to capture each row's loss coefficient), `end(...)` after its backward, and, if asked,
+`realise(...)` after the optimiser step. Nothing here changes the gradients or the update.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from entangle import losses
+from entangle.data import Batch
+from entangle.diagnostics import brute_force_stats, classify, predicted_changes, with_cos
+from entangle.diagnostics.ghost import GradientRecorder, Unsupported
+
+log = logging.getLogger(__name__)
+
+
+class EntanglementProbe:
+    """Per-pair `<grad_w, grad_l>`, norms, cosine, d_w, d_l, case and predicted changes, every `every` steps."""
+
+    def __init__(self, model, every: int, realised: bool = False, method: str = "fast"):
+        self.model, self.every, self.realised, self.method = model, every, realised, method
+        self.recorder = GradientRecorder(model) if method == "fast" else None
+        self.active = False
+        self.coef: torch.Tensor | None = None
+        self.pairs: list[dict] = []
+        self.fallbacks = 0
+        self._warned = False
+
+    def due(self, step: int) -> bool:
+        """`step` is 1-based."""
+        return self.every > 0 and step % self.every == 0
+
+    def start_step(self) -> None:
+        self.active, self.pairs, self.fallbacks = True, [], 0
+
+    def begin(self, batch: Batch) -> None:
+        if self.active and self.recorder is not None:
+            self.recorder.start(batch.n_rows)
+
+    def watch(self, logps: torch.Tensor) -> None:
+        """Capture dL/d log pi_r for every row during the backward."""
+        if self.active and logps.requires_grad:
+            logps.register_hook(lambda g: setattr(self, "coef", g.detach()))
+
+    def end(self, batch: Batch, aux: dict, loss_fn, lr: float) -> None:
+        """After a micro-batch's backward: per-pair statistics from the recorder, or the exact path."""
+        if not self.active:
+            return
+        stats = None
+        if self.recorder is not None:
+            try:
+                stats = self.recorder.result(self.coef)
+            except Unsupported as e:
+                if not self._warned:
+                    log.warning("entanglement: fast path not applicable (%s); using the exact slow path", e)
+                    self._warned = True
+            self.recorder.recording = False
+        if stats is None:
+            self.fallbacks += 1
+            stats = brute_force_stats(self.model, batch)
+        stats = with_cos({k: v.double() for k, v in stats.items()})
+        d_w, d_l = losses.coefficients(loss_fn, aux["pc"], aux["pr"], aux["rc"], aux["rr"], aux["lc"], aux["lr"])
+        d_w, d_l = d_w.double().cpu(), d_l.double().cpu()
+        pred_w, pred_l = predicted_changes(stats, d_w, d_l, lr)
+        case = classify(pred_w, pred_l)
+        logps = torch.cat([aux["pc"], aux["pr"]]).detach().double().cpu()
+        for i in range(len(d_w)):
+            self.pairs.append({
+                "pair": int(batch.index[i]), "inner": float(stats["inner"][i]), "norm_w2": float(stats["norm_w2"][i]),
+                "norm_l2": float(stats["norm_l2"][i]), "cos": float(stats["cos"][i]), "d_w": float(d_w[i]),
+                "d_l": float(d_l[i]), "case": int(case[i]), "pred_dlogp_w": float(pred_w[i]),
+                "pred_dlogp_l": float(pred_l[i]), "_logp_w": float(logps[i]), "_logp_l": float(logps[i + len(d_w)]),
+            })
+
+    @torch.no_grad()
+    def realise(self, policy, micro_batches) -> None:
+        """Re-evaluate the step's batches after the optimiser step: realised log-prob changes."""
+        if not (self.active and self.realised):
+            return
+        from entangle.logps import sequence_logps
+
+        k = 0
+        for batch in micro_batches:
+            lp = sequence_logps(policy, batch).logps.double().cpu()
+            B = batch.n_rows // 2
+            for i in range(B):
+                row = self.pairs[k + i]
+                row["real_dlogp_w"] = float(lp[i]) - row["_logp_w"]
+                row["real_dlogp_l"] = float(lp[i + B]) - row["_logp_l"]
+            k += B
+
+    def finish(self) -> tuple[dict[str, torch.Tensor], list[dict]]:
+        """Metric sums (reduced over processes by the caller) and the per-pair rows."""
+        self.active = False
+        rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in self.pairs]
+        t = {k: torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in rows[0]} if rows else {}
+        if not rows:
+            return {}, []
+        sums = {
+            "entanglement/inner": t["inner"].sum(), "entanglement/cos": t["cos"].sum(),
+            "entanglement/norm_w": t["norm_w2"].sqrt().sum(), "entanglement/norm_l": t["norm_l2"].sqrt().sum(),
+            "entanglement/case1": (t["case"] == 1).double().sum(), "entanglement/case2": (t["case"] == 2).double().sum(),
+            "entanglement/case3": (t["case"] == 3).double().sum(),
+            "entanglement/pred_dlogp_w": t["pred_dlogp_w"].sum(), "entanglement/pred_dlogp_l": t["pred_dlogp_l"].sum(),
+            "entanglement/d_w": t["d_w"].sum(), "entanglement/d_l": t["d_l"].sum(),
+            "entanglement/exact_fallback": torch.tensor(float(self.fallbacks)),
+        }
+        if "real_dlogp_w" in t:
+            sums["entanglement/real_dlogp_w"] = t["real_dlogp_w"].sum()
+            sums["entanglement/real_dlogp_l"] = t["real_dlogp_l"].sum()
+        return {k: v.float() for k, v in sums.items()}, rows

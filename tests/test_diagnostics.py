@@ -1,0 +1,156 @@
+"""Entanglement statistics against brute force (independent per-sequence autograd), in and out of training."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from entangle import config, losses, models
+from entangle.diagnostics import classify, entanglement_stats, predicted_changes
+from entangle.loop import train
+
+TEXTS = [("Statement: the food was lovely.\nSentiment:", " Positive sentiment based on my judgement.",
+          " Negative sentiment based on my judgement."),
+         ("Hi", " a much longer chosen answer", " no"),
+         ("A longer prompt, so that prompt lengths differ in the batch:", " ok", " fine then")]
+
+
+def pairs_of(tok):
+    enc = (lambda s: tok(s, add_special_tokens=False)["input_ids"])
+    return [{"prompt_ids": enc(p), "chosen_ids": enc(c), "rejected_ids": enc(r)} for p, c, r in TEXTS]
+
+
+def independent_grad(model, prompt, response):
+    """Flattened gradient of log pi(response | prompt) from a plain full-logits forward of one sequence."""
+    ids = torch.tensor([prompt + response])
+    logp = model(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None])[len(prompt) - 1:].sum()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(logp, params)]).double()
+
+
+def brute(model, pairs):
+    out = {"inner": [], "norm_w2": [], "norm_l2": []}
+    for p in pairs:
+        gw = independent_grad(model, p["prompt_ids"], p["chosen_ids"])
+        gl = independent_grad(model, p["prompt_ids"], p["rejected_ids"])
+        out["inner"].append(gw @ gl)
+        out["norm_w2"].append(gw @ gw)
+        out["norm_l2"].append(gl @ gl)
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+CASES = [("tiny", None), ("tiny-gpt2", None), ("tiny", ["q_proj", "v_proj"]), ("tiny-gpt2", ["c_attn"])]
+
+
+@pytest.mark.parametrize("dtype, tol", [("float64", 1e-6), ("float32", 1e-3)])
+@pytest.mark.parametrize("arch, lora", CASES, ids=["llama", "gpt2-tied", "llama-lora", "gpt2-lora"])
+def test_fast_path_matches_brute_force(tok, arch, lora, dtype, tol, caplog):
+    settings = models.LoraSettings(r=4, target_modules=lora) if lora else None
+    model, _ = models.load_model(arch, dtype=dtype, tokenizer=tok, lora=settings)
+    if lora:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.2)
+    pairs = pairs_of(tok)
+    stats = entanglement_stats(model, pairs, pad_id=tok.pad_token_id)
+    assert "exact slow path" not in caplog.text  # the fast path applied
+    ref = brute(model, pairs)
+    for k in ("inner", "norm_w2", "norm_l2"):
+        rel = ((stats[k].double() - ref[k]).abs() / ref[k].abs()).max()
+        assert rel <= tol, (k, float(rel))
+    assert stats["cos"].shape == (3,) and (stats["cos"].abs() <= 1 + 1e-6).all()
+
+
+def test_exact_method_matches_brute_force(tok):
+    model, _ = models.load_model("tiny", dtype="float64", tokenizer=tok)
+    pairs = pairs_of(tok)
+    stats, ref = entanglement_stats(model, pairs, method="exact", pad_id=tok.pad_token_id), brute(model, pairs)
+    torch.testing.assert_close(stats["inner"], ref["inner"], rtol=1e-9, atol=0)
+
+
+def test_case_classification_agrees_with_a_small_sgd_step(tok):
+    """For each pair alone: SGD on the DPO loss with a small step; the realised changes of both
+    log-probs have the signs (and, to first order, the sizes) that the statistics predict."""
+    eta = 1e-6
+    fn = losses.get("dpo", beta=0.5)
+    seen = set()
+    for seed in range(4):
+        model, _ = models.load_model("tiny", dtype="float64", tokenizer=tok, seed=seed)
+        for p in pairs_of(tok):
+            stats = entanglement_stats(model, [p], pad_id=tok.pad_token_id)
+            params = [q for q in model.parameters() if q.requires_grad]
+
+            def logps():
+                ids_w = torch.tensor([p["prompt_ids"] + p["chosen_ids"]])
+                ids_l = torch.tensor([p["prompt_ids"] + p["rejected_ids"]])
+                n = len(p["prompt_ids"])
+
+                def lp(ids):
+                    return model(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None])[n - 1:].sum()
+                return lp(ids_w), lp(ids_l)
+
+            w, l = logps()
+            ref_w, ref_l = w.detach(), l.detach()
+            loss = fn(w[None], l[None], ref_w[None], ref_l[None]).sum()
+            d_w, d_l = losses.coefficients(fn, w.detach()[None], l.detach()[None], ref_w[None], ref_l[None])
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                for q, g in zip(params, grads):
+                    q.sub_(eta * g)
+                w2, l2 = logps()
+            pred_w, pred_l = predicted_changes(stats, d_w, d_l, eta)
+            case = int(classify(pred_w, pred_l)[0])
+            real_w, real_l = float(w2 - ref_w), float(l2 - ref_l)
+            assert case == int(classify(torch.tensor([real_w]), torch.tensor([real_l]))[0])
+            assert real_w == pytest.approx(float(pred_w[0]), rel=0.02)
+            assert real_l == pytest.approx(float(pred_l[0]), rel=0.02)
+            seen.add(case)
+            with torch.no_grad():
+                for q, g in zip(params, grads):
+                    q.add_(eta * g)
+    assert seen  # at least one case observed; which ones depends on the random models
+
+
+def run_cfg(out, *extra):
+    return config.load(None, ["model.name=tiny", "model.dtype=float64",
+                              "data.train=synthetic:sentiment?config=long&n=32", "data.max_length=96",
+                              "train.batch_size=2", "train.grad_accum=2", "train.max_steps=2",
+                              "optimizer.lr=1e-3", "tracking.progress=false", f"train.output_dir={out}",
+                              "diagnostics.entanglement.every=1", *extra])
+
+
+def pair_rows(out):
+    with open(os.path.join(out, "entanglement.jsonl")) as f:
+        return [json.loads(x) for x in f]
+
+
+@pytest.mark.parametrize("extra", [[], ["model.name=tiny-gpt2"], ["model.lora.r=4"], ["loss.name=simpo"]],
+                         ids=["dpo", "gpt2-tied", "lora", "simpo"])
+def test_in_training_statistics_equal_the_exact_path(tmp_path, extra):
+    """The training backward carries each row's loss coefficient; divided out, the statistics equal
+    the exact per-row computation, under accumulation and padding."""
+    train(run_cfg(tmp_path / "fast", *extra))
+    train(run_cfg(tmp_path / "exact", "diagnostics.entanglement.method=exact", *extra))
+    fast, exact = pair_rows(tmp_path / "fast"), pair_rows(tmp_path / "exact")
+    assert len(fast) == len(exact) == 8  # 2 steps x 2 micro-batches x 2 pairs
+    for a, b in zip(fast, exact):
+        assert a["pair"] == b["pair"] and a["case"] == b["case"]
+        for k in ("inner", "norm_w2", "norm_l2", "cos", "d_w", "d_l", "pred_dlogp_w"):
+            assert a[k] == pytest.approx(b[k], rel=1e-6), k
+    metrics = [json.loads(x) for x in open(tmp_path / "fast" / "metrics.jsonl")]
+    m = metrics[0]
+    assert m["entanglement/exact_fallback"] == 0
+    assert m["entanglement/case1"] + m["entanglement/case2"] + m["entanglement/case3"] <= 1 + 1e-9
+    assert m["entanglement/inner"] == pytest.approx(sum(r["inner"] for r in fast[:4]) / 4, rel=1e-5)
+
+
+def test_zero_coefficient_falls_back_to_the_exact_path_and_says_so(tmp_path, caplog):
+    """SLiC with delta = -100 is past its margin: every coefficient is 0, nothing to divide out."""
+    train(run_cfg(tmp_path / "run", "loss.name=slic", "loss.params.delta=-100", "diagnostics.entanglement.realised=true"))
+    assert "fast path not applicable" in caplog.text and "zero loss coefficient" in caplog.text
+    m = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
+    assert m["entanglement/exact_fallback"] == 2 and m["entanglement/norm_w"] > 0
+    rows = pair_rows(tmp_path / "run")
+    assert all(r["d_w"] == 0 and "real_dlogp_w" in r for r in rows)
