@@ -163,13 +163,14 @@ class GradientRecorder:
     def _pair_block(self, u: _Usage, v: _Usage, p: nn.Parameter, ri: torch.Tensor, si: torch.Tensor):
         """<grad_r from usage u, grad_s from usage v> for row index vectors ri, si (same length)."""
         if u is v and u.kind in ("linear", "conv1d") and p is u.module.weight:
-            A, G = self._factors(u)
+            x, rows = u.x
+            if rows is not None:  # the response-only LM head: [K, d] rows of several sequences
+                return self._gram_2d(x, u.g, rows)[ri, si]
+            A, G = x, u.g
             din, dout = A.shape[-1], G.shape[-1]
             T = A.shape[1]
             if 3 * T * (din + dout) < 2 * din * dout:   # ghost Gram products are cheaper
-                aa = torch.bmm(A[ri], A[si].transpose(1, 2))      # [P, T, T]
-                gg = torch.bmm(G[ri], G[si].transpose(1, 2))
-                return (aa * gg).sum((1, 2))
+                return self._ghost_pairs(A, G)
         if u is v and u.kind == "embedding":
             ids, G = u.x[0], _emb_grad(u)
             gg = torch.bmm(G[ri], G[si].transpose(1, 2))
@@ -183,14 +184,33 @@ class GradientRecorder:
         dv = du if dv is None else dv
         return (du[ri] * dv[si]).flatten(1).sum(1)
 
+    def _ghost_pairs(self, A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+        """[ww, ll, wl] blocks of sum((A_r A_s^T) * (G_r G_s^T)) for the B pairs, from views (no copies)."""
+        B = self.n_rows // 2
+        out = []
+        for r, s in ((slice(0, B), slice(0, B)), (slice(B, 2 * B), slice(B, 2 * B)), (slice(0, B), slice(B, 2 * B))):
+            aa = torch.bmm(A[r], A[s].transpose(1, 2))    # [B, T, T]
+            gg = torch.bmm(G[r], G[s].transpose(1, 2))
+            out.append(torch.linalg.vecdot(aa.flatten(1), gg.flatten(1)))
+        return torch.cat(out)
+
+    def _gram_2d(self, A: torch.Tensor, G: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """[N, N] weight-gradient Gram of a linear layer applied to gathered rows (A [K, din], G [K, dout])."""
+        m = (A @ A.T) * (G @ G.T)                                        # [K, K]
+        onehot = torch.nn.functional.one_hot(rows, self.n_rows).to(m.dtype)  # [K, N]
+        return onehot.T @ m @ onehot
+
     def _emb_lin(self, e: _Usage, h: _Usage, ri, si):
         """<E_r, H_s> for a tied embedding (rows of W at ids) and linear head (G^T A), shapes [V, d]."""
         ids, Ge = e.x[0], _emb_grad(e)              # [N, T], [N, T, d]
-        A, Gh = self._factors(h)                    # [N, K, d], [N, K, V]
+        A, Gh = h.x[0], h.g
+        rows = h.x[1]
         out = []
         for r, s in zip(ri.tolist(), si.tolist()):
-            P = Ge[r] @ A[s].T                      # [T, K]
-            M = Gh[s][:, ids[r]].T                  # [T, K]
+            mine = rows == s if rows is not None else slice(None)
+            As, Gs = (A[mine], Gh[mine]) if rows is not None else (A[s], Gh[s])   # [K_s, d], [K_s, V]
+            P = Ge[r] @ As.T                        # [T, K_s]
+            M = Gs[:, ids[r]].T                     # [T, K_s]
             out.append((P * M).sum())
         return torch.stack(out)
 

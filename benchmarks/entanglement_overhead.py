@@ -1,0 +1,86 @@
+"""Median training-step time with entanglement diagnostics off, fast, and exact (one backward per row).
+
+    python benchmarks/entanglement_overhead.py [--models tiny,smollm2-135m] [--steps 5] [--hh PATH]
+
+Prints one table; every row of a model is measured in the same process, alternating the modes
+step by step so that machine noise hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from entangle import config, losses
+from entangle.data import collate_pairs, tokenize_pairs
+from entangle.diagnostics.probe import EntanglementProbe
+from entangle.logps import Policy
+from entangle.loop import load_pairs
+from entangle.models import LoraSettings, load_model
+from entangle.reference import make_reference
+from entangle.step import StepParts, train_step
+
+HH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hh-rlhf", "helpful-base.train.jsonl")
+
+
+def build(model_name: str, lora: bool, data: str, batch: int, max_length: int):
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    model, tok = load_model(model_name, lora=LoraSettings(r=16, alpha=32) if lora else None)
+    cfg = config.load(None, [f"data.train={data}", f"data.max_length={max_length}"])
+    pairs, _ = load_pairs(cfg.data.train, tok, cfg.data, "train", 64)
+    policy = Policy(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-7)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ref = make_reference("frozen", model)
+    parts = StepParts(acc, policy, opt, sched, losses.get("dpo"), ref, 1.0)
+    probes = {"off": None, "fast": EntanglementProbe(policy, 1, method="fast"),
+              "exact": EntanglementProbe(policy, 1, method="exact")}
+    batches = [collate_pairs(pairs[i : i + batch], tok.pad_token_id) for i in range(0, len(pairs) - batch + 1, batch)]
+    return parts, probes, batches
+
+
+def measure(model_name, lora, data, batch, max_length, steps):
+    parts, probes, batches = build(model_name, lora, data, batch, max_length)
+    times = {k: [] for k in probes}
+    train_step(parts, [batches[0]], 1)  # warm-up
+    for i in range(steps):
+        for mode, probe in probes.items():
+            parts.probe = probe
+            t = time.perf_counter()
+            train_step(parts, [batches[(i + 1) % len(batches)]], i + 1)
+            times[mode].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return med
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="tiny,smollm2-135m")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--hh", default=HH, help="HH pairs for smollm2 (generated sentiment pairs are used for tiny)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} pairs, "
+          f"max_length {args.max_length}, {args.steps} timed steps per mode (median)")
+    print(f"{'model':14} {'params':6} {'off s':>8} {'fast s':>8} {'exact s':>8} {'fast/off':>9} {'exact/off':>10}")
+    for name in args.models.split(","):
+        data = args.hh if name != "tiny" else "synthetic:sentiment?config=long&n=64"
+        if name != "tiny" and not os.path.exists(data):
+            print(f"{name}: skipped ({data} not found; pass --hh)")
+            continue
+        for lora in (False, True):
+            med = measure(name, lora, data, args.batch, args.max_length, args.steps)
+            print(f"{name:14} {'LoRA' if lora else 'full':6} {med['off']:8.3f} {med['fast']:8.3f} "
+                  f"{med['exact']:8.3f} {med['fast'] / med['off']:9.2f}x {med['exact'] / med['off']:9.2f}x")
+
+
+if __name__ == "__main__":
+    main()
