@@ -16,7 +16,7 @@ import time
 import torch
 
 from entangle import config, losses
-from entangle.data import collate_pairs, tokenize_pairs
+from entangle.data import collate_pairs
 from entangle.diagnostics.probe import EntanglementProbe
 from entangle.logps import Policy
 from entangle.loop import load_pairs
