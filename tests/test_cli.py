@@ -63,3 +63,12 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
     assert p.returncode == 0, p.stderr
     lines = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [r["step"] for r in lines][-3:] == [step, step + 1, step + 2]
+
+
+def test_missing_tracker_package_is_an_install_hint(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is not None:
+        pytest.skip("mlflow is installed here")
+    p = entangle("-q", "train", "tracking.report_to=[mlflow]", f"train.output_dir={tmp_path / 'run'}")
+    assert p.returncode == 2 and "pip install mlflow" in p.stderr and "Traceback" not in p.stderr

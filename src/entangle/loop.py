@@ -145,6 +145,11 @@ def _accelerator(cfg: DictConfig):
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise TrainingError("train.device=cuda but no CUDA device is visible; use train.device=auto")
     trackers = list(cfg.tracking.report_to)
+    import importlib.util
+
+    for t in trackers:
+        if importlib.util.find_spec(t) is None and not (t == "tensorboard" and importlib.util.find_spec("tensorboardX")):
+            raise TrainingError(f"tracking.report_to={t} needs the {t} package: pip install {t}")
     return Accelerator(cpu=cpu, log_with=trackers or None, project_dir=cfg.train.output_dir)
 
 
