@@ -154,3 +154,24 @@ def test_zero_coefficient_falls_back_to_the_exact_path_and_says_so(tmp_path, cap
     assert m["entanglement/exact_fallback"] == 2 and m["entanglement/norm_w"] > 0
     rows = pair_rows(tmp_path / "run")
     assert all(r["d_w"] == 0 and "real_dlogp_w" in r for r in rows)
+
+
+def test_token_view_sums_to_the_pair_inner_product(tok):
+    from entangle.diagnostics.tokens import token_gradients
+
+    model, _ = models.load_model("tiny-gpt2", dtype="float64", tokenizer=tok)
+    p = pairs_of(tok)[0]
+    view = token_gradients(model, p["prompt_ids"], p["chosen_ids"], p["rejected_ids"], tok)
+    ref = brute(model, [p])
+    assert view["inner"].shape == (len(p["chosen_ids"]), len(p["rejected_ids"]))
+    assert view["total_inner"] == pytest.approx(float(ref["inner"][0]), rel=1e-9)
+    assert view["chosen_tokens"][0] == " " and "".join(view["rejected_tokens"]).startswith(" Negative")
+    # identical suffix tokens: the same token at the same offset from the end has cosine near 1 ...
+    assert float(view["cos"][-1, -1]) > 0.5
+    assert (view["cos"].abs() <= 1 + 1e-9).all()
+
+
+def test_token_views_are_saved_during_training(tmp_path):
+    train(run_cfg(tmp_path / "run", "diagnostics.entanglement.every=2", "diagnostics.entanglement.tokens=1"))
+    views = json.loads((tmp_path / "run" / "entanglement_tokens" / "step-2.json").read_text())
+    assert len(views) == 1 and len(views[0]["cos"]) == len(views[0]["chosen_tokens"])

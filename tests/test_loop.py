@@ -135,7 +135,7 @@ def test_lora_final_is_a_peft_adapter(tmp_path):
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
-    common = ["data.eval=null", "train.max_steps=4", "train.device=cpu"]
+    common = ["data.eval=null", "train.max_steps=4", "train.device=cpu", "diagnostics.entanglement.every=2"]
     one = rows(train(cfg_for(tmp_path / "one", "train.batch_size=4", *common)).run_dir)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "entangle.cli", "-q",
            "train", "model.name=tiny", "data.train=synthetic:sentiment?config=short&n=64", "data.max_length=64",
@@ -150,3 +150,10 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     for x, y in zip(one, two):
         for k in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
             assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), (x["step"], k)
+    assert two[1]["entanglement/cos"] == pytest.approx(one[1]["entanglement/cos"], rel=1e-4)
+    pairs_one = [json.loads(x) for x in (tmp_path / "one" / "entanglement.jsonl").read_text().splitlines()]
+    pairs_two = [json.loads(x) for x in (tmp_path / "two" / "entanglement.jsonl").read_text().splitlines()]
+    assert len(pairs_two) == len(pairs_one) == 8  # both processes' pairs, gathered
+    by_pair = {(r["step"], r["pair"]): r["inner"] for r in pairs_one}
+    for r in pairs_two:
+        assert r["inner"] == pytest.approx(by_pair[(r["step"], r["pair"])], rel=1e-4)

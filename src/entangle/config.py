@@ -113,6 +113,7 @@ class EntanglementConfig:
     every: int = 0               # measure every N optimiser steps; 0 = off
     realised: bool = False       # also re-evaluate the batch after the step (one more forward)
     method: str = "fast"         # fast (from the training backward; exact) | exact (one backward per row)
+    tokens: int = 0              # on diagnostic steps, exact per-token views of this many pairs (one backward per token)
 
 
 @dataclass

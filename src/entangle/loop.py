@@ -297,6 +297,9 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
             if probe is not None and probe.due(step + 1):
                 for r in gather_object(pair_rows):
                     pair_log.write({"step": step + 1, **r})
+                if ec.tokens and main:
+                    save_token_views(run_dir, step + 1, hf_model(acc, model), tokenizer,
+                                     [train_pairs[i] for i in idx[: ec.tokens]])
             m = finish_metrics(acc, sums)
             dt = time.time() - t_step
             nonfinite_run = nonfinite_run + 1 if m["skipped"] else 0
@@ -357,6 +360,18 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
         acc.end_training()
     acc.wait_for_everyone()
     return RunResult(run_dir, summary, status, stop.reason, main)
+
+
+def save_token_views(run_dir: str, step: int, model, tokenizer, pairs: list[TokenizedPair]) -> None:
+    """`entanglement_tokens/step-N.json`: exact per-token gradient inner products and cosines."""
+    from entangle.diagnostics.tokens import to_json, token_gradients
+
+    views = [{"pair": p.index, **to_json(token_gradients(model, p.prompt_ids, p.chosen_ids, p.rejected_ids,
+                                                          tokenizer))} for p in pairs]
+    folder = os.path.join(run_dir, "entanglement_tokens")
+    os.makedirs(folder, exist_ok=True)
+    write_json(os.path.join(folder, f"step-{step}.json"), views)
+    model.zero_grad(set_to_none=True)
 
 
 def _in_main_thread() -> bool:
