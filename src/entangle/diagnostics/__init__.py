@@ -16,7 +16,7 @@ import torch
 
 from entangle.data import TokenizedPair, collate_pairs
 from entangle.diagnostics.brute import brute_force_stats
-from entangle.diagnostics.ghost import GradientRecorder, Unsupported
+from entangle.diagnostics.ghost import GradientRecorder, Unsupported, row_layout
 from entangle.logps import sequence_logps
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def entanglement_stats(model, pairs, method: str = "fast", pad_id: int = 0) -> d
         rec = GradientRecorder(model)
         try:
             model.zero_grad(set_to_none=True)
-            rec.start(batch.n_rows)
+            rec.start(batch.n_rows, *row_layout(batch))
             logps = sequence_logps(model, batch).logps
             rec.recording = False
             logps.sum().backward()  # coefficient 1 per row: the output gradients are d log pi_r / d out

@@ -32,6 +32,12 @@ class RowMap:
     current: torch.Tensor | None = None
 
 
+def row_layout(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real tokens per row [N] and prompt length per pair [B] of a concatenated pair batch."""
+    B = batch.n_rows // 2
+    return batch.attention_mask.sum(1), batch.response_mask[:B].int().argmax(1)
+
+
 class Unsupported(Exception):
     """The recorder cannot give exact numbers for this model or batch; use the exact slow path."""
 
@@ -91,9 +97,14 @@ class GradientRecorder:
                     self.params[id(p)] = p
                 self.handles.append(module.register_forward_hook(self._forward_hook))
 
-    def start(self, n_rows: int) -> None:
-        """Record the next forward of `n_rows` rows (chosen rows first, then rejected)."""
+    def start(self, n_rows: int, lengths: torch.Tensor | None = None, prompt_lengths: torch.Tensor | None = None):
+        """Record the next forward of `n_rows` rows (chosen rows first, then rejected).
+
+        `lengths` [N] (real tokens per row) and `prompt_lengths` [B] let the products skip padding and
+        compute the prompt positions, which chosen and rejected share, once."""
         self.n_rows = n_rows
+        self.lengths = None if lengths is None else [int(x) for x in lengths]
+        self.prompt_lengths = None if prompt_lengths is None else [int(x) for x in prompt_lengths]
         self.recording = True
         self.usages = {}
         self.problems = []
@@ -166,11 +177,7 @@ class GradientRecorder:
             x, rows = u.x
             if rows is not None:  # the response-only LM head: [K, d] rows of several sequences
                 return self._gram_2d(x, u.g, rows)[ri, si]
-            A, G = x, u.g
-            din, dout = A.shape[-1], G.shape[-1]
-            T = A.shape[1]
-            if 3 * T * (din + dout) < 2 * din * dout:   # ghost Gram products are cheaper
-                return self._ghost_pairs(A, G)
+            return self._linear_pairs(x, u.g)
         if u is v and u.kind == "embedding":
             ids, G = u.x[0], _emb_grad(u)
             gg = torch.bmm(G[ri], G[si].transpose(1, 2))
@@ -184,15 +191,34 @@ class GradientRecorder:
         dv = du if dv is None else dv
         return (du[ri] * dv[si]).flatten(1).sum(1)
 
-    def _ghost_pairs(self, A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-        """[ww, ll, wl] blocks of sum((A_r A_s^T) * (G_r G_s^T)) for the B pairs, from views (no copies)."""
-        B = self.n_rows // 2
-        out = []
-        for r, s in ((slice(0, B), slice(0, B)), (slice(B, 2 * B), slice(B, 2 * B)), (slice(0, B), slice(B, 2 * B))):
-            aa = torch.bmm(A[r], A[s].transpose(1, 2))    # [B, T, T]
-            gg = torch.bmm(G[r], G[s].transpose(1, 2))
-            out.append(torch.linalg.vecdot(aa.flatten(1), gg.flatten(1)))
-        return torch.cat(out)
+    def _linear_pairs(self, A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+        """[ww..., ll..., wl...] weight-gradient products of a linear layer, pair by pair.
+
+        Per pair, whichever is cheaper: Gram ("ghost") products sum((A_r A_s^T) * (G_r G_s^T)), with
+        the shared prompt positions' activations counted once, or the two per-row gradients materialised."""
+        B, T = self.n_rows // 2, A.shape[1]
+        din, dout = A.shape[-1], G.shape[-1]
+        out = A.new_zeros(3 * B, dtype=torch.float64)
+        for i in range(B):
+            lw = self.lengths[i] if self.lengths else T
+            ll = self.lengths[B + i] if self.lengths else T
+            P = self.prompt_lengths[i] if self.prompt_lengths else 0
+            Aw, Al, Gw, Gl = A[i, :lw], A[B + i, :ll], G[i, :lw], G[B + i, :ll]
+            shared = P > 0 and torch.equal(Aw[:P], Al[:P])
+            U = lw + ll - (P if shared else 0)
+            if U * U * din + (lw * lw + ll * ll + lw * ll) * dout < (lw + ll) * din * dout:
+                X = torch.cat([Aw, Al[P:] if shared else Al])                     # [U, din]
+                XX = X @ X.T
+                il = torch.cat([torch.arange(P), torch.arange(lw, U)]) if shared else torch.arange(lw, U)
+                aww, all_, awl = XX[:lw, :lw], XX[il][:, il], XX[:lw][:, il]
+                ww = torch.linalg.vecdot(aww.flatten(), (Gw @ Gw.T).flatten())
+                lL = torch.linalg.vecdot(all_.flatten(), (Gl @ Gl.T).flatten())
+                wl = torch.linalg.vecdot(awl.flatten(), (Gw @ Gl.T).flatten())
+            else:
+                Ww, Wl = Gw.T @ Aw, Gl.T @ Al                                      # [dout, din]
+                ww, lL, wl = (Ww * Ww).sum(), (Wl * Wl).sum(), (Ww * Wl).sum()
+            out[i], out[B + i], out[2 * B + i] = ww, lL, wl
+        return out
 
     def _gram_2d(self, A: torch.Tensor, G: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """[N, N] weight-gradient Gram of a linear layer applied to gathered rows (A [K, din], G [K, dout])."""

@@ -14,7 +14,7 @@ import torch
 from entangle import losses
 from entangle.data import Batch
 from entangle.diagnostics import brute_force_stats, classify, predicted_changes, with_cos
-from entangle.diagnostics.ghost import GradientRecorder, Unsupported
+from entangle.diagnostics.ghost import GradientRecorder, Unsupported, row_layout
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class EntanglementProbe:
 
     def begin(self, batch: Batch) -> None:
         if self.active and self.recorder is not None:
-            self.recorder.start(batch.n_rows)
+            self.recorder.start(batch.n_rows, *row_layout(batch))
 
     def watch(self, logps: torch.Tensor) -> None:
         """Capture dL/d log pi_r for every row during the backward."""
