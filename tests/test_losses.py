@@ -54,6 +54,7 @@ CLOSED = {
                  lambda i: -ls(0.1 * dpo_z(i)) * (1 - sig(0.1 * dpo_z(i) / 0.05))
                  + math.exp(-0.1 * dpo_z(i)) * sig(0.1 * dpo_z(i) / 0.05)),
     "sppo": ({"beta": 0.1}, lambda i: (PC[i] - RC[i] - 5.0) ** 2 + (PR[i] - RR[i] + 5.0) ** 2),
+    "sft": ({}, lambda i: -PC[i] / LC[i]),
 }
 
 
@@ -163,6 +164,10 @@ def test_registry_invariants(name):
         # dl/dz = -0.25 - ln2 * 0.25/tau + (-0.5 + 0.25/tau) = +0.78 (so d_w = d_l = -0.078 at beta 0.1).
         torch.testing.assert_close(d_w, torch.full_like(d_w, -0.1 * (-0.25 - math.log(2) * 5 + 4.5)))
         return
+    if name == "sft":  # the warm-up: the chosen's mean token NLL, d_w = 1/|y_w|, the rejected ignored
+        torch.testing.assert_close(d_w, 1 / t(LC))
+        assert (d_l == 0).all()
+        return
     assert (d_l > 0).all(), "every loss pushes the rejected log-prob down"
     if name != "apo_down":  # APO-down lowers the chosen by design (arXiv:2408.06266 §3)
         assert (d_w > 0).all(), "the loss pushes the chosen log-prob up"
@@ -201,7 +206,7 @@ def test_kto_closed_form_and_coefficients():
 
 def test_names_lists_the_registry():
     expected = {"dpo", "ipo", "slic", "cpo", "simpo", "rdpo", "dpop", "rrhf", "orpo", "robust", "nca", "bco",
-                "apo_zero", "apo_down", "exo", "discopop", "sppo", "kto"}
+                "apo_zero", "apo_down", "exo", "discopop", "sppo", "sft", "kto"}
     assert set(losses.names()) == expected
 
 

@@ -2,7 +2,8 @@
 
 import json
 
-from entangle.report import load_metrics, plot_metrics, series
+from entangle.plots import plot_metrics, series
+from entangle.report import load_metrics
 
 
 def test_load_skips_a_torn_last_line_and_plots(tmp_path):

@@ -1,13 +1,14 @@
-"""The `entangle` command: `train`, `config`, `losses`. Errors print as one line, exit code 2."""
+"""The `entangle` command: `train`, `config`, `losses`, `study`, `report`. Errors print as one line, exit code 2."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from entangle import __version__
-from entangle.errors import EntangleError
+from entangle.errors import ConfigError, EntangleError
 
 
 def _train(args) -> int:
@@ -57,6 +58,29 @@ def _study_trust_region(args) -> int:
     return 0
 
 
+def _study_sentiment(args) -> int:
+    from entangle.studies import sentiment
+
+    configs = tuple(c.strip() for c in args.configs.split(",") if c.strip())
+    bad = [c for c in configs if c not in sentiment.CONFIGS]
+    if bad or not configs:
+        raise ConfigError(f"--configs {args.configs!r}: valid: {', '.join(sentiment.CONFIGS)} (comma-separated)")
+    summary = sentiment.run(args.out, model=args.model, configs=configs, seed=args.seed, extra=args.overrides,
+                            steps=args.steps, sft_steps=args.sft_steps, lr=args.lr, sft_lr=args.sft_lr,
+                            beta=args.beta, batch=args.batch_size, n_train=args.n_train)
+    print(sentiment.format_table(summary))
+    print(f"study: {args.out}/summary.json\nreport: {os.path.join(args.out, summary['report'])}")
+    return 0
+
+
+def _report(args) -> int:
+    from entangle.report import write_report
+
+    out = args.out or (os.path.join(args.run_dirs[0], "report") if len(args.run_dirs) == 1 else "report")
+    print(f"report: {write_report(args.run_dirs, out, args.title)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="entangle", description="Margin-based preference optimisation with "
                                 "gradient-entanglement diagnostics.")
@@ -85,6 +109,27 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", default="runs/study-trust-region")
     tr.add_argument("overrides", nargs="*", help="extra config overrides for every variant")
     tr.set_defaults(func=_study_trust_region)
+    se = st.add_parser("sentiment", help="the GE paper's sentiment experiment: single token vs short vs long "
+                       "suffix (SFT warm-up, then DPO with entanglement diagnostics every step)")
+    se.add_argument("--model", default="tiny", help="tiny (default, ~1 minute) | smollm2-135m | a folder or hub id")
+    se.add_argument("--out", default="runs/sentiment")
+    se.add_argument("--configs", default=",".join(("single", "short", "long")),
+                    help="response formats to run (default: all three)")
+    se.add_argument("--steps", type=int, help="DPO steps per configuration")
+    se.add_argument("--sft-steps", type=int, help="SFT warm-up steps per configuration")
+    se.add_argument("--lr", type=float, help="DPO learning rate")
+    se.add_argument("--sft-lr", type=float, help="SFT learning rate")
+    se.add_argument("--beta", type=float, help="DPO beta (default 0.1)")
+    se.add_argument("--batch-size", type=int, help="pairs per step")
+    se.add_argument("--n-train", type=int, help="generated training statements")
+    se.add_argument("--seed", type=int, default=0)
+    se.add_argument("overrides", nargs="*", help="extra config overrides for every run")
+    se.set_defaults(func=_study_sentiment)
+    r = sub.add_parser("report", help="HTML report (plots embedded) of run or study directories, overlaid")
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    r.add_argument("--out", help="output folder (default: RUN_DIR/report for one directory, else ./report)")
+    r.add_argument("--title")
+    r.set_defaults(func=_report)
     losses_p = sub.add_parser("losses", help="list the registered losses and their defaults")
     losses_p.set_defaults(func=_losses)
     return p

@@ -298,7 +298,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
                 for r in gather_object(pair_rows):
                     pair_log.write({"step": step + 1, **r})
                 if ec.tokens and main:
-                    save_token_views(run_dir, step + 1, hf_model(acc, model), tokenizer,
+                    save_token_views(run_dir, f"step-{step + 1}", hf_model(acc, model), tokenizer,
                                      [train_pairs[i] for i in idx[: ec.tokens]])
             m = finish_metrics(acc, sums)
             dt = time.time() - t_step
@@ -362,15 +362,16 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
     return RunResult(run_dir, summary, status, stop.reason, main)
 
 
-def save_token_views(run_dir: str, step: int, model, tokenizer, pairs: list[TokenizedPair]) -> None:
-    """`entanglement_tokens/step-N.json`: exact per-token gradient inner products and cosines."""
+def save_token_views(run_dir: str, name: str, model, tokenizer, pairs: list[TokenizedPair]) -> None:
+    """`entanglement_tokens/NAME.json` (`step-N` in training): exact per-token gradient inner products
+    and cosines of `pairs`."""
     from entangle.diagnostics.tokens import to_json, token_gradients
 
     views = [{"pair": p.index, **to_json(token_gradients(model, p.prompt_ids, p.chosen_ids, p.rejected_ids,
                                                           tokenizer))} for p in pairs]
     folder = os.path.join(run_dir, "entanglement_tokens")
     os.makedirs(folder, exist_ok=True)
-    write_json(os.path.join(folder, f"step-{step}.json"), views)
+    write_json(os.path.join(folder, f"{name}.json"), views)
     model.zero_grad(set_to_none=True)
 
 

@@ -394,6 +394,15 @@ def kto_loss(policy_logps, ref_logps, labels, z0, beta, desirable_weight, undesi
     return torch.where(labels, desirable, undesirable)
 
 
+register(LossSpec(  # SFT on the chosen response (mean token NLL): the warm-up before preference training.
+    # In the family's form m = 0 and Lambda = log pi_w / |y_w|, so d_l = 0: the rejected is ignored.
+    "sft", uses_reference=False, length_normalized=False, needs_lengths=True,
+    citation="arXiv:2203.02155 sec. 3.5 (supervised fine-tuning stage)",
+    defaults={},
+    loss=lambda p: p.nll_w(),
+))
+
+
 register(LossSpec(
     "kto", uses_reference=True, length_normalized=False,
     citation="arXiv:2402.01306 eq. 8",

@@ -75,6 +75,38 @@ def byte_tokenizer():
     return fast
 
 
+def trained_tokenizer(texts, vocab_size: int = 600):
+    """A byte-level BPE tokenizer trained on `texts` (deterministic): whole words become single tokens,
+    as in GPT-2, so a tiny model sees `Positive` as one token rather than eight bytes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(list(texts), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>",
+                                   bos_token="<|im_start|>", additional_special_tokens=specials)
+    fast.chat_template = CHATML_TEMPLATE
+    fast.add_bos_token = False
+    return fast
+
+
+def save_tiny(folder: str, tokenizer, arch: str = "llama", seed: int = 0, hidden: int = 64, layers: int = 2) -> str:
+    """Write a random-init tiny model and its tokenizer as a folder that `load_model(folder)` reads."""
+    model = tiny_model(tokenizer, arch, seed=seed, hidden=hidden, layers=layers)
+    tmp = folder.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
 def tiny_model(tokenizer, arch: str = "llama", seed: int = 0, hidden: int = 64, layers: int = 2):
     """A random-init model small enough for unit tests (tens of thousands of parameters)."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM

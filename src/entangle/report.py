@@ -1,19 +1,65 @@
-"""Run directories -> plots: metric curves of several runs overlaid, one panel per metric.
+"""Run directories -> one self-contained HTML page (images embedded) plus its PNGs.
 
-    runs = {name: load_metrics(run_dir) for name, run_dir in ...}
-    plot_metrics(runs, ["logps/chosen", "eval/rewards/accuracies"], "out.png")
+    html_path = write_report(["runs/sentiment"], "runs/sentiment/report")   # a study: its runs overlaid
+    html_path = write_report(["runs/a", "runs/b"], "report")                  # several `entangle train` runs
+
+A directory is a run (it has `metrics.jsonl`) or a study (its `summary.json` lists its runs, or its
+sub-folders are runs). Panels appear only for the metrics the runs have.
 """
 
 from __future__ import annotations
 
+import base64
+import glob
+import html
 import json
 import os
+
+from entangle.errors import DataError
+from entangle.plots import has_any, plot_case_plane, plot_metrics, plot_token_views
+
+# (file, title, [(panel title, metric keys)]): the curves of the report, in order.
+FIGURES = [
+    ("logps", "Log-probabilities", [
+        ("train batch log-probs (solid: chosen, dashed: rejected)", ["logps/chosen", "logps/rejected"]),
+        ("held-out log-probs (solid: chosen, dashed: rejected)", ["eval/logps/chosen", "eval/logps/rejected"])]),
+    ("margins", "Margin, accuracy and loss", [
+        ("reward margin (solid: train, dashed: held-out)", ["rewards/margins", "eval/rewards/margins"]),
+        ("preference accuracy (solid: train, dashed: held-out)", ["rewards/accuracies", "eval/rewards/accuracies"]),
+        ("loss (solid: train, dashed: held-out)", ["loss", "eval/loss"]),
+        ("reward of chosen / rejected (solid / dashed)", ["rewards/chosen", "rewards/rejected"])]),
+    ("entanglement", "Gradient entanglement", [
+        ("cosine of grad log pi(chosen) and grad log pi(rejected)", ["entanglement/cos"]),
+        ("inner product <grad_w, grad_l>", ["entanglement/inner"]),
+        ("gradient norms (solid: chosen, dashed: rejected)", ["entanglement/norm_w", "entanglement/norm_l"]),
+        ("change of log pi(chosen) per step (solid: predicted, dashed: realised)",
+         ["entanglement/pred_dlogp_w", "entanglement/real_dlogp_w"]),
+        ("change of log pi(rejected) per step (solid: predicted, dashed: realised)",
+         ["entanglement/pred_dlogp_l", "entanglement/real_dlogp_l"]),
+        ("loss weights d_w (solid), d_l (dashed)", ["entanglement/d_w", "entanglement/d_l"])]),
+    ("cases", "Case fractions", [
+        ("case 1: chosen up, rejected down", ["entanglement/case1"]),
+        ("case 2: both down", ["entanglement/case2"]),
+        ("case 3: both up", ["entanglement/case3"])]),
+    ("reference", "Reference and drift", [
+        ("log pi - log pi_init on the batch (KL estimate)", ["ref/kl_to_init"]),
+        ("held-out margin vs the initial policy", ["eval/ref/margin_vs_init"]),
+        ("reference drift from its start", ["ref/drift"]),
+        ("reference updates", ["ref/updates"])]),
+    ("speed", "Throughput", [("pairs per second", ["pairs_per_s"]), ("tokens per second", ["tokens_per_s"])]),
+]
 
 
 def load_metrics(run_dir: str) -> list[dict]:
     """The rows of `metrics.jsonl` (lenient: a torn last line from a killed run is skipped)."""
+    return _jsonl(os.path.join(run_dir, "metrics.jsonl"))
+
+
+def _jsonl(path: str) -> list[dict]:
     rows = []
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    if not os.path.exists(path):
+        return rows
+    with open(path) as f:
         for line in f:
             try:
                 rows.append(json.loads(line))
@@ -22,40 +68,196 @@ def load_metrics(run_dir: str) -> list[dict]:
     return rows
 
 
-def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], r[key]) for r in rows if key in r]
-    return [s for s, _ in pts], [v for _, v in pts]
+def _json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
-def plot_metrics(runs: dict[str, list[dict]], panels: list[tuple[str, list[str]]], path: str,
-                 title: str | None = None) -> str:
-    """One panel per (title, keys); each run is one colour, each key one line style. Saves a PNG."""
-    import matplotlib
+def discover(paths: list[str]) -> tuple[dict[str, str], list[tuple[str, dict]]]:
+    """`({run name: run dir}, [(study dir, study summary)])` for the given run or study directories."""
+    runs: dict[str, str] = {}
+    studies = []
+    for path in paths:
+        if not os.path.isdir(path):
+            raise DataError(f"{path}: no such directory; give a run directory (with metrics.jsonl) or a study's")
+        summary = _json(os.path.join(path, "summary.json")) or {}
+        if os.path.exists(os.path.join(path, "metrics.jsonl")):
+            found = {os.path.basename(os.path.normpath(path)): path}
+        elif "runs" in summary:
+            found = {name: os.path.join(path, sub) for name, sub in summary["runs"].items()}
+            studies.append((path, summary))
+        else:
+            found = {d: os.path.join(path, d) for d in sorted(os.listdir(path))
+                     if os.path.exists(os.path.join(path, d, "metrics.jsonl"))}
+        if not found:
+            raise DataError(f"{path}: neither a run directory (no metrics.jsonl) nor a study with runs in it")
+        for name, run_dir in found.items():
+            key = name if name not in runs else f"{os.path.basename(os.path.normpath(path))}/{name}"
+            runs[key] = run_dir
+    return runs, studies
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    cols = min(2, len(panels))
-    rows_n = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows_n, cols, figsize=(6.4 * cols, 3.6 * rows_n), squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    styles = ["-", "--", ":", "-."]
-    for ax, (panel_title, keys) in zip(axes.flat, panels):
-        for i, (name, rows) in enumerate(runs.items()):
-            for j, key in enumerate(keys):
-                x, y = series(rows, key)
-                if x:
-                    label = name if len(keys) == 1 else f"{name}: {key.split('/')[-1]}"
-                    ax.plot(x, y, styles[j % len(styles)], color=colours[i % len(colours)], label=label, lw=1.6)
-        ax.set_title(panel_title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def write_report(paths: list[str], out: str, title: str | None = None) -> str:
+    """Write `out/report.html` (self-contained) and `out/*.png`; return the HTML path."""
+    run_dirs, studies = discover(paths)
+    metrics = {name: load_metrics(d) for name, d in run_dirs.items()}
+    os.makedirs(out, exist_ok=True)
+    sections = []
+    for study_dir, summary in studies:
+        sections.append(_study_section(study_dir, summary))
+    sections.append(_runs_table(run_dirs))
+    for fname, heading, panels in FIGURES:
+        panels = [(t, keys) for t, keys in panels if has_any(metrics, keys)]
+        if panels:
+            png = plot_metrics(metrics, panels, os.path.join(out, f"{fname}.png"))
+            sections.append(_figure(heading, png))
+    pairs = {name: _second_half(_jsonl(os.path.join(d, "entanglement.jsonl"))) for name, d in run_dirs.items()}
+    pairs = {k: v for k, v in pairs.items() if v}
+    if pairs:
+        realised = all("real_dlogp_w" in r for rows in pairs.values() for r in rows)
+        png = plot_case_plane(pairs, os.path.join(out, "case_plane.png"), realised=realised)
+        sections.append(_figure("Per-pair changes: which case each pair is in", png, CASE_NOTE))
+    for name, d in run_dirs.items():
+        for view_path in _token_files(d):
+            label = os.path.splitext(os.path.basename(view_path))[0]
+            views = _json(view_path)
+            if views:
+                png = plot_token_views(views, os.path.join(out, f"tokens-{_slug(name)}-{label}.png"),
+                                       title=f"{name}: per-token gradient cosines ({label})")
+                sections.append(_figure(f"Token view: {name}, {label}", png, TOKEN_NOTE))
+    sections.append(_configs(run_dirs))
+    title = title or f"entangle report: {', '.join(run_dirs)}"
+    page = PAGE.format(title=html.escape(title), body="\n".join(sections))
+    path = os.path.join(out, "report.html")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(page)
+    os.replace(tmp, path)
     return path
+
+
+def _second_half(rows: list[dict]) -> list[dict]:
+    if not rows:
+        return rows
+    last = max(r["step"] for r in rows)
+    return [r for r in rows if r["step"] > last / 2]
+
+
+def _token_files(run_dir: str) -> list[str]:
+    """Held-out views (the studies'), else the latest training-step view."""
+    files = glob.glob(os.path.join(run_dir, "entanglement_tokens", "*.json"))
+    held = sorted(f for f in files if os.path.basename(f).startswith("heldout-"))
+    held.sort(key=lambda f: ("end" in f, f))  # start before end
+    steps = sorted((f for f in files if os.path.basename(f).startswith("step-")),
+                   key=lambda f: int(os.path.basename(f)[5:-5]) if os.path.basename(f)[5:-5].isdigit() else -1)
+    return held or steps[-1:]
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def _img(png: str) -> str:
+    with open(png, "rb") as f:
+        data = base64.b64encode(f.read()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(os.path.basename(png))}">'
+
+
+def _figure(heading: str, png: str, note: str = "") -> str:
+    note = f"<p class=note>{note}</p>" if note else ""
+    return f"<section><h2>{html.escape(heading)}</h2>{note}{_img(png)}</section>"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def _runs_table(run_dirs: dict[str, str]) -> str:
+    keys = ["steps", "loss", "logps/chosen", "logps/rejected", "rewards/margins", "eval/logps/chosen",
+            "eval/logps/rejected", "eval/rewards/accuracies", "entanglement/cos", "pairs_per_s"]
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in ["run", "status", *keys])
+    body = []
+    for name, d in run_dirs.items():
+        s = _json(os.path.join(d, "summary.json")) or {}
+        final = {**s.get("final", {}), **s.get("eval", {}), "steps": s.get("steps", "")}
+        cells = "".join(f"<td>{_fmt(final.get(k, ''))}</td>" for k in keys)
+        body.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(str(s.get('status', 'running?')))}</td>"
+                    f"{cells}</tr>")
+    return (f"<section><h2>Runs (values at the last step)</h2><div class=scroll><table><tr>{head}</tr>"
+            f"{''.join(body)}</table></div></section>")
+
+
+def _study_section(study_dir: str, summary: dict) -> str:
+    parts = [f"<section><h2>Study: {html.escape(str(summary.get('study', '')))} "
+             f"({html.escape(str(summary.get('model', '')))})</h2>"]
+    preds = summary.get("predictions") or []
+    if preds:
+        items = "".join(f"<li class={'held' if p['held'] else 'failed'}><b>{'held' if p['held'] else 'did not hold'}"
+                        f"</b>: {html.escape(p['config'])}: {html.escape(p['claim'])} "
+                        f"<span class=m>({html.escape(p['measured'])})</span></li>" for p in preds)
+        parts.append(f"<h3>The paper's predictions, as measured</h3><ul class=preds>{items}</ul>")
+    results = summary.get("results") or {}
+    if results:
+        cols = sorted({k for r in results.values() for k in r})
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in ["run", *cols])
+        rows = "".join(f"<tr><td>{html.escape(n)}</td>{''.join(f'<td>{_cell(r.get(c))}</td>' for c in cols)}</tr>"
+                       for n, r in results.items())
+        parts.append(f"<h3>Results</h3><div class=scroll><table><tr>{head}</tr>{rows}</table></div>")
+    parts.append(f"<p class=note>Study folder: {html.escape(os.path.abspath(study_dir))}</p></section>")
+    return "".join(parts)
+
+
+def _cell(v) -> str:
+    if isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v):
+        return f"{v[0]:.4g} &rarr; {v[1]:.4g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{html.escape(str(k))} {_fmt(x)}" for k, x in v.items())
+    return _fmt(v) if v is not None else ""
+
+
+def _configs(run_dirs: dict[str, str]) -> str:
+    blocks = []
+    for name, d in run_dirs.items():
+        try:
+            with open(os.path.join(d, "config.yaml")) as f:
+                text = f.read()
+        except OSError:
+            text = "(no config.yaml)"
+        blocks.append(f"<details><summary>{html.escape(name)}: config.yaml</summary><pre>{html.escape(text)}</pre>"
+                      "</details>")
+    return f"<section><h2>Configurations</h2>{''.join(blocks)}</section>"
+
+
+CASE_NOTE = ("Each dot is one pair at one step of the second half of training. Right of the vertical line the "
+             "chosen log-prob rises; below the horizontal line the rejected one falls. Case 2 (both fall) is "
+             "what gradient entanglement produces when the chosen and rejected gradients point the same way.")
+TOKEN_NOTE = ("Cell (i, j): cosine between the gradient of the i-th chosen token's log-prob and that of the j-th "
+              "rejected token's log-prob. Red: the two tokens pull the model the same way (entangled); blue: "
+              "opposite ways (the contrast DPO wants).")
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1400px;
+       padding: 0 1.5rem; color: #1d1d1f; line-height: 1.45; }}
+h1 {{ font-size: 1.6rem; }} h2 {{ font-size: 1.25rem; border-bottom: 1px solid #ddd; padding-bottom: .2rem; }}
+section {{ margin-bottom: 2.2rem; }}
+img {{ max-width: 100%; height: auto; border: 1px solid #eee; }}
+table {{ border-collapse: collapse; font-size: .85rem; }}
+th, td {{ border: 1px solid #ddd; padding: .25rem .5rem; text-align: right; white-space: nowrap; }}
+th {{ background: #f5f5f7; }} td:first-child {{ text-align: left; font-weight: 600; }}
+.scroll {{ overflow-x: auto; }}
+.note {{ color: #555; font-size: .9rem; max-width: 70rem; }}
+.preds li {{ margin: .2rem 0; }} .held b {{ color: #1a7f37; }} .failed b {{ color: #c62828; }}
+.m {{ color: #555; font-family: ui-monospace, monospace; font-size: .85rem; }}
+pre {{ background: #f7f7f9; padding: .8rem; overflow-x: auto; font-size: .8rem; }}
+</style></head>
+<body><h1>{title}</h1>
+{body}
+</body></html>
+"""

@@ -35,11 +35,12 @@ def token_gradients(model, prompt_ids, chosen_ids, rejected_ids, tokenizer=None)
     gl = _token_grads(model, prompt_ids, rejected_ids)                          # [Tl, P]
     inner = gw @ gl.T                                                           # [Tw, Tl]
     cos = inner / (gw.norm(dim=1)[:, None] * gl.norm(dim=1)[None, :]).clamp_min(1e-300)
+    norm_w, norm_l = gw.sum(0).norm(), gl.sum(0).norm()                          # |grad log pi_w|, |grad log pi_l|
     decode = (lambda ids: [tokenizer.decode([i]) for i in ids]) if tokenizer is not None else (lambda ids: list(ids))
     return {"chosen_tokens": decode(chosen_ids), "rejected_tokens": decode(rejected_ids),
             "inner": inner, "cos": cos,
             "chosen_share": inner.sum(1), "rejected_share": inner.sum(0),      # per-token shares of <grad_w, grad_l>
-            "total_inner": float(inner.sum())}
+            "total_inner": float(inner.sum()), "pair_cos": float(inner.sum() / (norm_w * norm_l).clamp_min(1e-300))}
 
 
 def to_json(view: dict) -> dict:

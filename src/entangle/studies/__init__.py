@@ -1,1 +1,69 @@
-"""The papers' experiments, each a small module that drives the training loop and writes a report."""
+"""The papers' experiments, each a small module that drives the training loop and writes a report.
+
+    rows = run_once(["model.name=tiny", ...], "runs/study/static")   # trains, resumes, or reuses
+
+A study is a set of ordinary run directories plus its own `summary.json`. Re-running a study skips
+a run that already finished with the same settings and resumes one that was interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from omegaconf import OmegaConf
+
+from entangle import config
+from entangle.errors import TrainingError
+
+log = logging.getLogger(__name__)
+
+# Keys that say where and how a run is written, not what it computes.
+_BOOKKEEPING = ("output_dir", "overwrite", "resume")
+
+
+def _settings(cfg) -> dict:
+    data = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else dict(cfg)
+    data.pop("_run", None)
+    data["train"] = {k: v for k, v in data.get("train", {}).items() if k not in _BOOKKEEPING}
+    data.get("tracking", {}).pop("progress", None)
+    return data
+
+
+def _status(run_dir: str) -> str | None:
+    """`finished` / `interrupted` from the run's summary, None when it has none."""
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            return json.load(f).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def same_settings(run_dir: str, cfg) -> bool:
+    """True when the config saved in `run_dir` computes the same thing as `cfg`."""
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(os.path.join(run_dir, "config.yaml")), resolve=True)
+    except (OSError, ValueError):
+        return False
+    return _settings(saved) == _settings(cfg)
+
+
+def run_once(overrides: list[str], run_dir: str) -> list[dict]:
+    """Train `overrides` into `run_dir` unless it already finished with these settings; return its metrics."""
+    from entangle.checkpoint import list_checkpoints
+    from entangle.loop import train
+    from entangle.report import load_metrics
+
+    cfg = config.load(None, [*overrides, f"train.output_dir={run_dir}"])
+    same, status = same_settings(run_dir, cfg), _status(run_dir)
+    if same and status == "finished":
+        log.info("%s: finished earlier with the same settings; reusing it", run_dir)
+        return load_metrics(run_dir)
+    resumable = same and (status == "interrupted" or (status is None and bool(list_checkpoints(run_dir))))
+    extra = ["train.resume=latest"] if resumable else ["train.overwrite=true"]
+    result = train(config.load(None, [*overrides, f"train.output_dir={run_dir}", *extra]))
+    if result.status != "finished":
+        raise TrainingError(f"study interrupted in {run_dir}; run the same command again to continue from "
+                            "its checkpoint")
+    return load_metrics(run_dir)

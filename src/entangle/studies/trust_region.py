@@ -12,10 +12,9 @@ from __future__ import annotations
 import json
 import os
 
-from entangle import config
-from entangle.errors import TrainingError
-from entangle.loop import train, write_json
-from entangle.report import load_metrics, plot_metrics
+from entangle.loop import write_json
+from entangle.plots import plot_metrics
+from entangle.studies import run_once
 
 PRESETS = {
     "tiny": {"data": "synthetic:sentiment?config=long&n=256&split=train",
@@ -43,15 +42,11 @@ def run(out: str, model: str = "tiny", data: str | None = None, eval_data: str |
             f"data.max_length={p['max_length']}", "data.max_eval_examples=64", f"loss.name={loss}",
             f"optimizer.lr={p['lr']}", f"train.batch_size={p['batch']}", f"train.max_steps={steps}",
             f"train.eval_every={max(1, steps // 10)}", f"model.lora.r={p['lora'] if lora_r is None else lora_r}",
-            "train.overwrite=true", "train.eval_at_start=true", *extra]
+            "train.eval_at_start=true", *extra]
     os.makedirs(out, exist_ok=True)
     runs, table = {}, {}
     for name, ref in variants(steps, soft_alpha, hard_tau).items():
-        run_dir = os.path.join(out, name)
-        result = train(config.load(None, base + ref + [f"train.output_dir={run_dir}"]))
-        if result.status != "finished":
-            raise TrainingError(f"study interrupted during {name!r}; its checkpoint is in {run_dir}")
-        rows = load_metrics(run_dir)
+        rows = run_once(base + ref, os.path.join(out, name))
         runs[name] = rows
         table[name] = _summarise(rows)
     plot = plot_metrics(runs, [("held-out log-probs (solid: chosen, dashed: rejected)",
@@ -63,7 +58,7 @@ def run(out: str, model: str = "tiny", data: str | None = None, eval_data: str |
                         os.path.join(out, "trust_region.png"), title=f"Trust-region reference: {model}, {loss}")
     summary = {"study": "trust-region", "model": model, "loss": loss, "steps": steps,
                "variants": {k: " ".join(v) for k, v in variants(steps, soft_alpha, hard_tau).items()},
-               "results": table, "plot": os.path.basename(plot)}
+               "runs": {k: k for k in runs}, "results": table, "plot": os.path.basename(plot)}
     write_json(os.path.join(out, "summary.json"), summary)
     return summary
 

@@ -1,0 +1,142 @@
+"""The report's figures, one PNG each: metric curves of several runs overlaid, the case plane, token heatmaps.
+
+    plot_metrics({"dpo": rows, "ipo": rows2}, [("log-probs", ["logps/chosen", "logps/rejected"])], "a.png")
+    plot_case_plane({"dpo": pair_rows}, "cases.png")
+    plot_token_views(views, "tokens.png", title="long suffix, held-out pairs")
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
+    return [s for s, _ in pts], [v for _, v in pts]
+
+
+def has_any(runs: dict[str, list[dict]], keys: list[str]) -> bool:
+    return any(key in r for rows in runs.values() for r in rows for key in keys)
+
+
+def plot_metrics(runs: dict[str, list[dict]], panels: list[tuple[str, list[str]]], path: str,
+                 title: str | None = None) -> str:
+    """One panel per (title, keys); each run one colour, each key one line style. Saves a PNG."""
+    plt = _pyplot()
+    cols = min(2, len(panels))
+    rows_n = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(6.4 * cols, 3.6 * rows_n), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":", "-."]
+    for ax, (panel_title, keys) in zip(axes.flat, panels):
+        for i, (name, rows) in enumerate(runs.items()):
+            for j, key in enumerate(keys):
+                x, y = series(rows, key)
+                if x:
+                    label = name if len(keys) == 1 else f"{name}: {key.split('/')[-1]}"
+                    marker = "o" if len(x) <= 12 else None
+                    ax.plot(x, y, styles[j % len(styles)], color=colours[i % len(colours)], label=label, lw=1.6,
+                            marker=marker, ms=3)
+        ax.set_title(panel_title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_case_plane(pairs: dict[str, list[dict]], path: str, realised: bool = False) -> str:
+    """Per-pair (d log pi_w, d log pi_l) of one step each, one colour per run; the quadrants are the cases."""
+    plt = _pyplot()
+    kw, kl = ("real_dlogp_w", "real_dlogp_l") if realised else ("pred_dlogp_w", "pred_dlogp_l")
+    fig, ax = plt.subplots(figsize=(6.4, 5.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    lim = 1e-12
+    for i, (name, rows) in enumerate(pairs.items()):
+        x = [r[kw] for r in rows if kw in r]
+        y = [r[kl] for r in rows if kl in r]
+        if x:
+            lim = max(lim, max(map(abs, x)), max(map(abs, y)))
+            ax.scatter(x, y, s=9, alpha=0.45, color=colours[i % len(colours)], label=f"{name} ({len(x)} pair-steps)")
+    lim *= 1.08
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.axvline(0, color="k", lw=0.8)
+    for (tx, ty), text in {(0.97, 0.03): "case 1\nchosen up, rejected down", (0.03, 0.03): "case 2\nboth down",
+                           (0.97, 0.97): "case 3\nboth up", (0.03, 0.97): "chosen down,\nrejected up"}.items():
+        ax.text(tx, ty, text, transform=ax.transAxes, ha="right" if tx > 0.5 else "left",
+                va="bottom" if ty < 0.5 else "top", fontsize=8, color="0.35")
+    what = "realised" if realised else "first-order predicted"
+    ax.set_xlabel(f"{what} change of log pi(chosen)")
+    ax.set_ylabel(f"{what} change of log pi(rejected)")
+    ax.set_title(f"Per-pair log-prob changes, second half of training ({what})", fontsize=10)
+    ax.grid(alpha=0.3)
+    if ax.collections:
+        ax.legend(fontsize=8, loc="upper center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_token_views(views: list[dict], path: str, title: str) -> str:
+    """Heatmaps of per-token gradient cosines: rows the chosen tokens, columns the rejected tokens."""
+    plt = _pyplot()
+    n = len(views)
+    cols = min(3, n)
+    rows_n = math.ceil(n / cols)
+    width = max(len(v["rejected_tokens"]) for v in views)
+    height = max(len(v["chosen_tokens"]) for v in views)
+    cell = 0.42
+    fig, axes = plt.subplots(rows_n, cols, squeeze=False,
+                             figsize=(max(4.2, cols * (1.6 + cell * width)), rows_n * (1.6 + cell * height)))
+    image = None
+    for ax, v in zip(axes.flat, views):
+        cos = v["cos"]
+        image = ax.imshow(cos, cmap="RdBu_r", vmin=-1, vmax=1, aspect="equal")
+        ax.set_xticks(range(len(v["rejected_tokens"])), [_label(t) for t in v["rejected_tokens"]], rotation=60,
+                      ha="right", fontsize=8)
+        ax.set_yticks(range(len(v["chosen_tokens"])), [_label(t) for t in v["chosen_tokens"]], fontsize=8)
+        ax.set_xlabel("rejected token", fontsize=8)
+        ax.set_ylabel("chosen token", fontsize=8)
+        ax.set_title(f"pair {v.get('pair', '?')}: total cos {_pair_cos(v):+.2f}", fontsize=9)
+        if len(cos) * len(cos[0]) <= 120:
+            for i, row in enumerate(cos):
+                for j, c in enumerate(row):
+                    ax.text(j, i, f"{c:.2f}", ha="center", va="center", fontsize=6,
+                            color="white" if abs(c) > 0.6 else "black")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="cos(grad log p(chosen token), "
+                     "grad log p(rejected token))")
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _label(token) -> str:
+    text = str(token).replace("\n", "\\n")
+    return text if text.strip() else repr(text)
+
+
+def _pair_cos(view: dict) -> float:
+    return view.get("pair_cos", float("nan"))

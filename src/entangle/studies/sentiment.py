@@ -1,0 +1,176 @@
+"""`entangle study sentiment`: the gradient-entanglement paper's sentiment experiment (GE sec. 4.2, spec sec. 7).
+
+    summary = run(out="runs/sentiment", model="tiny")     # ~2-3 minutes on 2 CPU cores
+
+For each response format (single token, short suffix, long suffix): a short SFT warm-up on the
+true-sentiment responses, then DPO with the entanglement diagnostics every step. Writes
+`OUT/sft-CONFIG/` and `OUT/CONFIG/` (ordinary run directories), per-token views of a few held-out
+pairs of the long-suffix configuration, `OUT/summary.json` with what the paper predicts and whether
+it held, and `OUT/report/report.html`. The predictions are checked, never tuned for.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from statistics import mean
+
+from entangle import synthetic
+from entangle.loop import write_json
+from entangle.studies import run_once
+
+log = logging.getLogger(__name__)
+
+CONFIGS = tuple(synthetic.RESPONSES)  # single, short, long
+
+# Per model: data sizes, the SFT warm-up and the DPO phase. `tiny` is a small Llama trained from
+# scratch on the statements (word-level tokenizer, so `Positive` is one token as in GPT-2).
+PRESETS = {
+    "tiny": {"n_train": 512, "n_test": 64, "batch": 16, "sft_steps": 40, "sft_lr": 3e-3,
+             "steps": 60, "lr": 3e-5, "beta": 0.1, "hidden": 64, "layers": 2},
+    "smollm2-135m": {"n_train": 512, "n_test": 32, "batch": 8, "sft_steps": 25, "sft_lr": 2e-5,
+                     "steps": 40, "lr": 5e-6, "beta": 0.1},
+    # Any other model (e.g. gpt2 where the hub is reachable): the paper's DPO settings (GE sec. 4.2).
+    "other": {"n_train": 1024, "n_test": 64, "batch": 32, "sft_steps": 50, "sft_lr": 2e-5,
+              "steps": 60, "lr": 5e-6, "beta": 0.1},
+}
+TOKEN_PAIRS = 3  # held-out pairs of the long-suffix configuration in the token view
+
+
+def settings(model: str, **overrides) -> dict:
+    s = dict(PRESETS.get(model, PRESETS["other"]))
+    s.update({k: v for k, v in overrides.items() if v is not None})
+    return s
+
+
+def source(config: str, split: str, n: int, seed: int) -> str:
+    return f"synthetic:sentiment?config={config}&n={n}&split={split}&seed={seed}"
+
+
+def base_model(out: str, model: str, s: dict, seed: int) -> str:
+    """`tiny`: a random-init Llama with a tokenizer trained on the training statements, as a folder."""
+    if model != "tiny":
+        return model
+    from entangle.models import save_tiny, trained_tokenizer
+
+    folder = os.path.join(out, "base-tiny")
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        texts = [e.prompt + r for c in CONFIGS for e in synthetic.sentiment_pairs(s["n_train"], c, "train", seed)
+                 for r in (e.chosen, e.rejected)]
+        save_tiny(folder, trained_tokenizer(texts), seed=seed, hidden=s["hidden"], layers=s["layers"])
+    return folder
+
+
+def run(out: str = "runs/sentiment", model: str = "tiny", configs: tuple[str, ...] = CONFIGS, seed: int = 0,
+        extra: list[str] = (), report: bool = True, **overrides) -> dict:
+    """Train every configuration, check the paper's predictions, write summary.json and the report."""
+    s = settings(model, **overrides)
+    os.makedirs(out, exist_ok=True)
+    base = base_model(out, model, s, seed)
+    results = {}
+    for c in configs:
+        data = [f"data.train={source(c, 'train', s['n_train'], seed)}",
+                f"data.eval={source(c, 'test', s['n_test'], seed)}", "data.max_length=96",
+                f"train.batch_size={s['batch']}", f"train.eval_batch_size={s['batch']}", f"train.seed={seed}",
+                "schedule.warmup_steps=0", "schedule.decay=constant", "tracking.progress=false"]
+        sft_dir, dpo_dir = os.path.join(out, f"sft-{c}"), os.path.join(out, c)
+        log.info("sentiment study, %s: SFT warm-up (%d steps), then DPO (%d steps)", c, s["sft_steps"], s["steps"])
+        run_once([f"model.name={base}", "loss.name=sft", "reference.type=none", f"optimizer.lr={s['sft_lr']}",
+                  f"train.max_steps={s['sft_steps']}", *data, *extra], sft_dir)
+        rows = run_once([f"model.name={os.path.join(sft_dir, 'final')}", "loss.name=dpo",
+                         f"loss.params.beta={s['beta']}", "reference.type=frozen", f"optimizer.lr={s['lr']}",
+                         f"train.max_steps={s['steps']}", f"train.eval_every={max(1, s['steps'] // 10)}",
+                         "train.eval_at_start=true", "diagnostics.entanglement.every=1",
+                         "diagnostics.entanglement.realised=true", *data, *extra], dpo_dir)
+        results[c] = summarise(rows)
+        if c == "long":
+            token_views(dpo_dir, os.path.join(sft_dir, "final"), source(c, "test", s["n_test"], seed))
+    summary = {"study": "sentiment", "model": model, "seed": seed, "settings": s,
+               "responses": {c: list(synthetic.RESPONSES[c]) for c in configs},
+               "runs": {c: c for c in configs}, "results": results, "predictions": predictions(results)}
+    write_json(os.path.join(out, "summary.json"), summary)
+    if report:
+        from entangle.report import write_report
+
+        summary["report"] = os.path.relpath(write_report([out], os.path.join(out, "report")), out)
+        write_json(os.path.join(out, "summary.json"), summary)
+    return summary
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Held-out log-probs at the start and end, the last half's mean cosine, the case fractions."""
+    evals = [r for r in rows if "eval/logps/chosen" in r]
+    diag = [r for r in rows if "entanglement/cos" in r]
+    half = diag[len(diag) // 2 :]
+    first, last = evals[0], evals[-1]
+    return {
+        "heldout_logps_chosen": [first["eval/logps/chosen"], last["eval/logps/chosen"]],
+        "heldout_logps_rejected": [first["eval/logps/rejected"], last["eval/logps/rejected"]],
+        "heldout_margin_final": last["eval/rewards/margins"],
+        "heldout_accuracy_final": last["eval/rewards/accuracies"],
+        "cos_last_half": mean(r["entanglement/cos"] for r in half),
+        "inner_last_half": mean(r["entanglement/inner"] for r in half),
+        "pred_dlogp_chosen": mean(r["entanglement/pred_dlogp_w"] for r in diag),
+        "real_dlogp_chosen": mean(r["entanglement/real_dlogp_w"] for r in diag),
+        "pred_dlogp_rejected": mean(r["entanglement/pred_dlogp_l"] for r in diag),
+        "real_dlogp_rejected": mean(r["entanglement/real_dlogp_l"] for r in diag),
+        "case_fractions": {k: mean(r[f"entanglement/{k}"] for r in diag) for k in ("case1", "case2", "case3")},
+        "steps": diag[-1]["step"] if diag else 0,
+    }
+
+
+def _change(r: dict, key: str) -> float:
+    start, end = r[key]
+    return end - start
+
+
+def predictions(results: dict) -> list[dict]:
+    """The paper's predictions (GE sec. 4.2) against what was measured; `held` is True or False."""
+    out = []
+
+    def claim(config, text, held, measured):
+        out.append({"config": config, "claim": text, "held": bool(held), "measured": measured})
+
+    if "single" in results:
+        r = results["single"]
+        claim("single", "cosine < 0", r["cos_last_half"] < 0, f"cos {r['cos_last_half']:+.3f}")
+        d = _change(r, "heldout_logps_chosen")
+        claim("single", "chosen log-prob rises", d > 0, f"chosen {d:+.3f}")
+    for c in ("short", "long"):
+        if c in results:
+            r = results[c]
+            claim(c, "cosine > 0", r["cos_last_half"] > 0, f"cos {r['cos_last_half']:+.3f}")
+            d = _change(r, "heldout_logps_chosen")
+            claim(c, "chosen log-prob falls", d < 0, f"chosen {d:+.3f}")
+    if "short" in results and "long" in results:
+        cs, cl = results["short"]["cos_last_half"], results["long"]["cos_last_half"]
+        claim("long vs short", "cosine larger for the long suffix", cl > cs, f"cos {cl:+.3f} vs {cs:+.3f}")
+        ds, dl = _change(results["short"], "heldout_logps_chosen"), _change(results["long"], "heldout_logps_chosen")
+        claim("long vs short", "chosen falls more for the long suffix", dl < ds, f"chosen {dl:+.3f} vs {ds:+.3f}")
+    return out
+
+
+def token_views(run_dir: str, start_model: str, eval_source: str) -> None:
+    """Exact per-token views of a few held-out pairs, before DPO (the SFT model) and after it."""
+    from entangle import config
+    from entangle.loop import load_pairs, save_token_views
+    from entangle.models import load_model
+
+    data_cfg = config.load(None, ["data.max_length=96"]).data
+    for label, path in (("start", start_model), ("end", os.path.join(run_dir, "final"))):
+        model, tok = load_model(path, dtype="float32")
+        pairs, _ = load_pairs(eval_source, tok, data_cfg, "test", TOKEN_PAIRS)
+        save_token_views(run_dir, f"heldout-{label}", model, tok, pairs)
+
+
+def format_table(summary: dict) -> str:
+    lines = [f"{'config':7} {'chosen logp (start->end)':>25} {'rejected logp':>21} {'cos':>7} "
+             f"{'case1':>6} {'case2':>6} {'case3':>6} {'acc':>5}"]
+    for c, r in summary["results"].items():
+        ch, rj, f = r["heldout_logps_chosen"], r["heldout_logps_rejected"], r["case_fractions"]
+        lines.append(f"{c:7} {ch[0]:11.3f} -> {ch[1]:9.3f} {rj[0]:9.3f} -> {rj[1]:8.3f} {r['cos_last_half']:+7.3f} "
+                     f"{f['case1']:6.2f} {f['case2']:6.2f} {f['case3']:6.2f} {r['heldout_accuracy_final']:5.2f}")
+    lines.append("")
+    for p in summary["predictions"]:
+        lines.append(f"{'held  ' if p['held'] else 'FAILED'} {p['config']}: {p['claim']} ({p['measured']})")
+    return "\n".join(lines)
