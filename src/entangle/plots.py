@@ -24,6 +24,11 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in pts], [v for _, v in pts]
 
 
+def key_label(key: str) -> str:
+    """`eval/rewards/margins` -> `held-out margins`; `entanglement/pred_dlogp_w` -> `pred_dlogp_w`."""
+    return ("held-out " if key.startswith("eval/") else "") + key.split("/")[-1]
+
+
 def has_any(runs: dict[str, list[dict]], keys: list[str]) -> bool:
     return any(key in r for rows in runs.values() for r in rows for key in keys)
 
@@ -42,7 +47,7 @@ def plot_metrics(runs: dict[str, list[dict]], panels: list[tuple[str, list[str]]
             for j, key in enumerate(keys):
                 x, y = series(rows, key)
                 if x:
-                    label = name if len(keys) == 1 else f"{name}: {key.split('/')[-1]}"
+                    label = name if len(keys) == 1 else f"{name}: {key_label(key)}"
                     marker = "o" if len(x) <= 12 else None
                     ax.plot(x, y, styles[j % len(styles)], color=colours[i % len(colours)], label=label, lw=1.6,
                             marker=marker, ms=3)
@@ -105,8 +110,8 @@ def plot_token_views(views: list[dict], path: str, title: str) -> str:
     width = max(len(v["rejected_tokens"]) for v in views)
     height = max(len(v["chosen_tokens"]) for v in views)
     cell = 0.42
-    fig, axes = plt.subplots(rows_n, cols, squeeze=False,
-                             figsize=(max(4.2, cols * (1.6 + cell * width)), rows_n * (1.6 + cell * height)))
+    fig, axes = plt.subplots(rows_n, cols, squeeze=False, layout="constrained",
+                             figsize=(max(4.2, cols * (2.4 + cell * width)), rows_n * (1.8 + cell * height)))
     image = None
     for ax, v in zip(axes.flat, views):
         cos = v["cos"]
@@ -116,7 +121,7 @@ def plot_token_views(views: list[dict], path: str, title: str) -> str:
         ax.set_yticks(range(len(v["chosen_tokens"])), [_label(t) for t in v["chosen_tokens"]], fontsize=8)
         ax.set_xlabel("rejected token", fontsize=8)
         ax.set_ylabel("chosen token", fontsize=8)
-        ax.set_title(f"pair {v.get('pair', '?')}: total cos {_pair_cos(v):+.2f}", fontsize=9)
+        ax.set_title(f"pair {v.get('pair', '?')}: pair cos {_pair_cos(v):+.2f}", fontsize=9)
         if len(cos) * len(cos[0]) <= 120:
             for i, row in enumerate(cos):
                 for j, c in enumerate(row):
@@ -128,7 +133,7 @@ def plot_token_views(views: list[dict], path: str, title: str) -> str:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="cos(grad log p(chosen token), "
                      "grad log p(rejected token))")
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 

@@ -32,15 +32,15 @@ FIGURES = [
         ("cosine of grad log pi(chosen) and grad log pi(rejected)", ["entanglement/cos"]),
         ("inner product <grad_w, grad_l>", ["entanglement/inner"]),
         ("gradient norms (solid: chosen, dashed: rejected)", ["entanglement/norm_w", "entanglement/norm_l"]),
-        ("change of log pi(chosen) per step (solid: predicted, dashed: realised)",
+        ("change of log pi(chosen) per step (solid: first-order, plain gradient step; dashed: realised)",
          ["entanglement/pred_dlogp_w", "entanglement/real_dlogp_w"]),
-        ("change of log pi(rejected) per step (solid: predicted, dashed: realised)",
+        ("change of log pi(rejected) per step (solid: first-order, plain gradient step; dashed: realised)",
          ["entanglement/pred_dlogp_l", "entanglement/real_dlogp_l"]),
         ("loss weights d_w (solid), d_l (dashed)", ["entanglement/d_w", "entanglement/d_l"])]),
-    ("cases", "Case fractions", [
-        ("case 1: chosen up, rejected down", ["entanglement/case1"]),
-        ("case 2: both down", ["entanglement/case2"]),
-        ("case 3: both up", ["entanglement/case3"])]),
+    ("cases", "Case fractions (solid: first-order prediction, dashed: realised)", [
+        ("case 1: chosen up, rejected down", ["entanglement/case1", "entanglement/real_case1"]),
+        ("case 2: both down", ["entanglement/case2", "entanglement/real_case2"]),
+        ("case 3: both up", ["entanglement/case3", "entanglement/real_case3"])]),
     ("reference", "Reference and drift", [
         ("log pi - log pi_init on the batch (KL estimate)", ["ref/kl_to_init"]),
         ("held-out margin vs the initial policy", ["eval/ref/margin_vs_init"]),
@@ -203,7 +203,8 @@ def _study_section(study_dir: str, summary: dict) -> str:
         parts.append(f"<h3>The paper's predictions, as measured</h3><ul class=preds>{items}</ul>")
     results = summary.get("results") or {}
     if results:
-        cols = sorted({k for r in results.values() for k in r})
+        present = {k for r in results.values() for k in r}
+        cols = [k for k in RESULT_ORDER if k in present] + sorted(present - set(RESULT_ORDER))
         head = "".join(f"<th>{html.escape(c)}</th>" for c in ["run", *cols])
         rows = "".join(f"<tr><td>{html.escape(n)}</td>{''.join(f'<td>{_cell(r.get(c))}</td>' for c in cols)}</tr>"
                        for n, r in results.items())
@@ -233,6 +234,9 @@ def _configs(run_dirs: dict[str, str]) -> str:
     return f"<section><h2>Configurations</h2>{''.join(blocks)}</section>"
 
 
+RESULT_ORDER = ["heldout_logps_chosen", "heldout_logps_rejected", "eval_logps_chosen", "eval_logps_rejected",
+                "cos_last_half", "inner_last_half", "case_fractions", "real_case_fractions", "real_dlogp_chosen", "real_dlogp_rejected",
+                "pred_dlogp_chosen", "pred_dlogp_rejected", "heldout_margin_final", "heldout_accuracy_final"]
 CASE_NOTE = ("Each dot is one pair at one step of the second half of training. Right of the vertical line the "
              "chosen log-prob rises; below the horizontal line the rejected one falls. Case 2 (both fall) is "
              "what gradient entanglement produces when the chosen and rejected gradients point the same way.")

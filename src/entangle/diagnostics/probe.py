@@ -113,4 +113,7 @@ class EntanglementProbe:
         if "real_dlogp_w" in t:
             sums["entanglement/real_dlogp_w"] = t["real_dlogp_w"].sum()
             sums["entanglement/real_dlogp_l"] = t["real_dlogp_l"].sum()
+            real_case = classify(t["real_dlogp_w"], t["real_dlogp_l"])
+            for c in (1, 2, 3):  # the cases of the changes that actually happened (the optimiser's own step)
+                sums[f"entanglement/real_case{c}"] = (real_case == c).double().sum()
         return {k: v.float() for k, v in sums.items()}, rows

@@ -28,7 +28,7 @@ CONFIGS = tuple(synthetic.RESPONSES)  # single, short, long
 PRESETS = {
     "tiny": {"n_train": 512, "n_test": 64, "batch": 16, "sft_steps": 40, "sft_lr": 3e-3,
              "steps": 60, "lr": 3e-5, "beta": 0.1, "hidden": 64, "layers": 2},
-    "smollm2-135m": {"n_train": 512, "n_test": 32, "batch": 8, "sft_steps": 25, "sft_lr": 2e-5,
+    "smollm2-135m": {"n_train": 512, "n_test": 32, "batch": 8, "sft_steps": 12, "sft_lr": 1e-5,
                      "steps": 40, "lr": 5e-6, "beta": 0.1},
     # Any other model (e.g. gpt2 where the hub is reachable): the paper's DPO settings (GE sec. 4.2).
     "other": {"n_train": 1024, "n_test": 64, "batch": 32, "sft_steps": 50, "sft_lr": 2e-5,
@@ -92,7 +92,8 @@ def run(out: str = "runs/sentiment", model: str = "tiny", configs: tuple[str, ..
     if report:
         from entangle.report import write_report
 
-        summary["report"] = os.path.relpath(write_report([out], os.path.join(out, "report")), out)
+        summary["report"] = os.path.relpath(write_report([out], os.path.join(out, "report"),
+                                                         title=f"Sentiment study: {model}"), out)
         write_json(os.path.join(out, "summary.json"), summary)
     return summary
 
@@ -115,6 +116,7 @@ def summarise(rows: list[dict]) -> dict:
         "pred_dlogp_rejected": mean(r["entanglement/pred_dlogp_l"] for r in diag),
         "real_dlogp_rejected": mean(r["entanglement/real_dlogp_l"] for r in diag),
         "case_fractions": {k: mean(r[f"entanglement/{k}"] for r in diag) for k in ("case1", "case2", "case3")},
+        "real_case_fractions": {k: mean(r[f"entanglement/real_{k}"] for r in diag) for k in ("case1", "case2", "case3")},
         "steps": diag[-1]["step"] if diag else 0,
     }
 
@@ -164,12 +166,13 @@ def token_views(run_dir: str, start_model: str, eval_source: str) -> None:
 
 
 def format_table(summary: dict) -> str:
-    lines = [f"{'config':7} {'chosen logp (start->end)':>25} {'rejected logp':>21} {'cos':>7} "
-             f"{'case1':>6} {'case2':>6} {'case3':>6} {'acc':>5}"]
+    lines = [f"{'config':7} {'held-out chosen logp':>21} {'held-out rejected':>19} {'cos':>7} "
+             f"{'case 1/2/3 (first-order)':>25} {'case 1/2/3 (realised)':>22} {'acc':>5}"]
     for c, r in summary["results"].items():
-        ch, rj, f = r["heldout_logps_chosen"], r["heldout_logps_rejected"], r["case_fractions"]
-        lines.append(f"{c:7} {ch[0]:11.3f} -> {ch[1]:9.3f} {rj[0]:9.3f} -> {rj[1]:8.3f} {r['cos_last_half']:+7.3f} "
-                     f"{f['case1']:6.2f} {f['case2']:6.2f} {f['case3']:6.2f} {r['heldout_accuracy_final']:5.2f}")
+        ch, rj, f, g = r["heldout_logps_chosen"], r["heldout_logps_rejected"], r["case_fractions"], r["real_case_fractions"]
+        lines.append(f"{c:7} {ch[0]:9.3f} -> {ch[1]:8.3f} {rj[0]:8.3f} -> {rj[1]:8.3f} {r['cos_last_half']:+7.3f} "
+                     f"{f['case1']:9.2f} {f['case2']:4.2f} {f['case3']:4.2f} {g['case1']:12.2f} {g['case2']:4.2f} "
+                     f"{g['case3']:4.2f} {r['heldout_accuracy_final']:5.2f}")
     lines.append("")
     for p in summary["predictions"]:
         lines.append(f"{'held  ' if p['held'] else 'FAILED'} {p['config']}: {p['claim']} ({p['measured']})")
