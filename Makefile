@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/entangle train configs/tiny-dpo.yaml train.output_dir=runs/demo train.overwrite=true
-	@echo "demo run: runs/demo (metrics.jsonl, summary.json, final/)"
+	$(VENV)/bin/entangle -q study sentiment --out runs/demo
+	@echo "open runs/demo/report/report.html in a browser (runs/demo/summary.json has the numbers)"
 
 test: setup lint
 	$(PY) -m pytest -q

@@ -166,3 +166,19 @@ def test_synthetic_sentiment_is_seeded_and_splits_are_disjoint():
     assert {x.chosen for x in a} == {" Positive sentiment.", " Negative sentiment."}
     with pytest.raises(DataError, match="valid: sentiment"):
         synthetic.from_source("synthetic:nope")
+
+
+def test_synthetic_statements_are_varied_and_balanced():
+    from entangle import synthetic
+
+    rows = synthetic.statements(400, "train", seed=0)
+    assert len({t for t, _ in rows}) == 400
+    positive = sum(p for _, p in rows)
+    assert 150 < positive < 250
+    # the label follows the adjective: every statement holds exactly one word of its own polarity
+    for text, pos in rows[:100]:
+        words = set(text.rstrip(".").replace(",", "").split())
+        assert words & set(synthetic._POSITIVE if pos else synthetic._NEGATIVE)
+        assert not words & set(synthetic._NEGATIVE if pos else synthetic._POSITIVE)
+    assert synthetic.RESPONSES["long"] == ("Positive sentiment based on my judgement.",
+                                          "Negative sentiment based on my judgement.")

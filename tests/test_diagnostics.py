@@ -175,3 +175,58 @@ def test_token_views_are_saved_during_training(tmp_path):
     train(run_cfg(tmp_path / "run", "diagnostics.entanglement.every=2", "diagnostics.entanglement.tokens=1"))
     views = json.loads((tmp_path / "run" / "entanglement_tokens" / "step-2.json").read_text())
     assert len(views) == 1 and len(views[0]["cos"]) == len(views[0]["chosen_tokens"])
+
+
+def test_token_view_float32_path_matches_float64(tok):
+    """Large models hold the rejected tokens' gradients in float32 (max_bytes); same numbers to ~1e-5."""
+    from entangle.diagnostics.tokens import token_gradients
+
+    model, _ = models.load_model("tiny", dtype="float64", tokenizer=tok)
+    p = pairs_of(tok)[0]
+    exact = token_gradients(model, p["prompt_ids"], p["chosen_ids"], p["rejected_ids"])
+    small = token_gradients(model, p["prompt_ids"], p["chosen_ids"], p["rejected_ids"], max_bytes=1)
+    torch.testing.assert_close(small["cos"], exact["cos"], atol=1e-5, rtol=1e-4)
+    assert small["pair_cos"] == pytest.approx(exact["pair_cos"], abs=1e-5)
+    assert -1 <= exact["pair_cos"] <= 1
+
+
+@pytest.mark.parametrize("lr, extra", [("1e-6", []), ("1e-7", ["model.name=tiny-gpt2"]),
+                                       ("1e-6", ["model.lora.r=4", "model.lora.alpha=64"])],
+                         ids=["llama", "gpt2-tied", "lora"])
+def test_first_order_change_along_the_actual_update_matches_the_realised_change(tmp_path, lr, extra):
+    """`step_dlogp = <grad log pi, theta_after - theta_before>` for AdamW's own update (accumulated
+    over 2 micro-batches) equals the realised change up to second order: for GPT-2 the gap shrinks
+    tenfold from lr 1e-6 (1.4e-3 relative) to 1e-7. Llama's RMSNorm computes in float32 even in a
+    float64 model, which puts a ~1e-7 floor under the realised differences, hence lr 1e-6 there.
+    The plain-SGD prediction is far smaller than either: Adam's step is not lr * gradient."""
+    train(run_cfg(tmp_path / "run", f"optimizer.lr={lr}", "train.max_steps=1", "schedule.warmup_steps=0",
+                  "diagnostics.entanglement.realised=true", *extra))
+    rows = pair_rows(tmp_path / "run")
+    assert len(rows) == 4
+    for r in rows:
+        for side in ("w", "l"):
+            assert r[f"step_dlogp_{side}"] == pytest.approx(r[f"real_dlogp_{side}"], rel=1e-3, abs=1e-12)
+        assert abs(r["pred_dlogp_w"]) < abs(r["step_dlogp_w"])
+    m = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
+    assert m["entanglement/step_dlogp_w"] == pytest.approx(sum(r["step_dlogp_w"] for r in rows) / 4, rel=1e-6)
+    assert sum(m[f"entanglement/step_case{c}"] for c in (1, 2, 3)) <= 1 + 1e-9
+
+
+def test_batch_mean_gradient_quantities_equal_brute_force(tmp_path):
+    """One step of 2 micro-batches x 2 pairs: <mean_i grad log pi_w,i, mean_i grad log pi_l,i>, the two
+    norms and their cosine, against the sum of independent per-sequence gradients."""
+    cfg = run_cfg(tmp_path / "run", "train.max_steps=1")
+    train(cfg)
+    from entangle.loop import load_pairs
+
+    model, tok = models.load_model("tiny", dtype="float64")
+    by_index = {p.index: p for p in load_pairs(cfg.data.train, tok, cfg.data, "train", None)[0]}
+    rows = pair_rows(tmp_path / "run")
+    gw = sum(independent_grad(model, by_index[r["pair"]].prompt_ids, by_index[r["pair"]].chosen_ids) for r in rows)
+    gl = sum(independent_grad(model, by_index[r["pair"]].prompt_ids, by_index[r["pair"]].rejected_ids) for r in rows)
+    gw, gl = gw / len(rows), gl / len(rows)
+    m = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
+    assert m["entanglement/batch_inner"] == pytest.approx(float(gw @ gl), rel=1e-6)
+    assert m["entanglement/batch_norm_w"] == pytest.approx(float(gw.norm()), rel=1e-6)
+    assert m["entanglement/batch_norm_l"] == pytest.approx(float(gl.norm()), rel=1e-6)
+    assert m["entanglement/batch_cos"] == pytest.approx(float(gw @ gl / (gw.norm() * gl.norm())), rel=1e-6)

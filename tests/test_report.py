@@ -1,9 +1,13 @@
-"""Metric loading and plotting."""
+"""Metric loading, plotting, and the HTML report of run and study directories."""
 
 import json
 
+import pytest
+
+from entangle.cli import main
+from entangle.errors import DataError
 from entangle.plots import plot_metrics, series
-from entangle.report import load_metrics
+from entangle.report import discover, load_metrics, write_report
 
 
 def test_load_skips_a_torn_last_line_and_plots(tmp_path):
@@ -17,3 +21,67 @@ def test_load_skips_a_torn_last_line_and_plots(tmp_path):
     path = plot_metrics({"a": loaded, "b": loaded}, [("loss", ["loss"]), ("logps", ["logps/chosen"])],
                         str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG" and path.endswith("p.png")
+
+
+def fake_run(path, shift=0.0, entangled=True):
+    path.mkdir(parents=True)
+    rows = []
+    for s in range(1, 7):
+        r = {"step": s, "loss": 0.7 - 0.01 * s, "logps/chosen": -10 - s * shift, "logps/rejected": -12 - s,
+             "rewards/margins": 0.1 * s, "rewards/accuracies": 0.5, "pairs_per_s": 3.0}
+        if entangled:
+            r.update({"entanglement/cos": 0.1 * s, "entanglement/inner": s, "entanglement/case1": 0.5,
+                      "entanglement/case2": 0.5, "entanglement/case3": 0.0})
+        rows.append(r)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "config.yaml").write_text("loss:\n  name: dpo <beta>\n")
+    (path / "summary.json").write_text(json.dumps({"status": "finished", "steps": 6, "final": rows[-1]}))
+    if entangled:
+        pairs = [{"step": s, "pair": i, "pred_dlogp_w": 0.01 * (i - 1), "pred_dlogp_l": -0.01} for s in range(1, 7)
+                 for i in range(3)]
+        (path / "entanglement.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+        (path / "entanglement_tokens").mkdir()
+        view = [{"pair": 0, "chosen_tokens": [" Positive", "."], "rejected_tokens": [" Negative", "."],
+                 "inner": [[-1.0, 0.5], [0.5, 2.0]], "cos": [[-0.5, 0.2], [0.2, 0.99]], "pair_cos": 0.4}]
+        for step in (2, 10):
+            (path / "entanglement_tokens" / f"step-{step}.json").write_text(json.dumps(view))
+
+
+def test_report_overlays_runs_and_embeds_everything(tmp_path):
+    fake_run(tmp_path / "a")
+    fake_run(tmp_path / "b", shift=0.5, entangled=False)
+    html_path = write_report([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "out"), title="two runs")
+    page = open(html_path).read()
+    # self-contained: images inline, nothing fetched
+    assert "src=\"http" not in page and "<link" not in page
+    assert page.count("data:image/png;base64,") >= 5
+    for heading in ("Log-probabilities", "Gradient entanglement", "Case fractions", "Per-pair changes",
+                    "Token view: a, step-10", "Configurations"):
+        assert heading in page
+    assert "Token view: a, step-2" not in page  # only the newest training-step view
+    assert "dpo &lt;beta&gt;" in page  # configs shown, escaped
+    assert page.count("<td>finished</td>") == 2
+    for png in ("logps.png", "entanglement.png", "cases.png", "case_plane.png", "tokens-a-step-10.png"):
+        assert (tmp_path / "out" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_discover_study_folders_and_bad_paths(tmp_path):
+    fake_run(tmp_path / "study" / "x")
+    fake_run(tmp_path / "study" / "y")
+    runs, studies = discover([str(tmp_path / "study")])
+    assert list(runs) == ["x", "y"] and studies == []
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty: neither a run directory"):
+        discover([str(tmp_path / "empty")])
+    with pytest.raises(DataError, match="no such directory"):
+        discover([str(tmp_path / "missing")])
+
+
+def test_report_cli(tmp_path, capsys):
+    fake_run(tmp_path / "run")
+    assert main(["-q", "report", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "report" / "report.html").exists()
+    assert "report.html" in capsys.readouterr().out
+    assert main(["-q", "report", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("entangle: error:") and "no such directory" in err and "\n" not in err

@@ -1,8 +1,11 @@
-"""The studies drive the loop and write a summary and plots."""
+"""The studies drive the loop and write a summary, plots and a report; the summary logic by hand."""
 
 import json
+import os
 
-from entangle.studies import trust_region
+import pytest
+
+from entangle.studies import sentiment, trust_region
 
 
 def test_trust_region_study_on_tiny(tmp_path):
@@ -19,3 +22,77 @@ def test_trust_region_study_on_tiny(tmp_path):
     # all three start from the same initial policy on the same held-out pairs
     assert len({r["eval_logps_chosen"][0] for r in res.values()}) == 1
     assert "static" in trust_region.format_table(saved)
+
+
+def _result(cos, chosen_start, chosen_end):
+    return {"cos_last_half": cos, "heldout_logps_chosen": [chosen_start, chosen_end]}
+
+
+def test_predictions_follow_the_paper_and_report_failures_plainly():
+    """single: cos -0.2 < 0 holds, chosen -1.0 -> -0.8 rises (+0.2) holds;
+    short: cos +0.3, chosen -1 -> -1.5 (falls 0.5); long: cos +0.1 (< short: fails), chosen -1 -> -3 (falls 2)."""
+    results = {"single": _result(-0.2, -1.0, -0.8), "short": _result(0.3, -1.0, -1.5), "long": _result(0.1, -1.0, -3.0)}
+    got = {(p["config"], p["claim"]): p["held"] for p in sentiment.predictions(results)}
+    assert got == {
+        ("single", "cosine < 0"): True, ("single", "chosen log-prob rises"): True,
+        ("short", "cosine > 0"): True, ("short", "chosen log-prob falls"): True,
+        ("long", "cosine > 0"): True, ("long", "chosen log-prob falls"): True,
+        ("long vs short", "cosine larger for the long suffix"): False,
+        ("long vs short", "chosen falls more for the long suffix"): True,
+    }
+    # only the configurations that ran are judged
+    only = sentiment.predictions({"single": _result(0.4, -1.0, -2.0)})
+    assert [(p["claim"], p["held"]) for p in only] == [("cosine < 0", False), ("chosen log-prob rises", False)]
+    assert only[0]["measured"] == "cos +0.400"
+
+
+def test_summarise_uses_the_second_half_and_held_out_rows():
+    """Four diagnostic steps with cos 0.9, 0.7, 0.2, 0.4: the last half's mean is 0.3;
+    case1 fractions 1, 1, 0.5, 0.5 -> mean 0.75."""
+    rows = [{"step": 0, "eval/logps/chosen": -1.0, "eval/logps/rejected": -2.0, "eval/rewards/margins": 0.0,
+             "eval/rewards/accuracies": 0.0}]
+    for step, cos, c1 in [(1, 0.9, 1.0), (2, 0.7, 1.0), (3, 0.2, 0.5), (4, 0.4, 0.5)]:
+        rows.append({"step": step, "entanglement/cos": cos, "entanglement/inner": 2 * cos,
+                     "entanglement/case1": c1, "entanglement/case2": 1 - c1, "entanglement/case3": 0.0,
+                     "entanglement/real_case1": 0.0, "entanglement/real_case2": 1.0, "entanglement/real_case3": 0.0,
+                     "entanglement/step_case1": 0.5, "entanglement/step_case2": 0.5, "entanglement/step_case3": 0.0,
+                     "entanglement/step_dlogp_w": -0.05, "entanglement/step_dlogp_l": -0.25,
+                     "entanglement/pred_dlogp_w": 0.1, "entanglement/real_dlogp_w": -0.1,
+                     "entanglement/pred_dlogp_l": -0.2, "entanglement/real_dlogp_l": -0.3})
+    rows[-1].update({"eval/logps/chosen": -1.5, "eval/logps/rejected": -4.0, "eval/rewards/margins": 0.2,
+                     "eval/rewards/accuracies": 0.75})
+    s = sentiment.summarise(rows)
+    assert s["cos_last_half"] == pytest.approx(0.3) and s["inner_last_half"] == pytest.approx(0.6)
+    assert s["heldout_logps_chosen"] == [-1.0, -1.5] and s["heldout_logps_rejected"] == [-2.0, -4.0]
+    assert s["case_fractions"]["case1"] == pytest.approx(0.75)
+    assert s["real_case_fractions"] == {"case1": 0.0, "case2": 1.0, "case3": 0.0}
+    assert s["heldout_accuracy_final"] == 0.75 and s["steps"] == 4
+
+
+def test_sentiment_study_on_tiny_writes_summary_token_views_and_report(tmp_path):
+    out = tmp_path / "sent"
+    kw = dict(steps=3, sft_steps=3, n_train=64, batch=8, extra=["data.max_eval_examples=8"])
+    summary = sentiment.run(str(out), model="tiny", configs=("short", "long"), **kw)
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["runs"] == {"short": "short", "long": "long"} and set(saved["results"]) == {"short", "long"}
+    for r in saved["results"].values():
+        assert r["steps"] == 3 and -1 <= r["cos_last_half"] <= 1
+        assert sum(r["case_fractions"].values()) <= 1 + 1e-6
+        assert r["heldout_logps_chosen"][0] < 0
+    assert len(saved["predictions"]) == 6 and all(isinstance(p["held"], bool) for p in saved["predictions"])
+    # the DPO phase starts from the SFT model and uses it as the frozen reference
+    dpo_cfg = (out / "long" / "config.yaml").read_text()
+    assert os.path.join(str(out), "sft-long", "final") in dpo_cfg and "name: dpo" in dpo_cfg
+    # per-token views of held-out pairs before and after DPO, with the words as tokens
+    view = json.loads((out / "long" / "entanglement_tokens" / "heldout-end.json").read_text())
+    assert len(view) == sentiment.TOKEN_PAIRS
+    assert [t.strip() for t in view[0]["chosen_tokens"][1:6]] == ["sentiment", "based", "on", "my", "judgement"]
+    assert (out / "long" / "entanglement_tokens" / "heldout-start.json").exists()
+    page = (out / summary["report"]).read_text()
+    assert "The paper's predictions" in page and "Token view: long, heldout-end" in page
+    assert page.count("data:image/png;base64,") >= 6
+    # a second run with the same settings reuses every finished run
+    before = (out / "long" / "metrics.jsonl").stat().st_mtime_ns
+    sentiment.run(str(out), model="tiny", configs=("long",), report=False, **kw)
+    assert (out / "long" / "metrics.jsonl").stat().st_mtime_ns == before
+    assert "held-out chosen logp" in sentiment.format_table(saved)

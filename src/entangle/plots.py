@@ -66,10 +66,14 @@ def plot_metrics(runs: dict[str, list[dict]], panels: list[tuple[str, list[str]]
     return path
 
 
-def plot_case_plane(pairs: dict[str, list[dict]], path: str, realised: bool = False) -> str:
-    """Per-pair (d log pi_w, d log pi_l) of one step each, one colour per run; the quadrants are the cases."""
+CHANGE_KINDS = {"real": "realised", "step": "first-order (optimiser's update)", "pred": "first-order (gradient step)"}
+
+
+def plot_case_plane(pairs: dict[str, list[dict]], path: str, which: str = "pred") -> str:
+    """Per-pair (d log pi_w, d log pi_l) of one step each, one colour per run; the quadrants are the cases.
+    `which`: `real` (realised), `step` (first order along the optimiser's update), `pred` (SGD step)."""
     plt = _pyplot()
-    kw, kl = ("real_dlogp_w", "real_dlogp_l") if realised else ("pred_dlogp_w", "pred_dlogp_l")
+    kw, kl = f"{which}_dlogp_w", f"{which}_dlogp_l"
     fig, ax = plt.subplots(figsize=(6.4, 5.2))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     lim = 1e-12
@@ -88,7 +92,7 @@ def plot_case_plane(pairs: dict[str, list[dict]], path: str, realised: bool = Fa
                            (0.97, 0.97): "case 3\nboth up", (0.03, 0.97): "chosen down,\nrejected up"}.items():
         ax.text(tx, ty, text, transform=ax.transAxes, ha="right" if tx > 0.5 else "left",
                 va="bottom" if ty < 0.5 else "top", fontsize=8, color="0.35")
-    what = "realised" if realised else "first-order predicted"
+    what = CHANGE_KINDS[which]
     ax.set_xlabel(f"{what} change of log pi(chosen)")
     ax.set_ylabel(f"{what} change of log pi(rejected)")
     ax.set_title(f"Per-pair log-prob changes, second half of training ({what})", fontsize=10)

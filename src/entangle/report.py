@@ -29,18 +29,23 @@ FIGURES = [
         ("loss (solid: train, dashed: held-out)", ["loss", "eval/loss"]),
         ("reward of chosen / rejected (solid / dashed)", ["rewards/chosen", "rewards/rejected"])]),
     ("entanglement", "Gradient entanglement", [
-        ("cosine of grad log pi(chosen) and grad log pi(rejected)", ["entanglement/cos"]),
+        ("cosine of grad log pi(chosen) and grad log pi(rejected) (solid: mean over pairs; dashed: of the "
+         "batch-mean gradients)", ["entanglement/cos", "entanglement/batch_cos"]),
         ("inner product <grad_w, grad_l>", ["entanglement/inner"]),
         ("gradient norms (solid: chosen, dashed: rejected)", ["entanglement/norm_w", "entanglement/norm_l"]),
-        ("change of log pi(chosen) per step (solid: first-order, plain gradient step; dashed: realised)",
-         ["entanglement/pred_dlogp_w", "entanglement/real_dlogp_w"]),
-        ("change of log pi(rejected) per step (solid: first-order, plain gradient step; dashed: realised)",
-         ["entanglement/pred_dlogp_l", "entanglement/real_dlogp_l"]),
+        ("change of log pi(chosen) per step (solid: first-order along the optimiser's update; "
+         "dashed: realised; dotted: plain gradient step)",
+         ["entanglement/step_dlogp_w", "entanglement/real_dlogp_w", "entanglement/pred_dlogp_w"]),
+        ("change of log pi(rejected) per step (solid: first-order along the optimiser's update; "
+         "dashed: realised; dotted: plain gradient step)",
+         ["entanglement/step_dlogp_l", "entanglement/real_dlogp_l", "entanglement/pred_dlogp_l"]),
         ("loss weights d_w (solid), d_l (dashed)", ["entanglement/d_w", "entanglement/d_l"])]),
-    ("cases", "Case fractions (solid: first-order prediction, dashed: realised)", [
-        ("case 1: chosen up, rejected down", ["entanglement/case1", "entanglement/real_case1"]),
-        ("case 2: both down", ["entanglement/case2", "entanglement/real_case2"]),
-        ("case 3: both up", ["entanglement/case3", "entanglement/real_case3"])]),
+    ("cases", "Case fractions (solid: plain gradient step, dashed: the optimiser's update to first order, "
+     "dotted: realised)", [
+        ("case 1: chosen up, rejected down", ["entanglement/case1", "entanglement/step_case1",
+                                              "entanglement/real_case1"]),
+        ("case 2: both down", ["entanglement/case2", "entanglement/step_case2", "entanglement/real_case2"]),
+        ("case 3: both up", ["entanglement/case3", "entanglement/step_case3", "entanglement/real_case3"])]),
     ("reference", "Reference and drift", [
         ("log pi - log pi_init on the batch (KL estimate)", ["ref/kl_to_init"]),
         ("held-out margin vs the initial policy", ["eval/ref/margin_vs_init"]),
@@ -117,8 +122,10 @@ def write_report(paths: list[str], out: str, title: str | None = None) -> str:
     pairs = {name: _second_half(_jsonl(os.path.join(d, "entanglement.jsonl"))) for name, d in run_dirs.items()}
     pairs = {k: v for k, v in pairs.items() if v}
     if pairs:
-        realised = all("real_dlogp_w" in r for rows in pairs.values() for r in rows)
-        png = plot_case_plane(pairs, os.path.join(out, "case_plane.png"), realised=realised)
+        rows_all = [r for rows in pairs.values() for r in rows]
+        which = "real" if all("real_dlogp_w" in r for r in rows_all) else \
+            "step" if all("step_dlogp_w" in r for r in rows_all) else "pred"
+        png = plot_case_plane(pairs, os.path.join(out, "case_plane.png"), which=which)
         sections.append(_figure("Per-pair changes: which case each pair is in", png, CASE_NOTE))
     for name, d in run_dirs.items():
         for view_path in _token_files(d):
@@ -235,8 +242,8 @@ def _configs(run_dirs: dict[str, str]) -> str:
 
 
 RESULT_ORDER = ["heldout_logps_chosen", "heldout_logps_rejected", "eval_logps_chosen", "eval_logps_rejected",
-                "cos_last_half", "inner_last_half", "case_fractions", "real_case_fractions", "real_dlogp_chosen", "real_dlogp_rejected",
-                "pred_dlogp_chosen", "pred_dlogp_rejected", "heldout_margin_final", "heldout_accuracy_final"]
+                "cos_last_half", "inner_last_half", "case_fractions", "step_case_fractions", "real_case_fractions", "real_dlogp_chosen", "real_dlogp_rejected",
+                "step_dlogp_chosen", "step_dlogp_rejected", "pred_dlogp_chosen", "pred_dlogp_rejected", "heldout_margin_final", "heldout_accuracy_final"]
 CASE_NOTE = ("Each dot is one pair at one step of the second half of training. Right of the vertical line the "
              "chosen log-prob rises; below the horizontal line the rejected one falls. Case 2 (both fall) is "
              "what gradient entanglement produces when the chosen and rejected gradients point the same way.")

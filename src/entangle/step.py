@@ -114,7 +114,11 @@ def train_step(parts: StepParts, micro_batches: Sequence[Batch], step: int = 0) 
     # 7. Optimiser step, unless the loss or gradient is not finite; then the step is skipped.
     finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(sums["loss"]))
     if finite:
+        if probe is not None:
+            probe.before_step()
         optimizer.step()
+        if probe is not None:
+            probe.after_step()
         parts.scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     sums["grad_norm"] = grad_norm

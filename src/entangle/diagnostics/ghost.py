@@ -43,10 +43,10 @@ class Unsupported(Exception):
 
 
 class _Usage:
-    __slots__ = ("module", "kind", "x", "g")
+    __slots__ = ("module", "kind", "x", "g", "n")
 
-    def __init__(self, module, kind, x):
-        self.module, self.kind, self.x, self.g = module, kind, x, None
+    def __init__(self, module, kind, x, n):
+        self.module, self.kind, self.x, self.g, self.n = module, kind, x, None, n
 
 
 def _kind(module) -> str:
@@ -130,7 +130,7 @@ class GradientRecorder:
         elif rows is None and output.shape[0] != n:
             self.problems.append(f"{type(module).__name__}: output batch {output.shape[0]} != rows {n}")
             return None
-        use = _Usage(module, kind, (x.detach(), rows))
+        use = _Usage(module, kind, (x.detach(), rows), n)
         for p in module.parameters(recurse=False):
             if p.requires_grad:
                 self.usages.setdefault(id(p), []).append(use)
@@ -141,11 +141,11 @@ class GradientRecorder:
     def _factors(self, use: _Usage):
         """(A [N,T,din], G [N,T,dout]) of a linear-like usage; Conv1D is x @ W so the same holds."""
         x, rows = use.x
-        return _rows3d(x, self.n_rows, rows), _rows3d(use.g, self.n_rows, rows)
+        return _rows3d(x, use.n, rows), _rows3d(use.g, use.n, rows)
 
     def _dense(self, use: _Usage, p: nn.Parameter) -> torch.Tensor:
         """Per-row gradient of parameter `p` from this usage, materialised: [N, *p.shape]."""
-        n = self.n_rows
+        n = use.n
         if use.kind in ("linear", "conv1d"):
             A, G = self._factors(use)
             if p is use.module.bias:
@@ -239,6 +239,66 @@ class GradientRecorder:
             M = Gs[:, ids[r]].T                     # [T, K_s]
             out.append((P * M).sum())
         return torch.stack(out)
+
+    # -- the first-order change along a given update
+    def directional(self, usages: dict[int, list[_Usage]], deltas: dict[int, torch.Tensor],
+                    coef: torch.Tensor) -> torch.Tensor:
+        """Per row r, `<grad log pi_r, delta>` (float64, [N]) from a micro-batch's recorded `usages`:
+        the first-order change of each log-prob under the parameter update `delta` (id(param) -> tensor)."""
+        n = coef.numel()
+        total = torch.zeros(n, dtype=torch.float64)
+        for pid, uses in usages.items():
+            p, d = self.params[pid], deltas[pid]
+            for u in uses:
+                total += self._along(u, p, d).double().cpu()
+        return total / coef.double().cpu()
+
+    def _along(self, use: _Usage, p: nn.Parameter, d: torch.Tensor) -> torch.Tensor:
+        """`<per-row gradient of p from this usage, d>`: [N], without materialising per-row gradients."""
+        x, rows = use.x
+        if use.kind in ("linear", "conv1d"):
+            G, x = use.g.to(d.dtype), x.to(d.dtype)
+            if p is use.module.bias:
+                per = G @ d                                               # [..., T] or [K]
+            else:
+                dx = x @ (d.T if use.kind == "linear" else d)             # the layer's output change
+                per = (G * dx).sum(-1)
+            if rows is not None:                                          # gathered rows [K] -> [N]
+                return per.new_zeros(use.n).index_add_(0, rows, per)
+            return per.reshape(per.shape[0], -1).sum(1)
+        if use.kind == "embedding":
+            return (_emb_grad(use).to(d.dtype) * d[x]).flatten(1).sum(1)
+        return (self._dense(use, p) * d).flatten(1).sum(1)
+
+    # -- batch-mean gradients
+    def weighted_sum(self, usages: dict[int, list[_Usage]], weights: torch.Tensor) -> dict[int, torch.Tensor]:
+        """`sum_r weights[r] * (output-gradient-carried) grad_r` per parameter (id -> tensor, float32/64).
+        With weights `1/c_r` on the chosen rows and 0 elsewhere this is `sum_i grad log pi_w,i`."""
+        out: dict[int, torch.Tensor] = {}
+        for pid, uses in usages.items():
+            p = self.params[pid]
+            dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+            acc = torch.zeros(p.shape, dtype=dt, device=p.device)
+            for u in uses:
+                acc += self._weighted(u, p, weights.to(device=p.device, dtype=dt), dt)
+            out[pid] = acc
+        return out
+
+    def _weighted(self, use: _Usage, p: nn.Parameter, w: torch.Tensor, dt) -> torch.Tensor:
+        x, rows = use.x
+        if use.kind in ("linear", "conv1d"):
+            wr = w[rows] if rows is not None else w                        # [K] or [N]
+            G = use.g.to(dt) * wr.view(-1, *[1] * (use.g.dim() - 1))
+            if p is use.module.bias:
+                return G.reshape(-1, G.shape[-1]).sum(0)
+            A = x.to(dt).reshape(-1, x.shape[-1])
+            G = G.reshape(-1, G.shape[-1])
+            return G.T @ A if use.kind == "linear" else A.T @ G
+        if use.kind == "embedding":
+            G = _emb_grad(use).to(dt) * w.view(-1, *[1] * (use.g.dim() - 1))
+            return torch.zeros(p.shape, dtype=dt, device=p.device).index_add_(0, x.reshape(-1),
+                                                                              G.reshape(-1, G.shape[-1]))
+        return (self._dense(use, p).to(dt) * w.view(-1, *[1] * p.dim())).sum(0)
 
     # -- result
     def result(self, coef: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -19,6 +19,11 @@ from entangle.diagnostics.ghost import GradientRecorder, Unsupported, row_layout
 log = logging.getLogger(__name__)
 
 
+def _wide(p: torch.Tensor) -> torch.dtype:
+    """float64 stays float64; bf16/fp16/fp32 updates are measured in float32."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
 class EntanglementProbe:
     """Per-pair `<grad_w, grad_l>`, norms, cosine, d_w, d_l, case and predicted changes, every `every` steps."""
 
@@ -37,6 +42,9 @@ class EntanglementProbe:
 
     def start_step(self) -> None:
         self.active, self.pairs, self.fallbacks = True, [], 0
+        self.kept: list[tuple[dict, torch.Tensor, int]] = []   # (recorded usages, row coefficients, first pair)
+        self.batch_sums: dict[str, dict[int, torch.Tensor]] = {}
+        self.before: dict[int, torch.Tensor] | None = None
 
     def begin(self, batch: Batch) -> None:
         if self.active and self.recorder is not None:
@@ -55,6 +63,8 @@ class EntanglementProbe:
         if self.recorder is not None:
             try:
                 stats = self.recorder.result(self.coef)
+                self.kept.append((self.recorder.usages, self.coef, len(self.pairs)))
+                self._accumulate_batch_sums(self.recorder.usages, self.coef)
             except Unsupported as e:
                 if not self._warned:
                     log.warning("entanglement: fast path not applicable (%s); using the exact slow path", e)
@@ -78,6 +88,52 @@ class EntanglementProbe:
             })
 
     @torch.no_grad()
+    def _accumulate_batch_sums(self, usages, coef: torch.Tensor) -> None:
+        """Running `sum_i grad log pi_w,i` and `sum_i grad log pi_l,i` over the step's micro-batches."""
+        B = coef.numel() // 2
+        inv = 1.0 / coef.double()
+        zeros = torch.zeros_like(inv)
+        for side, w in (("w", torch.cat([inv[:B], zeros[B:]])), ("l", torch.cat([zeros[:B], inv[B:]]))):
+            part = self.recorder.weighted_sum(usages, w)
+            into = self.batch_sums.setdefault(side, {})
+            for pid, v in part.items():
+                into[pid] = into[pid] + v if pid in into else v
+
+    def _batch_mean_stats(self) -> dict[str, float] | None:
+        """inner / norms / cos of the batch-mean chosen and rejected gradients (this process's pairs)."""
+        sw, sl = self.batch_sums.get("w"), self.batch_sums.get("l")
+        if not sw or self.fallbacks:
+            return None
+        n = len(self.pairs)
+        inner = sum(float((sw[k].double() * sl[k].double()).sum()) for k in sw) / n ** 2
+        nw = sum(float((v.double() ** 2).sum()) for v in sw.values()) ** 0.5 / n
+        nl = sum(float((v.double() ** 2).sum()) for v in sl.values()) ** 0.5 / n
+        return {"batch_inner": inner, "batch_norm_w": nw, "batch_norm_l": nl,
+                "batch_cos": inner / max(nw * nl, 1e-300)}
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Snapshot the trainable parameters, so that the optimiser's actual update can be measured."""
+        if self.active and self.kept:
+            self.before = {id(p): p.detach().clone() for p in self.recorder.params.values()}
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """First-order changes along the update the optimiser actually made (AdamW, clipping, weight
+        decay included): `step_dlogp_* = <grad log pi, theta_after - theta_before>` per pair."""
+        if not (self.active and self.kept and self.before is not None):
+            return
+        deltas = {pid: p.detach().to(_wide(p)) - self.before[pid].to(_wide(p))
+                  for pid, p in self.recorder.params.items()}
+        for usages, coef, first in self.kept:
+            change = self.recorder.directional(usages, deltas, coef)
+            B = coef.numel() // 2
+            for i in range(B):
+                self.pairs[first + i]["step_dlogp_w"] = float(change[i])
+                self.pairs[first + i]["step_dlogp_l"] = float(change[B + i])
+        self.kept, self.before = [], None
+
+    @torch.no_grad()
     def realise(self, policy, micro_batches) -> None:
         """Re-evaluate the step's batches after the optimiser step: realised log-prob changes."""
         if not (self.active and self.realised):
@@ -96,9 +152,11 @@ class EntanglementProbe:
 
     def finish(self) -> tuple[dict[str, torch.Tensor], list[dict]]:
         """Metric sums (reduced over processes by the caller) and the per-pair rows."""
-        self.active = False
+        batch = self._batch_mean_stats()
+        self.active, self.kept, self.before, self.batch_sums = False, [], None, {}
         rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in self.pairs]
-        t = {k: torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in rows[0]} if rows else {}
+        t = {k: torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in rows[0]
+             if all(k in r for r in rows)} if rows else {}
         if not rows:
             return {}, []
         sums = {
@@ -110,6 +168,17 @@ class EntanglementProbe:
             "entanglement/d_w": t["d_w"].sum(), "entanglement/d_l": t["d_l"].sum(),
             "entanglement/exact_fallback": torch.tensor(float(self.fallbacks)),
         }
+        if batch is not None:
+            # Per-process batch-mean quantities; scaled by the pair count so that the loop's
+            # per-pair normalisation returns them (averaged over processes under DDP).
+            for k, v in batch.items():
+                sums[f"entanglement/{k}"] = torch.tensor(v * len(rows), dtype=torch.float64)
+        if "step_dlogp_w" in t:
+            sums["entanglement/step_dlogp_w"] = t["step_dlogp_w"].sum()
+            sums["entanglement/step_dlogp_l"] = t["step_dlogp_l"].sum()
+            step_case = classify(t["step_dlogp_w"], t["step_dlogp_l"])
+            for c in (1, 2, 3):  # the cases of the first-order changes along the optimiser's own update
+                sums[f"entanglement/step_case{c}"] = (step_case == c).double().sum()
         if "real_dlogp_w" in t:
             sums["entanglement/real_dlogp_w"] = t["real_dlogp_w"].sum()
             sums["entanglement/real_dlogp_l"] = t["real_dlogp_l"].sum()

@@ -111,14 +111,24 @@ def summarise(rows: list[dict]) -> dict:
         "heldout_accuracy_final": last["eval/rewards/accuracies"],
         "cos_last_half": mean(r["entanglement/cos"] for r in half),
         "inner_last_half": mean(r["entanglement/inner"] for r in half),
-        "pred_dlogp_chosen": mean(r["entanglement/pred_dlogp_w"] for r in diag),
-        "real_dlogp_chosen": mean(r["entanglement/real_dlogp_w"] for r in diag),
-        "pred_dlogp_rejected": mean(r["entanglement/pred_dlogp_l"] for r in diag),
-        "real_dlogp_rejected": mean(r["entanglement/real_dlogp_l"] for r in diag),
-        "case_fractions": {k: mean(r[f"entanglement/{k}"] for r in diag) for k in ("case1", "case2", "case3")},
-        "real_case_fractions": {k: mean(r[f"entanglement/real_{k}"] for r in diag) for k in ("case1", "case2", "case3")},
+        **{f"{kind}_dlogp_{side}": _mean(diag, f"entanglement/{kind}_dlogp_{s}")
+           for kind in ("pred", "step", "real") for side, s in (("chosen", "w"), ("rejected", "l"))},
+        "case_fractions": _fractions(diag, "entanglement/"),
+        "step_case_fractions": _fractions(diag, "entanglement/step_"),
+        "real_case_fractions": _fractions(diag, "entanglement/real_"),
         "steps": diag[-1]["step"] if diag else 0,
     }
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    """The mean of `key` over the rows that have it (None when none do: e.g. exact-path steps)."""
+    vals = [r[key] for r in rows if key in r]
+    return mean(vals) if vals else None
+
+
+def _fractions(rows: list[dict], prefix: str) -> dict | None:
+    got = {k: _mean(rows, f"{prefix}{k}") for k in ("case1", "case2", "case3")}
+    return None if None in got.values() else got
 
 
 def _change(r: dict, key: str) -> float:
@@ -166,13 +176,16 @@ def token_views(run_dir: str, start_model: str, eval_source: str) -> None:
 
 
 def format_table(summary: dict) -> str:
-    lines = [f"{'config':7} {'held-out chosen logp':>21} {'held-out rejected':>19} {'cos':>7} "
-             f"{'case 1/2/3 (first-order)':>25} {'case 1/2/3 (realised)':>22} {'acc':>5}"]
+    """Held-out log-probs, last-half cosine, and the case fractions (c1 c2 c3) three ways: a plain gradient
+    step to first order, the optimiser's actual update to first order, and realised."""
+    lines = [f"{'config':7} {'held-out chosen logp':>20} {'held-out rejected':>19} {'cos':>6}   "
+             f"{'cases: grad step':<16} {'update':<14} {'realised':<14} {'acc':>4}"]
     for c, r in summary["results"].items():
-        ch, rj, f, g = r["heldout_logps_chosen"], r["heldout_logps_rejected"], r["case_fractions"], r["real_case_fractions"]
-        lines.append(f"{c:7} {ch[0]:9.3f} -> {ch[1]:8.3f} {rj[0]:8.3f} -> {rj[1]:8.3f} {r['cos_last_half']:+7.3f} "
-                     f"{f['case1']:9.2f} {f['case2']:4.2f} {f['case3']:4.2f} {g['case1']:12.2f} {g['case2']:4.2f} "
-                     f"{g['case3']:4.2f} {r['heldout_accuracy_final']:5.2f}")
+        ch, rj = r["heldout_logps_chosen"], r["heldout_logps_rejected"]
+        cases = [" ".join(f"{f[k]:.2f}" for k in ("case1", "case2", "case3")) if f else "-"
+                 for f in (r.get("case_fractions"), r.get("step_case_fractions"), r.get("real_case_fractions"))]
+        lines.append(f"{c:7} {ch[0]:8.3f} -> {ch[1]:8.3f} {rj[0]:8.3f} -> {rj[1]:8.3f} {r['cos_last_half']:+6.3f}   "
+                     f"{cases[0]:<16} {cases[1]:<14} {cases[2]:<14} {r['heldout_accuracy_final']:4.2f}")
     lines.append("")
     for p in summary["predictions"]:
         lines.append(f"{'held  ' if p['held'] else 'FAILED'} {p['config']}: {p['claim']} ({p['measured']})")

@@ -1,0 +1,24 @@
+"""Model and tokenizer loading: the trained word-level tokenizer and tiny model folders."""
+
+from entangle import models
+
+
+def test_trained_tokenizer_makes_words_single_tokens_and_is_deterministic(tmp_path):
+    texts = ["Statement: the movie was lovely.\nSentiment: Positive sentiment based on my judgement."] * 20 + \
+            ["Statement: the phone was awful.\nSentiment: Negative sentiment based on my judgement."] * 20
+    a, b = models.trained_tokenizer(texts, 400), models.trained_tokenizer(texts, 400)
+    ids = a(" Positive sentiment based on my judgement.", add_special_tokens=False)["input_ids"]
+    assert [a.decode([i]) for i in ids] == [" Positive", " sentiment", " based", " on", " my", " judgement", "."]
+    assert ids == b(" Positive sentiment based on my judgement.", add_special_tokens=False)["input_ids"]
+    assert a.decode(a("unseen wörds", add_special_tokens=False)["input_ids"]) == "unseen wörds"  # bytes fall back
+    assert a.eos_token == "<|im_end|>" and a.pad_token_id is not None
+
+
+def test_save_tiny_folder_loads_like_any_local_model(tmp_path):
+    tok = models.trained_tokenizer(["a b c d e f"] * 4, 280)
+    folder = models.save_tiny(str(tmp_path / "base"), tok, seed=3)
+    model, loaded = models.load_model(folder)
+    assert loaded("a b", add_special_tokens=False)["input_ids"] == tok("a b", add_special_tokens=False)["input_ids"]
+    assert model.config.vocab_size == len(tok) and not (tmp_path / "base.tmp").exists()
+    fresh = models.tiny_model(tok, seed=3)
+    assert all((p == q).all() for p, q in zip(model.parameters(), fresh.parameters()))
