@@ -22,6 +22,8 @@ def test_trust_region_study_on_tiny(tmp_path):
     # all three start from the same initial policy on the same held-out pairs
     assert len({r["eval_logps_chosen"][0] for r in res.values()}) == 1
     assert "static" in trust_region.format_table(saved)
+    page = (out / saved["report"]).read_text()
+    assert "Reference and drift" in page and page.count("<td>finished</td>") == 3
 
 
 def _result(cos, chosen_start, chosen_end):

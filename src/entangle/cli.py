@@ -54,7 +54,8 @@ def _study_trust_region(args) -> int:
                                steps=args.steps, loss=args.loss, soft_alpha=args.soft_alpha,
                                hard_tau=args.hard_tau, lora_r=args.lora_r, extra=args.overrides)
     print(trust_region.format_table(summary))
-    print(f"study: {args.out}/summary.json, plot: {args.out}/{summary['plot']}")
+    print(f"study: {args.out}/summary.json, plot: {args.out}/{summary['plot']}, "
+          f"report: {os.path.join(args.out, summary['report'])}")
     return 0
 
 

@@ -29,19 +29,16 @@ FIGURES = [
         ("loss (solid: train, dashed: held-out)", ["loss", "eval/loss"]),
         ("reward of chosen / rejected (solid / dashed)", ["rewards/chosen", "rewards/rejected"])]),
     ("entanglement", "Gradient entanglement", [
-        ("cosine of grad log pi(chosen) and grad log pi(rejected) (solid: mean over pairs; dashed: of the "
-         "batch-mean gradients)", ["entanglement/cos", "entanglement/batch_cos"]),
+        ("cos(grad_w, grad_l): pair mean (solid), batch-mean grads (dashed)",
+         ["entanglement/cos", "entanglement/batch_cos"]),
         ("inner product <grad_w, grad_l>", ["entanglement/inner"]),
         ("gradient norms (solid: chosen, dashed: rejected)", ["entanglement/norm_w", "entanglement/norm_l"]),
-        ("change of log pi(chosen) per step (solid: first-order along the optimiser's update; "
-         "dashed: realised; dotted: plain gradient step)",
+        ("change of log pi(chosen) per step (see note)",
          ["entanglement/step_dlogp_w", "entanglement/real_dlogp_w", "entanglement/pred_dlogp_w"]),
-        ("change of log pi(rejected) per step (solid: first-order along the optimiser's update; "
-         "dashed: realised; dotted: plain gradient step)",
+        ("change of log pi(rejected) per step (see note)",
          ["entanglement/step_dlogp_l", "entanglement/real_dlogp_l", "entanglement/pred_dlogp_l"]),
         ("loss weights d_w (solid), d_l (dashed)", ["entanglement/d_w", "entanglement/d_l"])]),
-    ("cases", "Case fractions (solid: plain gradient step, dashed: the optimiser's update to first order, "
-     "dotted: realised)", [
+    ("cases", "Case fractions", [
         ("case 1: chosen up, rejected down", ["entanglement/case1", "entanglement/step_case1",
                                               "entanglement/real_case1"]),
         ("case 2: both down", ["entanglement/case2", "entanglement/step_case2", "entanglement/real_case2"]),
@@ -118,7 +115,7 @@ def write_report(paths: list[str], out: str, title: str | None = None) -> str:
         panels = [(t, keys) for t, keys in panels if has_any(metrics, keys)]
         if panels:
             png = plot_metrics(metrics, panels, os.path.join(out, f"{fname}.png"))
-            sections.append(_figure(heading, png))
+            sections.append(_figure(heading, png, NOTES.get(fname, "")))
     pairs = {name: _second_half(_jsonl(os.path.join(d, "entanglement.jsonl"))) for name, d in run_dirs.items()}
     pairs = {k: v for k, v in pairs.items() if v}
     if pairs:
@@ -244,6 +241,15 @@ def _configs(run_dirs: dict[str, str]) -> str:
 RESULT_ORDER = ["heldout_logps_chosen", "heldout_logps_rejected", "eval_logps_chosen", "eval_logps_rejected",
                 "cos_last_half", "inner_last_half", "case_fractions", "step_case_fractions", "real_case_fractions", "real_dlogp_chosen", "real_dlogp_rejected",
                 "step_dlogp_chosen", "step_dlogp_rejected", "pred_dlogp_chosen", "pred_dlogp_rejected", "heldout_margin_final", "heldout_accuracy_final"]
+NOTES = {
+    "entanglement": "Means over the step's pairs. Changes of the log-probs per step, three ways: step_dlogp "
+                    "(solid) is the first-order change along the update the optimiser actually made "
+                    "(&lt;grad log pi, theta_after - theta_before&gt;); real_dlogp (dashed) is the realised change of "
+                    "the same batch (with diagnostics.entanglement.realised); pred_dlogp (dotted) is the "
+                    "paper's formula for a plain gradient step eta (d_w |grad_w|^2 - d_l &lt;grad_w, grad_l&gt;).",
+    "cases": "Solid: the cases of the plain-gradient-step prediction; dashed: of the first-order change along "
+             "the optimiser's update; dotted: of the realised change.",
+}
 CASE_NOTE = ("Each dot is one pair at one step of the second half of training. Right of the vertical line the "
              "chosen log-prob rises; below the horizontal line the rejected one falls. Case 2 (both fall) is "
              "what gradient entanglement produces when the chosen and rejected gradients point the same way.")

@@ -178,14 +178,16 @@ def token_views(run_dir: str, start_model: str, eval_source: str) -> None:
 def format_table(summary: dict) -> str:
     """Held-out log-probs, last-half cosine, and the case fractions (c1 c2 c3) three ways: a plain gradient
     step to first order, the optimiser's actual update to first order, and realised."""
-    lines = [f"{'config':7} {'held-out chosen logp':>20} {'held-out rejected':>19} {'cos':>6}   "
-             f"{'cases: grad step':<16} {'update':<14} {'realised':<14} {'acc':>4}"]
+    lines = ["case fractions c1 c2 c3 to first order along a plain gradient step, along the optimiser's update, "
+             "and realised",
+             f"{'config':7} {'held-out chosen logp':>20} {'held-out rejected':>19} {'cos':>6}   "
+             f"{'grad step':<15}{'update':<15}{'realised':<15}{'acc':>4}"]
     for c, r in summary["results"].items():
         ch, rj = r["heldout_logps_chosen"], r["heldout_logps_rejected"]
         cases = [" ".join(f"{f[k]:.2f}" for k in ("case1", "case2", "case3")) if f else "-"
                  for f in (r.get("case_fractions"), r.get("step_case_fractions"), r.get("real_case_fractions"))]
         lines.append(f"{c:7} {ch[0]:8.3f} -> {ch[1]:8.3f} {rj[0]:8.3f} -> {rj[1]:8.3f} {r['cos_last_half']:+6.3f}   "
-                     f"{cases[0]:<16} {cases[1]:<14} {cases[2]:<14} {r['heldout_accuracy_final']:4.2f}")
+                     f"{cases[0]:<15}{cases[1]:<15}{cases[2]:<15}{r['heldout_accuracy_final']:4.2f}")
     lines.append("")
     for p in summary["predictions"]:
         lines.append(f"{'held  ' if p['held'] else 'FAILED'} {p['config']}: {p['claim']} ({p['measured']})")

@@ -60,6 +60,11 @@ def run(out: str, model: str = "tiny", data: str | None = None, eval_data: str |
                "variants": {k: " ".join(v) for k, v in variants(steps, soft_alpha, hard_tau).items()},
                "runs": {k: k for k in runs}, "results": table, "plot": os.path.basename(plot)}
     write_json(os.path.join(out, "summary.json"), summary)
+    from entangle.report import write_report
+
+    summary["report"] = os.path.relpath(write_report([out], os.path.join(out, "report"),
+                                                     title=f"Trust-region study: {model}, {loss}"), out)
+    write_json(os.path.join(out, "summary.json"), summary)
     return summary
 
 
