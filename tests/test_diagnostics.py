@@ -230,3 +230,95 @@ def test_batch_mean_gradient_quantities_equal_brute_force(tmp_path):
     assert m["entanglement/batch_norm_w"] == pytest.approx(float(gw.norm()), rel=1e-6)
     assert m["entanglement/batch_norm_l"] == pytest.approx(float(gl.norm()), rel=1e-6)
     assert m["entanglement/batch_cos"] == pytest.approx(float(gw @ gl / (gw.norm() * gl.norm())), rel=1e-6)
+
+
+def test_update_and_batch_mean_quantities_can_be_switched_off(tmp_path):
+    train(run_cfg(tmp_path / "run", "train.max_steps=1", "diagnostics.entanglement.step_changes=false",
+                  "diagnostics.entanglement.batch_mean=false"))
+    m = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
+    assert "entanglement/inner" in m
+    assert not any(k.startswith(("entanglement/step_", "entanglement/batch_")) for k in m)
+    assert not any("step_dlogp_w" in r for r in pair_rows(tmp_path / "run"))
+
+
+def independent_positions(model, prompt, response, other_grads):
+    """Per position t of prompt+response: <what position t's activations deposit into grad log pi(response),
+    other_grads> (Linear: G_t A_t^T; GPT-2 Conv1D: A_t^T G_t; Embedding: G_t at row id_t), plus the rest
+    (modules without a per-position form), from hooks on one plain sequence forward/backward."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    captured = []
+
+    def hook(module, args, out):
+        rec = [module, args[0].detach(), None]
+        out.register_hook(lambda g: rec.__setitem__(2, g.detach()))
+        captured.append(rec)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if any(p.requires_grad for p in m.parameters(recurse=False))]
+    ids = torch.tensor([prompt + response])
+    model.zero_grad(set_to_none=True)
+    logp = model(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None])[len(prompt) - 1:].sum()
+    logp.backward()
+    for h in handles:
+        h.remove()
+    contrib, rest = torch.zeros(ids.shape[1], dtype=torch.float64), 0.0
+    for module, x, g in captured:
+        x, g = x[0], g[0]                                                      # drop the batch dim
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            o = other_grads[p]
+            if isinstance(module, nn.Linear):
+                contrib += ((g @ o) * x).sum(-1) if name == "weight" else g @ o
+            elif isinstance(module, Conv1D):
+                contrib += ((x @ o) * g).sum(-1) if name == "weight" else g @ o
+            elif isinstance(module, nn.Embedding):
+                contrib[: x.shape[-1]] += (g * o[x]).sum(-1)
+            else:
+                rest += float((p.grad * o).sum())
+    model.zero_grad(set_to_none=True)
+    return contrib, rest
+
+
+def grads_by_param(model, prompt, response):
+    ids = torch.tensor([prompt + response])
+    logp = model(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None])[len(prompt) - 1:].sum()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return dict(zip(params, torch.autograd.grad(logp, params)))
+
+
+@pytest.mark.parametrize("extra, arch", [([], "tiny"), (["model.name=tiny-gpt2"], "tiny-gpt2"),
+                                          (["model.lora.r=4"], "tiny")], ids=["llama", "gpt2-tied", "lora"])
+def test_position_split_equals_independent_per_position_deposits(tmp_path, extra, arch):
+    """`entanglement_positions/step-1.json` (training: 2 micro-batches, padding, DPO coefficients
+    divided out) against per-position deposits from a plain single-sequence forward; each side's
+    positions plus `other` sum to the pair's inner product."""
+    cfg = run_cfg(tmp_path / "run", "train.max_steps=1", "diagnostics.entanglement.positions=true", *extra)
+    train(cfg)
+    from entangle.loop import load_pairs
+
+    from accelerate.utils import set_seed
+
+    lora = models.LoraSettings(r=4) if "model.lora.r=4" in extra else None
+    set_seed(0)  # as the loop does before loading: the same LoRA initialisation
+    model, tok = models.load_model(arch, dtype="float64", lora=lora)
+    by_index = {p.index: p for p in load_pairs(cfg.data.train, tok, cfg.data, "train", None)[0]}
+    views = json.loads((tmp_path / "run" / "entanglement_positions" / "step-1.json").read_text())
+    assert len(views) == 4
+    for v in views:
+        p = by_index[v["pair"]]
+        assert "".join(v["chosen_tokens"]) == tok.decode(p.prompt_ids + p.chosen_ids)
+        chosen = torch.tensor(v["chosen"], dtype=torch.float64)
+        rejected = torch.tensor(v["rejected"], dtype=torch.float64)
+        assert float(chosen.sum()) + v["other"] == pytest.approx(v["inner"], rel=1e-8)
+        assert float(rejected.sum()) + v["other"] == pytest.approx(v["inner"], rel=1e-8)
+        gl = grads_by_param(model, p.prompt_ids, p.rejected_ids)
+        gw = grads_by_param(model, p.prompt_ids, p.chosen_ids)
+        want_w, rest_w = independent_positions(model, p.prompt_ids, p.chosen_ids, gl)
+        want_l, rest_l = independent_positions(model, p.prompt_ids, p.rejected_ids, gw)
+        torch.testing.assert_close(chosen, want_w, rtol=1e-6, atol=1e-9 * abs(v["inner"]))
+        torch.testing.assert_close(rejected, want_l, rtol=1e-6, atol=1e-9 * abs(v["inner"]))
+        assert v["other"] == pytest.approx(rest_w, rel=1e-6, abs=1e-12) and rest_w == pytest.approx(rest_l, rel=1e-6,
+                                                                                                      abs=1e-12)

@@ -45,6 +45,10 @@ def fake_run(path, shift=0.0, entangled=True):
                  "inner": [[-1.0, 0.5], [0.5, 2.0]], "cos": [[-0.5, 0.2], [0.2, 0.99]], "pair_cos": 0.4}]
         for step in (2, 10):
             (path / "entanglement_tokens" / f"step-{step}.json").write_text(json.dumps(view))
+        (path / "entanglement_positions").mkdir()
+        pos = [{"pair": 0, "inner": 1.5, "other": 0.5, "chosen_tokens": ["a", " Positive", "."], "chosen": [0.1, -0.6, 1.5],
+                "rejected_tokens": ["a", " Negative", "."], "rejected": [0.1, -0.4, 1.3]}]
+        (path / "entanglement_positions" / "step-3.json").write_text(json.dumps(pos))
 
 
 def test_report_overlays_runs_and_embeds_everything(tmp_path):
@@ -56,12 +60,13 @@ def test_report_overlays_runs_and_embeds_everything(tmp_path):
     assert "src=\"http" not in page and "<link" not in page
     assert page.count("data:image/png;base64,") >= 5
     for heading in ("Log-probabilities", "Gradient entanglement", "Case fractions", "Per-pair changes",
-                    "Token view: a, step-10", "Configurations"):
+                    "Token view: a, step-10", "Position view: a, step-3", "Configurations"):
         assert heading in page
     assert "Token view: a, step-2" not in page  # only the newest training-step view
     assert "dpo &lt;beta&gt;" in page  # configs shown, escaped
     assert page.count("<td>finished</td>") == 2
-    for png in ("logps.png", "entanglement.png", "cases.png", "case_plane.png", "tokens-a-step-10.png"):
+    for png in ("logps.png", "entanglement.png", "cases.png", "case_plane.png", "tokens-a-step-10.png",
+                "positions-a-step-3.png"):
         assert (tmp_path / "out" / png).read_bytes()[:4] == b"\x89PNG"
 
 

@@ -114,6 +114,9 @@ class EntanglementConfig:
     realised: bool = False       # also re-evaluate the batch after the step (one more forward)
     method: str = "fast"         # fast (from the training backward; exact) | exact (one backward per row)
     tokens: int = 0              # on diagnostic steps, exact per-token views of this many pairs (one backward per token)
+    step_changes: bool = True    # first-order changes along the optimiser's actual update (step_dlogp_*, step_case*)
+    batch_mean: bool = True      # inner/norms/cos of the batch-mean chosen and rejected gradients (batch_*)
+    positions: bool = False      # per-position split of each pair's inner product (entanglement_positions/step-N.json)
 
 
 @dataclass

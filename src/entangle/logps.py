@@ -89,10 +89,11 @@ def _logps(model, ids, attn, resp, token_level: bool) -> LogpsOut:
         decoder, head, cfg = parts
         hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state  # [N, T, d]
         RowMap.current = rows                 # lets the entanglement recorder split the [K, d] head input by row
+        RowMap.positions = torch.arange(T - 1, device=ids.device)[None].expand(N, T - 1)[target]   # [K]
         try:
             logits = response_logits(head, cfg, hidden[:, :-1][target])                         # [K, V]
         finally:
-            RowMap.current = None
+            RowMap.current = RowMap.positions = None
     else:
         name = type(model).__name__
         if name not in _warned:

@@ -219,7 +219,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
     scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     model, optimizer = acc.prepare(Policy(model), optimizer)
     ec = cfg.diagnostics.entanglement
-    probe = EntanglementProbe(acc.unwrap_model(model), ec.every, ec.realised, ec.method) if ec.every else None
+    probe = EntanglementProbe(acc.unwrap_model(model), ec.every, ec.realised, ec.method, ec.step_changes,
+                              ec.batch_mean, ec.positions) if ec.every else None
     parts = StepParts(acc, model, optimizer, scheduler, loss_fn, train_ref, tc.max_grad_norm, initial, probe)
 
     # Run directory, resume.
@@ -297,6 +298,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
             if probe is not None and probe.due(step + 1):
                 for r in gather_object(pair_rows):
                     pair_log.write({"step": step + 1, **r})
+                if ec.positions and main:
+                    save_position_views(run_dir, step + 1, tokenizer, probe.position_rows, pair_rows)
                 if ec.tokens and main:
                     save_token_views(run_dir, f"step-{step + 1}", hf_model(acc, model), tokenizer,
                                      [train_pairs[i] for i in idx[: ec.tokens]])
@@ -373,6 +376,19 @@ def save_token_views(run_dir: str, name: str, model, tokenizer, pairs: list[Toke
     os.makedirs(folder, exist_ok=True)
     write_json(os.path.join(folder, f"{name}.json"), views)
     model.zero_grad(set_to_none=True)
+
+
+def save_position_views(run_dir: str, step: int, tokenizer, rows: list[dict], pair_rows: list[dict]) -> None:
+    """`entanglement_positions/step-N.json`: each position's share of its pair's <grad_w, grad_l>
+    (this process's pairs), with the decoded tokens."""
+    inner = {r["pair"]: r["inner"] for r in pair_rows}
+    views = [{"pair": r["pair"], "inner": inner.get(r["pair"]), "other": r["other"],
+              "chosen_tokens": [tokenizer.decode([t]) for t in r["chosen_ids"]], "chosen": r["chosen"],
+              "rejected_tokens": [tokenizer.decode([t]) for t in r["rejected_ids"]], "rejected": r["rejected"]}
+             for r in rows]
+    folder = os.path.join(run_dir, "entanglement_positions")
+    os.makedirs(folder, exist_ok=True)
+    write_json(os.path.join(folder, f"step-{step}.json"), views)
 
 
 def _in_main_thread() -> bool:

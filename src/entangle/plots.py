@@ -142,6 +142,31 @@ def plot_token_views(views: list[dict], path: str, title: str) -> str:
     return path
 
 
+def plot_position_views(views: list[dict], path: str, title: str, last: int = 40, pairs: int = 3) -> str:
+    """Per pair, bars of each position's share of <grad_w, grad_l>: chosen row above, rejected row below
+    (the last `last` positions of each row, where the responses are)."""
+    plt = _pyplot()
+    views = views[:pairs]
+    fig, axes = plt.subplots(2 * len(views), 1, squeeze=False, layout="constrained",
+                             figsize=(max(6.4, 0.28 * last), 2.4 * 2 * len(views)))
+    for k, v in enumerate(views):
+        for j, side in enumerate(("chosen", "rejected")):
+            ax = axes[2 * k + j, 0]
+            vals, toks = v[side][-last:], v[f"{side}_tokens"][-last:]
+            ax.bar(range(len(vals)), vals, color=["#c62828" if x > 0 else "#1565c0" for x in vals])
+            ax.set_xticks(range(len(vals)), [_label(t) for t in toks], rotation=70, ha="right", fontsize=7)
+            ax.axhline(0, color="k", lw=0.6)
+            inner = v.get("inner")
+            ax.set_title(f"pair {v['pair']}, {side} row: share of <grad_w, grad_l> per position"
+                         + (f" (pair total {inner:.3g}; norms etc. {v['other']:.3g})" if inner is not None else ""),
+                         fontsize=8)
+            ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _label(token) -> str:
     text = str(token).replace("\n", "\\n")
     return text if text.strip() else repr(text)

@@ -16,7 +16,7 @@ import json
 import os
 
 from entangle.errors import DataError
-from entangle.plots import has_any, plot_case_plane, plot_metrics, plot_token_views
+from entangle.plots import has_any, plot_case_plane, plot_metrics, plot_position_views, plot_token_views
 
 # (file, title, [(panel title, metric keys)]): the curves of the report, in order.
 FIGURES = [
@@ -132,6 +132,14 @@ def write_report(paths: list[str], out: str, title: str | None = None) -> str:
                 png = plot_token_views(views, os.path.join(out, f"tokens-{_slug(name)}-{label}.png"),
                                        title=f"{name}: per-token gradient cosines ({label})")
                 sections.append(_figure(f"Token view: {name}, {label}", png, TOKEN_NOTE))
+    for name, d in run_dirs.items():
+        files = _step_files(os.path.join(d, "entanglement_positions"))
+        views = _json(files[-1]) if files else None
+        if views:
+            label = os.path.splitext(os.path.basename(files[-1]))[0]
+            png = plot_position_views(views, os.path.join(out, f"positions-{_slug(name)}-{label}.png"),
+                                      title=f"{name}: per-position shares of <grad_w, grad_l> ({label})")
+            sections.append(_figure(f"Position view: {name}, {label}", png, POSITION_NOTE))
     sections.append(_configs(run_dirs))
     title = title or f"entangle report: {', '.join(run_dirs)}"
     page = PAGE.format(title=html.escape(title), body="\n".join(sections))
@@ -155,9 +163,13 @@ def _token_files(run_dir: str) -> list[str]:
     files = glob.glob(os.path.join(run_dir, "entanglement_tokens", "*.json"))
     held = sorted(f for f in files if os.path.basename(f).startswith("heldout-"))
     held.sort(key=lambda f: ("end" in f, f))  # start before end
-    steps = sorted((f for f in files if os.path.basename(f).startswith("step-")),
-                   key=lambda f: int(os.path.basename(f)[5:-5]) if os.path.basename(f)[5:-5].isdigit() else -1)
-    return held or steps[-1:]
+    return held or _step_files(os.path.join(run_dir, "entanglement_tokens"))[-1:]
+
+
+def _step_files(folder: str) -> list[str]:
+    """`folder/step-N.json` files in step order."""
+    files = glob.glob(os.path.join(folder, "step-*.json"))
+    return sorted(files, key=lambda f: int(os.path.basename(f)[5:-5]) if os.path.basename(f)[5:-5].isdigit() else -1)
 
 
 def _slug(name: str) -> str:
@@ -250,6 +262,10 @@ NOTES = {
     "cases": "Solid: the cases of the plain-gradient-step prediction; dashed: of the first-order change along "
              "the optimiser's update; dotted: of the realised change.",
 }
+POSITION_NOTE = ("Each bar: what the activations at that position contribute to the pair's inner product "
+                 "&lt;grad log pi(chosen), grad log pi(rejected)&gt; (linear layers, embeddings and the LM head, "
+                 "which at position t predicts token t+1). Red adds to the entanglement, blue reduces it. "
+                 "From the training step's own statistics (diagnostics.entanglement.positions=true).")
 CASE_NOTE = ("Each dot is one pair at one step of the second half of training. Right of the vertical line the "
              "chosen log-prob rises; below the horizontal line the rejected one falls. Case 2 (both fall) is "
              "what gradient entanglement produces when the chosen and rejected gradients point the same way.")

@@ -30,6 +30,7 @@ class RowMap:
     """Rows of a 2-D activation (the response-only LM head input [K, d]); set by logps._logps."""
 
     current: torch.Tensor | None = None
+    positions: torch.Tensor | None = None   # [K]: the sequence position of each row of the head input
 
 
 def row_layout(batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,10 +44,10 @@ class Unsupported(Exception):
 
 
 class _Usage:
-    __slots__ = ("module", "kind", "x", "g", "n")
+    __slots__ = ("module", "kind", "x", "g", "n", "pos")
 
-    def __init__(self, module, kind, x, n):
-        self.module, self.kind, self.x, self.g, self.n = module, kind, x, None, n
+    def __init__(self, module, kind, x, n, pos=None):
+        self.module, self.kind, self.x, self.g, self.n, self.pos = module, kind, x, None, n, pos
 
 
 def _kind(module) -> str:
@@ -130,7 +131,7 @@ class GradientRecorder:
         elif rows is None and output.shape[0] != n:
             self.problems.append(f"{type(module).__name__}: output batch {output.shape[0]} != rows {n}")
             return None
-        use = _Usage(module, kind, (x.detach(), rows), n)
+        use = _Usage(module, kind, (x.detach(), rows), n, RowMap.positions if rows is not None else None)
         for p in module.parameters(recurse=False):
             if p.requires_grad:
                 self.usages.setdefault(id(p), []).append(use)
@@ -299,6 +300,78 @@ class GradientRecorder:
             return torch.zeros(p.shape, dtype=dt, device=p.device).index_add_(0, x.reshape(-1),
                                                                               G.reshape(-1, G.shape[-1]))
         return (self._dense(use, p).to(dt) * w.view(-1, *[1] * p.dim())).sum(0)
+
+    # -- per-position split of <grad_w, grad_l>
+    def position_split(self, coef: torch.Tensor) -> list[dict]:
+        """Per pair: `chosen` [T] and `rejected` [T] contributions of each sequence position to
+        `<grad log pi_w, grad log pi_l>` (position t: the parameter-gradient terms its activations deposit,
+        `G_t A_t^T` per linear layer; for the LM head, the prediction of token t+1), and `other`, the part
+        of modules without a per-position form (norms). `sum(chosen) + other == inner == sum(rejected) + other`.
+        Call after `result()`; costs about one more set of the ghost products."""
+        B = coef.numel() // 2
+        T = max(u.g.shape[1] if u.g.dim() == 3 else int(u.pos.max()) + 1 if u.pos is not None else 0
+                for uses in self.usages.values() for u in uses)
+        c = coef.double().cpu()
+        out = []
+        for i in range(B):
+            w, l = i, B + i
+            cw = torch.zeros(T, dtype=torch.float64)
+            cl = torch.zeros(T, dtype=torch.float64)
+            other = 0.0
+            for pid, uses in self.usages.items():
+                p = self.params[pid]
+                for u in uses:
+                    for v in uses:
+                        got = self._split(u, v, p, w, l)
+                        if got is None:
+                            du, dv = self._dense(u, p), self._dense(v, p)
+                            other += float((du[w] * dv[l]).sum())
+                        else:
+                            pw, pl = got
+                            cw[pw[0]] += pw[1].double().cpu()
+                            cl[pl[0]] += pl[1].double().cpu()
+            scale = float(c[w] * c[l])
+            out.append({"chosen": cw / scale, "rejected": cl / scale, "other": other / scale})
+        return out
+
+    def _positions(self, u: _Usage, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(positions [P], activations [P, din], output grads [P, dout]) of row r in a linear usage."""
+        x, rows = u.x
+        if rows is not None:
+            mine = rows == r
+            return u.pos[mine].cpu(), x[mine], u.g[mine]
+        return torch.arange(x.shape[1]), x[r], u.g[r]
+
+    def _split(self, u: _Usage, v: _Usage, p, w: int, l: int):
+        """((positions of w, contributions), (positions of l, contributions)) of the <u-part of grad_w,
+        v-part of grad_l> term, or None when the term has no per-position form here."""
+        linear = ("linear", "conv1d")
+        if u.kind in linear and v.kind in linear:
+            pw, Aw, Gw = self._positions(u, w)
+            pl, Al, Gl = self._positions(v, l)
+            if p is u.module.bias:
+                return (pw, Gw @ Gl.sum(0)), (pl, Gl @ Gw.sum(0))
+            M = (Aw @ Al.T) * (Gw @ Gl.T)                                       # [Pw, Pl]
+            return (pw, M.sum(1)), (pl, M.sum(0))
+        if u.kind == "embedding" and v.kind == "embedding":
+            ids = u.x[0]
+            Gw, Gl = _emb_grad(u)[w], _emb_grad(v)[l]
+            M = (Gw @ Gl.T) * (ids[w][:, None] == v.x[0][l][None, :])
+            idx = torch.arange(M.shape[0])
+            return (idx, M.sum(1)), (torch.arange(M.shape[1]), M.sum(0))
+        if {u.kind, v.kind} == {"embedding", "linear"} and p is (v.module.weight if v.kind == "linear" else
+                                                                  u.module.weight):
+            # tied input/output embeddings: E deposits at token ids, the head deposits G^T A at rows
+            e_is_w = u.kind == "embedding"
+            e, h = (u, v) if e_is_w else (v, u)
+            re, rh = (w, l) if e_is_w else (l, w)
+            ids, Ge = e.x[0][re], _emb_grad(e)[re]                               # [T], [T, d]
+            ph, Ah, Gh = self._positions(h, rh)                                  # [P], [P, d], [P, V]
+            M = (Ge @ Ah.T) * Gh[:, ids].T                                       # [T, P]
+            pe = torch.arange(M.shape[0])
+            we, wh = (pe, M.sum(1)), (ph, M.sum(0))
+            return (we, wh) if e_is_w else (wh, we)
+        return None
 
     # -- result
     def result(self, coef: torch.Tensor) -> dict[str, torch.Tensor]:

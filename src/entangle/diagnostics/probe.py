@@ -27,8 +27,11 @@ def _wide(p: torch.Tensor) -> torch.dtype:
 class EntanglementProbe:
     """Per-pair `<grad_w, grad_l>`, norms, cosine, d_w, d_l, case and predicted changes, every `every` steps."""
 
-    def __init__(self, model, every: int, realised: bool = False, method: str = "fast"):
+    def __init__(self, model, every: int, realised: bool = False, method: str = "fast", update: bool = True,
+                 batch_mean: bool = True, positions: bool = False):
         self.model, self.every, self.realised, self.method = model, every, realised, method
+        self.update, self.batch_mean, self.positions = update, batch_mean, positions
+        self.position_rows: list[dict] = []
         self.recorder = GradientRecorder(model) if method == "fast" else None
         self.active = False
         self.coef: torch.Tensor | None = None
@@ -41,7 +44,7 @@ class EntanglementProbe:
         return self.every > 0 and step % self.every == 0
 
     def start_step(self) -> None:
-        self.active, self.pairs, self.fallbacks = True, [], 0
+        self.active, self.pairs, self.fallbacks, self.position_rows = True, [], 0, []
         self.kept: list[tuple[dict, torch.Tensor, int]] = []   # (recorded usages, row coefficients, first pair)
         self.batch_sums: dict[str, dict[int, torch.Tensor]] = {}
         self.before: dict[int, torch.Tensor] | None = None
@@ -63,8 +66,12 @@ class EntanglementProbe:
         if self.recorder is not None:
             try:
                 stats = self.recorder.result(self.coef)
-                self.kept.append((self.recorder.usages, self.coef, len(self.pairs)))
-                self._accumulate_batch_sums(self.recorder.usages, self.coef)
+                if self.update:
+                    self.kept.append((self.recorder.usages, self.coef, len(self.pairs)))
+                if self.batch_mean:
+                    self._accumulate_batch_sums(self.recorder.usages, self.coef)
+                if self.positions:
+                    self._split_positions(batch)
             except Unsupported as e:
                 if not self._warned:
                     log.warning("entanglement: fast path not applicable (%s); using the exact slow path", e)
@@ -86,6 +93,18 @@ class EntanglementProbe:
                 "d_l": float(d_l[i]), "case": int(case[i]), "pred_dlogp_w": float(pred_w[i]),
                 "pred_dlogp_l": float(pred_l[i]), "_logp_w": float(logps[i]), "_logp_l": float(logps[i + len(d_w)]),
             })
+
+    @torch.no_grad()
+    def _split_positions(self, batch: Batch) -> None:
+        """Per pair, each position's share of <grad_w, grad_l> (chosen and rejected rows, real tokens only)."""
+        B = batch.n_rows // 2
+        lengths = batch.attention_mask.sum(1).tolist()
+        for i, part in enumerate(self.recorder.position_split(self.coef)):
+            self.position_rows.append({
+                "pair": int(batch.index[i]), "chosen": part["chosen"][: lengths[i]].tolist(),
+                "rejected": part["rejected"][: lengths[B + i]].tolist(), "other": part["other"],
+                "chosen_ids": batch.input_ids[i, : lengths[i]].tolist(),
+                "rejected_ids": batch.input_ids[B + i, : lengths[B + i]].tolist()})
 
     @torch.no_grad()
     def _accumulate_batch_sums(self, usages, coef: torch.Tensor) -> None:
