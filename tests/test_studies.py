@@ -98,3 +98,56 @@ def test_sentiment_study_on_tiny_writes_summary_token_views_and_report(tmp_path)
     sentiment.run(str(out), model="tiny", configs=("long",), report=False, **kw)
     assert (out / "long" / "metrics.jsonl").stat().st_mtime_ns == before
     assert "held-out chosen logp" in sentiment.format_table(saved)
+
+
+def _loss_result(dw_over_dl, rose):
+    return {"dw_over_dl": dw_over_dl, "chosen_rose_fraction": rose}
+
+
+def test_compare_theory_check_groups_losses_by_their_measured_weights():
+    """cpo (d_w/d_l 1.4) and rrhf (2.0) rose in 0.6 and 0.4 of pair-steps: mean 0.5; dpo and ipo (1.0)
+    in 0.2 and 0.4: mean 0.3 -> held. A loss at 1.03 counts as balanced (tolerance 0.05)."""
+    from entangle.studies import compare
+
+    res = {"cpo": _loss_result(1.4, 0.6), "rrhf": _loss_result(2.0, 0.4), "dpo": _loss_result(1.0, 0.2),
+           "ipo": _loss_result(1.03, 0.4)}
+    t = compare.theory_check(res)
+    assert t["held"] is True and t["explicit"] == ["cpo", "rrhf"] and t["balanced"] == ["dpo", "ipo"]
+    assert t["chosen_rose_fraction_explicit"] == pytest.approx(0.5)
+    assert t["chosen_rose_fraction_balanced"] == pytest.approx(0.3)
+    res["dpo"] = _loss_result(1.0, 0.9)
+    assert compare.theory_check(res)["held"] is False
+    assert compare.theory_check({"dpo": _loss_result(1.0, 0.2)})["held"] is None
+
+
+def test_compare_per_loss_overrides_are_checked():
+    from entangle.errors import ConfigError
+    from entangle.studies import compare
+
+    assert compare.parse_overrides(["dpop.lam=10", "ipo.beta=0.5"], ("dpo", "dpop", "ipo")) == {
+        "dpop": ["loss.params.lam=10"], "ipo": ["loss.params.beta=0.5"]}
+    with pytest.raises(ConfigError, match="LOSS.PARAM=VALUE"):
+        compare.parse_overrides(["simpo.gamma=1"], ("dpo",))
+
+
+def test_compare_quick_on_tiny(tmp_path):
+    from entangle.studies import compare
+
+    out = tmp_path / "cmp"
+    summary = compare.run(str(out), losses=("dpo", "cpo", "simpo"), quick=True, steps=3,
+                          params=["cpo.lam=2.0"])
+    saved = json.loads((out / "summary.json").read_text())
+    assert set(saved["results"]) == {"dpo", "cpo", "simpo"} and saved["runs"]["cpo"] == "cpo"
+    assert "lam: 2.0" in (out / "cpo" / "config.yaml").read_text()
+    for name, r in saved["results"].items():
+        assert 0 <= r["heldout_accuracy_vs_init"] <= 1, name   # reference-free losses too
+        assert r["dw_over_dl"] > 0 and 0 <= r["chosen_rose_fraction"] <= 1
+    assert saved["results"]["dpo"]["dw_over_dl"] == pytest.approx(1.0)
+    assert saved["results"]["cpo"]["dw_over_dl"] > 1.0    # CPO's NLL term on the chosen
+    # every loss starts from the same SFT model on the same held-out pairs
+    starts = {json.loads((out / n / "metrics.jsonl").read_text().splitlines()[0])["eval/logps/chosen"]
+              for n in ("dpo", "cpo", "simpo")}
+    assert len(starts) == 1
+    page = (out / summary["report"]).read_text()
+    assert "Loss comparison" in page and page.count("<td>finished</td>") == 3
+    assert "theory check" in compare.format_table(saved)

@@ -74,6 +74,18 @@ def _study_sentiment(args) -> int:
     return 0
 
 
+def _study_compare(args) -> int:
+    from entangle.studies import compare
+
+    names = tuple(n.strip() for n in args.losses.split(",") if n.strip())
+    summary = compare.run(args.out, losses=names, quick=args.quick, model=args.model, data=args.data,
+                          eval_data=args.eval_data, steps=args.steps, lr=args.lr, seed=args.seed,
+                          params=args.set or [], extra=args.overrides)
+    print(compare.format_table(summary))
+    print(f"study: {args.out}/summary.json\nreport: {os.path.join(args.out, summary['report'])}")
+    return 0
+
+
 def _report(args) -> int:
     from entangle.report import write_report
 
@@ -126,6 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--seed", type=int, default=0)
     se.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     se.set_defaults(func=_study_sentiment)
+    co = st.add_parser("compare", help="several losses on the same model, data, seed and budget (GE Fig. 1)")
+    co.add_argument("--losses", default="dpo,ipo,simpo,cpo,slic,rdpo,dpop,rrhf,orpo,sppo")
+    co.add_argument("--quick", action="store_true", help="tiny model on generated pairs (about a minute)")
+    co.add_argument("--model", help="default: smollm2-135m with LoRA r 8 (tiny with --quick)")
+    co.add_argument("--data", help="training pairs (default: ../shared/data/hh-rlhf/helpful-base.train.jsonl)")
+    co.add_argument("--eval-data", help="held-out pairs (default: the matching .test.jsonl)")
+    co.add_argument("--steps", type=int)
+    co.add_argument("--lr", type=float)
+    co.add_argument("--seed", type=int, default=0)
+    co.add_argument("--set", action="append", metavar="LOSS.PARAM=VALUE",
+                    help="a hyper-parameter for one loss, e.g. --set dpop.lam=50 (repeatable)")
+    co.add_argument("--out", default="runs/compare")
+    co.add_argument("overrides", nargs="*", help="extra config overrides for every run")
+    co.set_defaults(func=_study_compare)
     r = sub.add_parser("report", help="HTML report (plots embedded) of run or study directories, overlaid")
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     r.add_argument("--out", help="output folder (default: RUN_DIR/report for one directory, else ./report)")

@@ -201,7 +201,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
     if cfg.reference.kl_to_init:
         initial = initial_policy(train_ref, model, train_pairs, pad_id, tc.eval_batch_size, main, barrier)
         if eval_pairs:
-            eval_initial = initial_policy(eval_ref, model, eval_pairs, pad_id, tc.eval_batch_size, main, barrier)
+            eval_initial = initial_policy(eval_ref, model, eval_pairs, pad_id, tc.eval_batch_size, main, barrier,
+                                          without_reference=True)
 
     # Optimiser and schedule.
     world = acc.num_processes

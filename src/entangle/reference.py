@@ -138,12 +138,15 @@ class _Initial(Reference):
 
 
 def initial_policy(reference: Reference, policy, pairs, pad_id: int, batch_size: int, is_main: bool = True,
-                   barrier=lambda: None) -> Reference | None:
+                   barrier=lambda: None, without_reference: bool = False) -> Reference | None:
     """Log-probs of the *initial* policy for `ref/kl_to_init`: a static reference is the initial
     policy; a LoRA trust region re-applies its initial deltas; a full trust region uses a table
-    of initial log-probs computed once (cached on disk like `precomputed`)."""
+    of initial log-probs computed once (cached on disk like `precomputed`). Reference-free losses
+    get the table only when `without_reference` (the loop asks for it on the held-out pairs)."""
     if reference.kind in ("frozen", "precomputed"):
         return reference
+    if reference.kind == "none":
+        return precompute_reference(policy, pairs, pad_id, batch_size, is_main, barrier) if without_reference else None
     if isinstance(reference, TrustRegionReference):
         if reference.lora:
             return _Initial(reference.initial_logps)

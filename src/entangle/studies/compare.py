@@ -1,0 +1,166 @@
+"""`entangle study compare`: the same model, data, seed and budget under several losses (GE Fig. 1).
+
+    summary = run(out="runs/compare", model="tiny", losses=("dpo", "ipo", "cpo"), quick=True)
+
+Writes `OUT/LOSS/` (ordinary run directories, each resumable and skipped once finished with the
+same settings), `OUT/summary.json` (a table per loss and the theory check of spec sec. 3) and
+`OUT/report/report.html`, whose plots overlay the losses' `logps/chosen` and `logps/rejected`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from statistics import mean
+
+from entangle import losses as loss_registry
+from entangle.errors import ConfigError
+from entangle.loop import write_json
+from entangle.studies import run_once, sentiment
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LOSSES = ("dpo", "ipo", "simpo", "cpo", "slic", "rdpo", "dpop", "rrhf", "orpo", "sppo")
+HH = "../shared/data/hh-rlhf/helpful-base"
+
+# quick: `tiny` after a short SFT on generated sentiment pairs (seconds per loss; for tests and a first look).
+# default: the real SmolLM2-135M with LoRA on short HH pairs (~2 minutes per loss on 2 CPU cores).
+PRESETS = {
+    "quick": {"model": "tiny", "steps": 30, "lr": 3e-5, "batch": 16, "lora": 0, "max_length": 96,
+              "every": 1, "n_eval": 64},
+    "default": {"model": "smollm2-135m", "steps": 20, "lr": 5e-5, "batch": 2, "lora": 8, "max_length": 160,
+                "every": 2, "n_eval": 24},
+}
+
+
+def parse_overrides(items: list[str], names: tuple[str, ...]) -> dict[str, list[str]]:
+    """`["dpop.lam=50", "ipo.beta=0.5"]` -> `{"dpop": ["loss.params.lam=50"], ...}` (one-line errors)."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        head, _, value = item.partition("=")
+        loss, _, key = head.partition(".")
+        if not value or not key or loss not in names:
+            raise ConfigError(f"--set {item!r}: expected LOSS.PARAM=VALUE with LOSS one of {', '.join(names)}")
+        out.setdefault(loss, []).append(f"loss.params.{key}={value}")
+    return out
+
+
+def run(out: str = "runs/compare", losses: tuple[str, ...] = DEFAULT_LOSSES, quick: bool = False,
+        model: str | None = None, data: str | None = None, eval_data: str | None = None, steps: int | None = None,
+        lr: float | None = None, seed: int = 0, params: list[str] = (), extra: list[str] = (),
+        report: bool = True) -> dict:
+    names = tuple(loss_registry.spec(n).name for n in losses)   # aliases -> names; unknown -> error
+    per_loss = parse_overrides(list(params), names)
+    p = dict(PRESETS["quick" if quick else "default"])
+    model = model or p["model"]
+    steps, lr = steps or p["steps"], lr or p["lr"]
+    os.makedirs(out, exist_ok=True)
+    if quick and model == "tiny" and not data:
+        # A tiny model needs a warm-up before preferences mean anything: the sentiment study's SFT.
+        s = sentiment.settings("tiny")
+        base = sentiment.base_model(out, "tiny", s, seed)
+        train_src, eval_src = (sentiment.source("long", "train", s["n_train"], seed),
+                               sentiment.source("long", "test", p["n_eval"], seed))
+        run_once([f"model.name={base}", "loss.name=sft", "reference.type=none", f"optimizer.lr={s['sft_lr']}",
+                  f"train.max_steps={s['sft_steps']}", f"data.train={train_src}", f"data.eval={eval_src}",
+                  f"train.batch_size={p['batch']}", "data.max_length=96", "tracking.progress=false",
+                  "schedule.warmup_steps=0", "schedule.decay=constant", f"train.seed={seed}"],
+                 os.path.join(out, "sft"))
+        model = os.path.join(out, "sft", "final")
+    else:
+        train_src = data or f"{HH}.train.jsonl"
+        eval_src = eval_data or f"{HH}.test.jsonl"
+    base = [f"model.name={model}", f"data.train={train_src}", f"data.eval={eval_src}",
+            f"data.max_length={p['max_length']}", f"data.max_eval_examples={p['n_eval']}",
+            f"model.lora.r={p['lora']}", f"optimizer.lr={lr}", f"train.batch_size={p['batch']}",
+            f"train.eval_batch_size={p['batch']}", f"train.max_steps={steps}", f"train.seed={seed}",
+            f"train.eval_every={max(1, steps // 5)}", "train.eval_at_start=true", "tracking.progress=false",
+            f"diagnostics.entanglement.every={p['every']}", "diagnostics.entanglement.realised=true",
+            "reference.type=auto", "reference.kl_to_init=true"]
+    results = {}
+    for name in names:
+        log.info("compare: %s (%d steps)", name, steps)
+        rows = run_once([*base, f"loss.name={name}", *per_loss.get(name, []), *extra], os.path.join(out, name))
+        results[name] = summarise(rows, _pair_rows(os.path.join(out, name)))
+    summary = {"study": "compare", "model": model, "steps": steps, "lr": lr, "seed": seed,
+               "data": {"train": train_src, "eval": eval_src}, "params": per_loss,
+               "runs": {n: n for n in names}, "results": results, "theory": theory_check(results)}
+    write_json(os.path.join(out, "summary.json"), summary)
+    if report:
+        from entangle.report import write_report
+
+        summary["report"] = os.path.relpath(write_report([out], os.path.join(out, "report"),
+                                                         title=f"Loss comparison: {model}"), out)
+        write_json(os.path.join(out, "summary.json"), summary)
+    return summary
+
+
+def _pair_rows(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "entanglement.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def summarise(rows: list[dict], pairs: list[dict]) -> dict:
+    """Held-out log-prob changes and accuracy vs the initial policy; case fractions; mean d_w/d_l;
+    how often a pair's chosen log-prob actually rose in a step."""
+    evals = [r for r in rows if "eval/logps/chosen" in r]
+    diag = [r for r in rows if "entanglement/cos" in r]
+    first, last = evals[0], evals[-1]
+    ratios = [p["d_w"] / p["d_l"] for p in pairs if p["d_l"] > 0]
+    rose = [p["real_dlogp_w"] > 0 for p in pairs if "real_dlogp_w" in p]
+    return {
+        "heldout_dlogp_chosen": last["eval/logps/chosen"] - first["eval/logps/chosen"],
+        "heldout_dlogp_rejected": last["eval/logps/rejected"] - first["eval/logps/rejected"],
+        "heldout_accuracy_vs_init": last.get("eval/ref/accuracy_vs_init"),
+        "cos_mean": mean(r["entanglement/cos"] for r in diag) if diag else None,
+        "case_fractions": {k: mean(r[f"entanglement/{k}"] for r in diag) for k in ("case1", "case2", "case3")}
+        if diag else None,
+        "real_case_fractions": {k: mean(r[f"entanglement/real_{k}"] for r in diag) for k in ("case1", "case2", "case3")}
+        if diag and "entanglement/real_case1" in diag[0] else None,
+        "dw_over_dl": mean(ratios) if ratios else None,
+        "chosen_rose_fraction": mean(rose) if rose else None,
+    }
+
+
+def theory_check(results: dict, tol: float = 0.05) -> dict:
+    """Spec sec. 3: losses with an explicit chosen term (mean d_w/d_l > 1 + tol) should keep the chosen
+    log-prob rising more often than losses with d_w = d_l. Compared on the per-step realised rises."""
+    explicit = {n: r for n, r in results.items() if r["dw_over_dl"] is not None and r["dw_over_dl"] > 1 + tol
+                and r["chosen_rose_fraction"] is not None}
+    balanced = {n: r for n, r in results.items() if r["dw_over_dl"] is not None and abs(r["dw_over_dl"] - 1) <= tol
+                and r["chosen_rose_fraction"] is not None}
+    if not explicit or not balanced:
+        return {"held": None, "why": "needs at least one loss with d_w > d_l and one with d_w = d_l",
+                "explicit": sorted(explicit), "balanced": sorted(balanced)}
+    a = mean(r["chosen_rose_fraction"] for r in explicit.values())
+    b = mean(r["chosen_rose_fraction"] for r in balanced.values())
+    return {"held": a > b, "explicit": sorted(explicit), "balanced": sorted(balanced),
+            "chosen_rose_fraction_explicit": a, "chosen_rose_fraction_balanced": b}
+
+
+def format_table(summary: dict) -> str:
+    lines = [f"{'loss':9} {'d chosen':>9} {'d rejected':>10} {'acc':>5} {'cos':>7} {'case1/2/3 (realised)':>21} "
+             f"{'dw/dl':>6} {'chosen rose':>11}"]
+
+    def f(x, spec):
+        return format(x, spec) if x is not None else "-"
+
+    for n, r in summary["results"].items():
+        c = r["real_case_fractions"] or r["case_fractions"]
+        cases = " ".join(f"{c[k]:.2f}" for k in ("case1", "case2", "case3")) if c else "-"
+        lines.append(f"{n:9} {r['heldout_dlogp_chosen']:+9.3f} {r['heldout_dlogp_rejected']:+10.3f} "
+                     f"{f(r['heldout_accuracy_vs_init'], '5.2f')} {f(r['cos_mean'], '+7.3f')} {cases:>21} "
+                     f"{f(r['dw_over_dl'], '6.2f')} {f(r['chosen_rose_fraction'], '11.2f')}")
+    t = summary["theory"]
+    if t["held"] is None:
+        lines.append(f"theory check: not decided ({t['why']})")
+    else:
+        lines.append(f"theory check ({'held' if t['held'] else 'did not hold'}): chosen rose in "
+                     f"{t['chosen_rose_fraction_explicit']:.2f} of pair-steps with d_w > d_l "
+                     f"({', '.join(t['explicit'])}) vs {t['chosen_rose_fraction_balanced']:.2f} with d_w = d_l "
+                     f"({', '.join(t['balanced'])})")
+    return "\n".join(lines)
