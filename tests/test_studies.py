@@ -76,7 +76,11 @@ def test_sentiment_study_on_tiny_writes_summary_token_views_and_report(tmp_path)
     kw = dict(steps=3, sft_steps=3, n_train=64, batch=8, extra=["data.max_eval_examples=8"])
     summary = sentiment.run(str(out), model="tiny", configs=("short", "long"), **kw)
     saved = json.loads((out / "summary.json").read_text())
-    assert saved["runs"] == {"short": "short", "long": "long"} and set(saved["results"]) == {"short", "long"}
+    assert saved["runs"] == {"short": "short", "long": "long", "long-pairwise": "long-pairwise"}
+    assert set(saved["results"]) == {"short", "long", "long-pairwise"}
+    m = saved["mitigations"]
+    assert [x["run"] for x in m] == ["long-pairwise"] and isinstance(m[0]["chosen_still_falls"], bool)
+    assert "pairwise_normalized: true" in (out / "long-pairwise" / "config.yaml").read_text()
     for r in saved["results"].values():
         assert r["steps"] == 3 and -1 <= r["cos_last_half"] <= 1
         assert sum(r["case_fractions"].values()) <= 1 + 1e-6
@@ -137,7 +141,8 @@ def test_compare_quick_on_tiny(tmp_path):
     summary = compare.run(str(out), losses=("dpo", "cpo", "simpo"), quick=True, steps=3,
                           params=["cpo.lam=2.0"])
     saved = json.loads((out / "summary.json").read_text())
-    assert set(saved["results"]) == {"dpo", "cpo", "simpo"} and saved["runs"]["cpo"] == "cpo"
+    assert set(saved["results"]) == {"dpo", "cpo", "simpo", "dpo-pairwise"} and saved["runs"]["cpo"] == "cpo"
+    assert "dpo-pairwise" not in saved["theory"]["balanced"]
     assert "lam: 2.0" in (out / "cpo" / "config.yaml").read_text()
     for name, r in saved["results"].items():
         assert 0 <= r["heldout_accuracy_vs_init"] <= 1, name   # reference-free losses too
@@ -149,5 +154,5 @@ def test_compare_quick_on_tiny(tmp_path):
               for n in ("dpo", "cpo", "simpo")}
     assert len(starts) == 1
     page = (out / summary["report"]).read_text()
-    assert "Loss comparison" in page and page.count("<td>finished</td>") == 3
+    assert "Loss comparison" in page and page.count("<td>finished</td>") == 4
     assert "theory check" in compare.format_table(saved)

@@ -68,7 +68,8 @@ def _study_sentiment(args) -> int:
         raise ConfigError(f"--configs {args.configs!r}: valid: {', '.join(sentiment.CONFIGS)} (comma-separated)")
     summary = sentiment.run(args.out, model=args.model, configs=configs, seed=args.seed, extra=args.overrides,
                             steps=args.steps, sft_steps=args.sft_steps, lr=args.lr, sft_lr=args.sft_lr,
-                            beta=args.beta, batch=args.batch_size, n_train=args.n_train)
+                            beta=args.beta, batch=args.batch_size, n_train=args.n_train,
+                            mitigations=() if args.no_mitigations else sentiment.MITIGATIONS)
     print(sentiment.format_table(summary))
     print(f"study: {args.out}/summary.json\nreport: {os.path.join(args.out, summary['report'])}")
     return 0
@@ -80,7 +81,8 @@ def _study_compare(args) -> int:
     names = tuple(n.strip() for n in args.losses.split(",") if n.strip())
     summary = compare.run(args.out, losses=names, quick=args.quick, model=args.model, data=args.data,
                           eval_data=args.eval_data, steps=args.steps, lr=args.lr, seed=args.seed,
-                          params=args.set or [], extra=args.overrides)
+                          params=args.set or [], extra=args.overrides,
+                          mitigate=tuple(n.strip() for n in args.mitigate.split(",") if n.strip()))
     print(compare.format_table(summary))
     print(f"study: {args.out}/summary.json\nreport: {os.path.join(args.out, summary['report'])}")
     return 0
@@ -136,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--batch-size", type=int, help="pairs per step")
     se.add_argument("--n-train", type=int, help="generated training statements")
     se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--no-mitigations", action="store_true",
+                    help="skip the long-suffix re-run with the pairwise-normalised update")
     se.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     se.set_defaults(func=_study_sentiment)
     co = st.add_parser("compare", help="several losses on the same model, data, seed and budget (GE Fig. 1)")
@@ -149,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--seed", type=int, default=0)
     co.add_argument("--set", action="append", metavar="LOSS.PARAM=VALUE",
                     help="a hyper-parameter for one loss, e.g. --set dpop.lam=50 (repeatable)")
+    co.add_argument("--mitigate", default="dpo",
+                    help="losses also run with optimizer.pairwise_normalized=true as LOSS-pairwise ('' for none)")
     co.add_argument("--out", default="runs/compare")
     co.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     co.set_defaults(func=_study_compare)

@@ -67,10 +67,13 @@ class ReferenceConfig:
 
 @dataclass
 class OptimizerConfig:
+    name: str = "adamw"          # adamw | sgd
     lr: float = 1e-6
+    momentum: float = 0.0        # sgd only
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
     eps: float = 1e-8
+    pairwise_normalized: bool = False   # step along sum_i d_w grad_w/|grad_w| - d_l grad_l/|grad_l| (GE sec. 5)
 
 
 @dataclass
@@ -138,6 +141,7 @@ class Config:
 
 
 CHOICES = {
+    "optimizer.name": ("adamw", "sgd"),
     "reference.type": ("auto", "frozen", "precomputed", "none", "trust_region", "soft", "hard"),
     "schedule.decay": ("linear", "cosine", "constant"),
     "train.device": ("auto", "cpu", "cuda"),

@@ -29,6 +29,7 @@ from entangle.config import reference_type, trust_region
 from entangle.data import TokenizedPair, collate_pairs, read_examples, tokenize_pairs
 from entangle.errors import TrainingError
 from entangle.diagnostics.probe import EntanglementProbe
+from entangle.mitigations import PairwiseNormalizer
 from entangle.logps import Policy
 from entangle.models import LoraSettings, count_parameters, load_model
 from entangle.reference import TrustRegionReference, initial_policy, make_reference, precompute_reference
@@ -214,7 +215,11 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
     params = [p for p in model.parameters() if p.requires_grad]
     oc = cfg.optimizer
-    optimizer = torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay, eps=oc.eps)
+    if oc.name == "sgd":
+        optimizer = torch.optim.SGD(params, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay,
+                                      eps=oc.eps)
     warmup = cfg.schedule.warmup_steps or int(cfg.schedule.warmup_ratio * total_steps)
     sched_name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.schedule.decay]
     scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
@@ -222,7 +227,9 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
     ec = cfg.diagnostics.entanglement
     probe = EntanglementProbe(acc.unwrap_model(model), ec.every, ec.realised, ec.method, ec.step_changes,
                               ec.batch_mean, ec.positions) if ec.every else None
-    parts = StepParts(acc, model, optimizer, scheduler, loss_fn, train_ref, tc.max_grad_norm, initial, probe)
+    normalizer = PairwiseNormalizer(acc.unwrap_model(model)) if oc.pairwise_normalized else None
+    parts = StepParts(acc, model, optimizer, scheduler, loss_fn, train_ref, tc.max_grad_norm, initial, probe,
+                      normalizer)
 
     # Run directory, resume.
     metrics_log = JsonlLog(os.path.join(run_dir, "metrics.jsonl"), main)

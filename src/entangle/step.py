@@ -34,14 +34,17 @@ class StepParts:
     max_grad_norm: float | None
     initial: Reference | None = None   # the initial policy, for ref/kl_to_init
     probe: Any = None                  # diagnostics.probe.EntanglementProbe, or None
+    normalizer: Any = None             # mitigations.PairwiseNormalizer, or None
 
 
 def pair_forward(model, loss_fn: Loss, reference: Reference, batch: Batch, initial: Reference | None = None,
-                 probe=None):
-    """Policy and reference log-probs of a concatenated batch -> (per-pair loss [B], metric sums, inputs)."""
+                 *watchers):
+    """Policy and reference log-probs of a concatenated batch -> (per-pair loss [B], metric sums, inputs).
+    `watchers` (diagnostics, mitigations) see the log-prob tensor's gradient during the backward."""
     out = sequence_logps(model, batch)                        # logps [2B]
-    if probe is not None:
-        probe.watch(out.logps)
+    for w in watchers:
+        if w is not None:
+            w.watch(out.logps)
     pc, pr = out.logps.chunk(2)                               # [B], [B]
     lc, lr = out.lengths.chunk(2)
     ref = reference.logps(batch)                              # [2B] or None
@@ -98,14 +101,22 @@ def train_step(parts: StepParts, micro_batches: Sequence[Batch], step: int = 0) 
             # 3. Policy forward, reference log-probs, per-pair loss.
             if probe is not None:
                 probe.begin(batch)
+            if parts.normalizer is not None:
+                parts.normalizer.begin(batch)
             per_pair, batch_sums, inputs = pair_forward(model, parts.loss_fn, parts.reference, batch,
-                                                        parts.initial, probe)
+                                                        parts.initial, probe, parts.normalizer)
             # 4. Backward of this micro-batch's share of the step's mean loss.
             acc.backward(per_pair.sum() / n_pairs)
         # 5. Diagnostics (read-only): per-pair gradient inner products from that backward.
         if probe is not None:
             probe.end(batch, inputs, parts.loss_fn, lr)
+        if parts.normalizer is not None:
+            parts.normalizer.end(batch, inputs, parts.loss_fn)
         _add(sums, batch_sums)
+    # 5b. Mitigation (optimizer.pairwise_normalized): the update becomes the sum of the pairs'
+    #     normalised directions, d_w grad_w/|grad_w| - d_l grad_l/|grad_l|.
+    if parts.normalizer is not None:
+        parts.normalizer.apply(acc, n_pairs)
     # 6. Clip (or just measure) the gradient norm.
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = parts.max_grad_norm if parts.max_grad_norm is not None else math.inf

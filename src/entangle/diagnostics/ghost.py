@@ -83,6 +83,8 @@ def _rows3d(x: torch.Tensor, n: int, rows: torch.Tensor | None) -> torch.Tensor:
 class GradientRecorder:
     """Attach around one forward+backward of a concatenated pair batch (chosen rows, then rejected)."""
 
+    _quiet = 0   # > 0 while any recorder re-runs a module itself (vjp): no recorder records that forward
+
     def __init__(self, model: nn.Module):
         self.model = model
         self.handles: list = []
@@ -117,7 +119,7 @@ class GradientRecorder:
 
     # -- capture
     def _forward_hook(self, module, args, output):
-        if not self.recording or not torch.is_grad_enabled():
+        if not self.recording or GradientRecorder._quiet or not torch.is_grad_enabled():
             return None
         if not isinstance(output, torch.Tensor) or len(args) != 1 or not isinstance(args[0], torch.Tensor):
             self.problems.append(f"{type(module).__name__}: forward with several inputs or outputs")
@@ -165,11 +167,15 @@ class GradientRecorder:
         key = next(k for k in names if mine[k] is p)
         x = use.x[0]
         outs = []
-        for r in range(n):
-            def f(params, r=r):
-                return functional_call(use.module, params, (x[r : r + 1],))
-            _, pull = vjp(f, {k: v.detach() for k, v in mine.items()})
-            outs.append(pull(use.g[r : r + 1])[0][key])
+        GradientRecorder._quiet += 1
+        try:
+            for r in range(n):
+                def f(params, r=r):
+                    return functional_call(use.module, params, (x[r : r + 1],))
+                _, pull = vjp(f, {k: v.detach() for k, v in mine.items()})
+                outs.append(pull(use.g[r : r + 1])[0][key])
+        finally:
+            GradientRecorder._quiet -= 1
         return torch.stack(outs)
 
     def _pair_block(self, u: _Usage, v: _Usage, p: nn.Parameter, ri: torch.Tensor, si: torch.Tensor):

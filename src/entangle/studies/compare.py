@@ -49,7 +49,7 @@ def parse_overrides(items: list[str], names: tuple[str, ...]) -> dict[str, list[
 def run(out: str = "runs/compare", losses: tuple[str, ...] = DEFAULT_LOSSES, quick: bool = False,
         model: str | None = None, data: str | None = None, eval_data: str | None = None, steps: int | None = None,
         lr: float | None = None, seed: int = 0, params: list[str] = (), extra: list[str] = (),
-        report: bool = True) -> dict:
+        report: bool = True, mitigate: tuple[str, ...] = ("dpo",)) -> dict:
     names = tuple(loss_registry.spec(n).name for n in losses)   # aliases -> names; unknown -> error
     per_loss = parse_overrides(list(params), names)
     p = dict(PRESETS["quick" if quick else "default"])
@@ -79,13 +79,18 @@ def run(out: str = "runs/compare", losses: tuple[str, ...] = DEFAULT_LOSSES, qui
             f"diagnostics.entanglement.every={p['every']}", "diagnostics.entanglement.realised=true",
             "reference.type=auto", "reference.kl_to_init=true"]
     results = {}
-    for name in names:
+    runs = [(name, [f"loss.name={name}", *per_loss.get(name, [])]) for name in names]
+    # The pairwise-normalised update (spec sec. 5) on the losses in `mitigate`: LOSS-pairwise.
+    runs += [(f"{name}-pairwise", [f"loss.name={name}", *per_loss.get(name, []), "optimizer.pairwise_normalized=true"])
+             for name in names if name in mitigate]
+    for name, own in runs:
         log.info("compare: %s (%d steps)", name, steps)
-        rows = run_once([*base, f"loss.name={name}", *per_loss.get(name, []), *extra], os.path.join(out, name))
+        rows = run_once([*base, *own, *extra], os.path.join(out, name))
         results[name] = summarise(rows, _pair_rows(os.path.join(out, name)))
     summary = {"study": "compare", "model": model, "steps": steps, "lr": lr, "seed": seed,
                "data": {"train": train_src, "eval": eval_src}, "params": per_loss,
-               "runs": {n: n for n in names}, "results": results, "theory": theory_check(results)}
+               "runs": {n: n for n in results}, "results": results,
+               "theory": theory_check({n: r for n, r in results.items() if n in names})}
     write_json(os.path.join(out, "summary.json"), summary)
     if report:
         from entangle.report import write_report
@@ -143,7 +148,7 @@ def theory_check(results: dict, tol: float = 0.05) -> dict:
 
 
 def format_table(summary: dict) -> str:
-    lines = [f"{'loss':9} {'d chosen':>9} {'d rejected':>10} {'acc':>5} {'cos':>7} {'case1/2/3 (realised)':>21} "
+    lines = [f"{'loss':13} {'d chosen':>9} {'d rejected':>10} {'acc':>5} {'cos':>7} {'case1/2/3 (realised)':>21} "
              f"{'dw/dl':>6} {'chosen rose':>11}"]
 
     def f(x, spec):
@@ -152,7 +157,7 @@ def format_table(summary: dict) -> str:
     for n, r in summary["results"].items():
         c = r["real_case_fractions"] or r["case_fractions"]
         cases = " ".join(f"{c[k]:.2f}" for k in ("case1", "case2", "case3")) if c else "-"
-        lines.append(f"{n:9} {r['heldout_dlogp_chosen']:+9.3f} {r['heldout_dlogp_rejected']:+10.3f} "
+        lines.append(f"{n:13} {r['heldout_dlogp_chosen']:+9.3f} {r['heldout_dlogp_rejected']:+10.3f} "
                      f"{f(r['heldout_accuracy_vs_init'], '5.2f')} {f(r['cos_mean'], '+7.3f')} {cases:>21} "
                      f"{f(r['dw_over_dl'], '6.2f')} {f(r['chosen_rose_fraction'], '11.2f')}")
     t = summary["theory"]

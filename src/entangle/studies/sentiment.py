@@ -34,7 +34,10 @@ PRESETS = {
     "other": {"n_train": 1024, "n_test": 64, "batch": 32, "sft_steps": 50, "sft_lr": 2e-5,
               "steps": 60, "lr": 5e-6, "beta": 0.1},
 }
-TOKEN_PAIRS = 3  # held-out pairs of the long-suffix configuration in the token view
+TOKEN_PAIRS = 3
+# The paper's mitigations (spec sec. 5), each as config overrides of the long-suffix DPO run.
+MITIGATION_OVERRIDES = {"pairwise": ["optimizer.pairwise_normalized=true"]}
+MITIGATIONS = tuple(MITIGATION_OVERRIDES)  # held-out pairs of the long-suffix configuration in the token view
 
 
 def settings(model: str, **overrides) -> dict:
@@ -62,12 +65,13 @@ def base_model(out: str, model: str, s: dict, seed: int) -> str:
 
 
 def run(out: str = "runs/sentiment", model: str = "tiny", configs: tuple[str, ...] = CONFIGS, seed: int = 0,
-        extra: list[str] = (), report: bool = True, **overrides) -> dict:
-    """Train every configuration, check the paper's predictions, write summary.json and the report."""
+        extra: list[str] = (), report: bool = True, mitigations: tuple[str, ...] = MITIGATIONS, **overrides) -> dict:
+    """Train every configuration, check the paper's predictions, write summary.json and the report.
+    `mitigations` re-run the long-suffix DPO phase with each mitigation (`OUT/long-NAME/`)."""
     s = settings(model, **overrides)
     os.makedirs(out, exist_ok=True)
     base = base_model(out, model, s, seed)
-    results = {}
+    results, mitigated = {}, {}
     for c in configs:
         data = [f"data.train={source(c, 'train', s['n_train'], seed)}",
                 f"data.eval={source(c, 'test', s['n_test'], seed)}", "data.max_length=96",
@@ -77,17 +81,22 @@ def run(out: str = "runs/sentiment", model: str = "tiny", configs: tuple[str, ..
         log.info("sentiment study, %s: SFT warm-up (%d steps), then DPO (%d steps)", c, s["sft_steps"], s["steps"])
         run_once([f"model.name={base}", "loss.name=sft", "reference.type=none", f"optimizer.lr={s['sft_lr']}",
                   f"train.max_steps={s['sft_steps']}", *data, *extra], sft_dir)
-        rows = run_once([f"model.name={os.path.join(sft_dir, 'final')}", "loss.name=dpo",
-                         f"loss.params.beta={s['beta']}", "reference.type=frozen", f"optimizer.lr={s['lr']}",
-                         f"train.max_steps={s['steps']}", f"train.eval_every={max(1, s['steps'] // 10)}",
-                         "train.eval_at_start=true", "diagnostics.entanglement.every=1",
-                         "diagnostics.entanglement.realised=true", *data, *extra], dpo_dir)
-        results[c] = summarise(rows)
+        dpo = [f"model.name={os.path.join(sft_dir, 'final')}", "loss.name=dpo",
+               f"loss.params.beta={s['beta']}", "reference.type=frozen", f"optimizer.lr={s['lr']}",
+               f"train.max_steps={s['steps']}", f"train.eval_every={max(1, s['steps'] // 10)}",
+               "train.eval_at_start=true", "diagnostics.entanglement.every=1",
+               "diagnostics.entanglement.realised=true", *data, *extra]
+        results[c] = summarise(run_once(dpo, dpo_dir))
         if c == "long":
             token_views(dpo_dir, os.path.join(sft_dir, "final"), source(c, "test", s["n_test"], seed))
+            for m in mitigations:
+                log.info("sentiment study, long suffix with the %s mitigation", m)
+                mitigated[f"long-{m}"] = summarise(run_once([*dpo, *MITIGATION_OVERRIDES[m]],
+                                                            os.path.join(out, f"long-{m}")))
     summary = {"study": "sentiment", "model": model, "seed": seed, "settings": s,
                "responses": {c: list(synthetic.RESPONSES[c]) for c in configs},
-               "runs": {c: c for c in configs}, "results": results, "predictions": predictions(results)}
+               "runs": {c: c for c in [*configs, *mitigated]}, "results": {**results, **mitigated},
+               "predictions": predictions(results), "mitigations": mitigation_outcomes(results, mitigated)}
     write_json(os.path.join(out, "summary.json"), summary)
     if report:
         from entangle.report import write_report
@@ -162,6 +171,16 @@ def predictions(results: dict) -> list[dict]:
     return out
 
 
+def mitigation_outcomes(results: dict, mitigated: dict) -> list[dict]:
+    """Does the chosen log-prob still fall on held-out pairs with the mitigation (vs plain long-suffix DPO)?"""
+    if "long" not in results:
+        return []
+    base = _change(results["long"], "heldout_logps_chosen")
+    return [{"run": name, "chosen_change": _change(r, "heldout_logps_chosen"), "chosen_change_without": base,
+             "rejected_change": _change(r, "heldout_logps_rejected"), "chosen_still_falls":
+             _change(r, "heldout_logps_chosen") < 0} for name, r in mitigated.items()]
+
+
 def token_views(run_dir: str, start_model: str, eval_source: str) -> None:
     """Exact per-token views of a few held-out pairs, before DPO (the SFT model) and after it."""
     from entangle import config
@@ -180,15 +199,19 @@ def format_table(summary: dict) -> str:
     step to first order, the optimiser's actual update to first order, and realised."""
     lines = ["case fractions c1 c2 c3 to first order along a plain gradient step, along the optimiser's update, "
              "and realised",
-             f"{'config':7} {'held-out chosen logp':>20} {'held-out rejected':>19} {'cos':>6}   "
+             f"{'config':13} {'held-out chosen logp':>20} {'held-out rejected':>19} {'cos':>6}   "
              f"{'grad step':<15}{'update':<15}{'realised':<15}{'acc':>4}"]
     for c, r in summary["results"].items():
         ch, rj = r["heldout_logps_chosen"], r["heldout_logps_rejected"]
         cases = [" ".join(f"{f[k]:.2f}" for k in ("case1", "case2", "case3")) if f else "-"
                  for f in (r.get("case_fractions"), r.get("step_case_fractions"), r.get("real_case_fractions"))]
-        lines.append(f"{c:7} {ch[0]:8.3f} -> {ch[1]:8.3f} {rj[0]:8.3f} -> {rj[1]:8.3f} {r['cos_last_half']:+6.3f}   "
+        lines.append(f"{c:13} {ch[0]:8.3f} -> {ch[1]:8.3f} {rj[0]:8.3f} -> {rj[1]:8.3f} {r['cos_last_half']:+6.3f}   "
                      f"{cases[0]:<15}{cases[1]:<15}{cases[2]:<15}{r['heldout_accuracy_final']:4.2f}")
     lines.append("")
     for p in summary["predictions"]:
         lines.append(f"{'held  ' if p['held'] else 'FAILED'} {p['config']}: {p['claim']} ({p['measured']})")
+    for m in summary.get("mitigations", []):
+        lines.append(f"mitigation {m['run']}: held-out chosen {m['chosen_change']:+.3f} (without: "
+                     f"{m['chosen_change_without']:+.3f}), rejected {m['rejected_change']:+.3f}; chosen "
+                     f"{'still falls' if m['chosen_still_falls'] else 'no longer falls'}")
     return "\n".join(lines)

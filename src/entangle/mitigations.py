@@ -1,0 +1,86 @@
+"""The gradient-entanglement paper's mitigations (spec sec. 5) that change the update.
+
+    normalizer = PairwiseNormalizer(model)      # optimizer.pairwise_normalized: true
+    # per micro-batch: begin(batch) -> forward (watch(logps)) -> backward -> end(batch, inputs, loss_fn)
+    # before clipping: apply(accelerator, n_pairs) replaces .grad
+
+Pairwise-normalised update: step along `sum_i d_w,i grad_w,i/|grad_w,i| - d_l,i grad_l,i/|grad_l,i|`
+(for DPO d_w = d_l = the loss's scalar weight). To first order under a plain gradient step, a pair
+alone then lands in case 1: `d log pi_w ~ |grad_w| (d_w - d_l cos) > 0` and
+`d log pi_l ~ |grad_l| (d_w cos - d_l) < 0` whenever d_w = d_l and cos < 1.
+The per-row norms and the weighted sum come from the training backward's own recorded activations
+(the diagnostics' recorder); where it cannot apply, per-row backward passes give the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from entangle import losses
+from entangle.data import Batch
+from entangle.diagnostics.brute import row_gradients
+from entangle.diagnostics.ghost import GradientRecorder, Unsupported, row_layout
+
+log = logging.getLogger(__name__)
+
+
+class PairwiseNormalizer:
+    def __init__(self, model):
+        self.model = model
+        self.recorder = GradientRecorder(model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.direction: dict[int, torch.Tensor] = {}
+        self.coef: torch.Tensor | None = None
+        self._warned = False
+
+    def begin(self, batch: Batch) -> None:
+        self.recorder.start(batch.n_rows, *row_layout(batch))
+
+    def watch(self, logps: torch.Tensor) -> None:
+        if logps.requires_grad:
+            logps.register_hook(lambda g: setattr(self, "coef", g.detach()))
+
+    def end(self, batch: Batch, aux: dict, loss_fn) -> None:
+        """Add this micro-batch's pairs to the normalised direction."""
+        d_w, d_l = losses.coefficients(loss_fn, aux["pc"], aux["pr"], aux["rc"], aux["rr"], aux["lc"], aux["lr"])
+        d = torch.cat([d_w, -d_l]).double().cpu()                    # [N]: +d_w on chosen rows, -d_l on rejected
+        try:
+            stats = self.recorder.result(self.coef)
+            norms = torch.cat([stats["norm_w2"], stats["norm_l2"]]).sqrt()
+            ok = norms > 0
+            # the recorded output gradients carry c_r = dL/dlog pi_r; 1/c_r turns them into grad log pi_r
+            weights = torch.where(ok, d / torch.where(ok, norms * self.coef.double().cpu(), 1.0), 0.0)
+            part = self.recorder.weighted_sum(self.recorder.usages, weights)
+        except Unsupported as e:
+            if not self._warned:
+                log.warning("pairwise_normalized: fast path not applicable (%s); per-row backward passes", e)
+                self._warned = True
+            self.recorder.recording = False
+            part = self._exact(batch, d)
+        self.recorder.usages = {}
+        for pid, v in part.items():
+            self.direction[pid] = self.direction[pid] + v if pid in self.direction else v
+
+    def _exact(self, batch: Batch, d: torch.Tensor) -> dict[int, torch.Tensor]:
+        with torch.enable_grad():
+            g = row_gradients(self.model, batch)                      # [N, P]
+        norms = g.norm(dim=1)
+        ok = norms > 0
+        flat = (torch.where(ok, d / torch.where(ok, norms, 1.0), 0.0)[:, None] * g).sum(0)   # [P]
+        out, k = {}, 0
+        for p in self.params:
+            out[id(p)] = flat[k : k + p.numel()].view(p.shape).to(torch.float64 if p.dtype == torch.float64
+                                                                   else torch.float32)
+            k += p.numel()
+        return out
+
+    @torch.no_grad()
+    def apply(self, accelerator, n_pairs: int) -> None:
+        """Replace every trainable parameter's gradient by `-direction / n_pairs` (mean over processes)."""
+        for p in self.params:
+            v = self.direction.get(id(p))
+            g = torch.zeros_like(p) if v is None else (-v / n_pairs).to(p.dtype)
+            p.grad = accelerator.reduce(g, reduction="mean")
+        self.direction = {}
