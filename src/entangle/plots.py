@@ -33,14 +33,25 @@ def has_any(runs: dict[str, list[dict]], keys: list[str]) -> bool:
     return any(key in r for rows in runs.values() for r in rows for key in keys)
 
 
+def run_colours(plt, n: int) -> list:
+    """One colour per run: the default cycle up to 10 runs, tab20 beyond."""
+    base = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return base if n <= len(base) else list(plt.cm.tab20.colors)
+
+
 def plot_metrics(runs: dict[str, list[dict]], panels: list[tuple[str, list[str]]], path: str,
                  title: str | None = None) -> str:
-    """One panel per (title, keys); each run one colour, each key one line style. Saves a PNG."""
+    """One panel per (title, keys); each run one colour, each key one line style. Saves a PNG.
+    With more than 4 runs the panels share one legend of run colours below them."""
     plt = _pyplot()
+    from matplotlib.lines import Line2D
+
     cols = min(2, len(panels))
     rows_n = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows_n, cols, figsize=(6.4 * cols, 3.6 * rows_n), squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    many = len(runs) > 4
+    legend_rows = (len(runs) + 5) // 6 if many else 0
+    fig, axes = plt.subplots(rows_n, cols, figsize=(6.4 * cols, 3.6 * rows_n + 0.3 * legend_rows), squeeze=False)
+    colours = run_colours(plt, len(runs))
     styles = ["-", "--", ":", "-."]
     for ax, (panel_title, keys) in zip(axes.flat, panels):
         for i, (name, rows) in enumerate(runs.items()):
@@ -54,13 +65,18 @@ def plot_metrics(runs: dict[str, list[dict]], panels: list[tuple[str, list[str]]
         ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if ax.lines:
+        if ax.lines and not many:
             ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    if many:
+        handles = [Line2D([0], [0], color=colours[i % len(colours)], lw=2.5) for i in range(len(runs))]
+        fig.legend(handles, list(runs), loc="lower center", ncol=min(6, len(runs)), fontsize=9, frameon=False)
+        fig.tight_layout(rect=(0, 0.12 * legend_rows / rows_n, 1, 1))
+    else:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -75,7 +91,7 @@ def plot_case_plane(pairs: dict[str, list[dict]], path: str, which: str = "pred"
     plt = _pyplot()
     kw, kl = f"{which}_dlogp_w", f"{which}_dlogp_l"
     fig, ax = plt.subplots(figsize=(6.4, 5.2))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = run_colours(plt, len(pairs))
     lim = 1e-12
     for i, (name, rows) in enumerate(pairs.items()):
         x = [r[kw] for r in rows if kw in r]

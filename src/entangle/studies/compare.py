@@ -54,6 +54,7 @@ def run(out: str = "runs/compare", losses: tuple[str, ...] = DEFAULT_LOSSES, qui
     per_loss = parse_overrides(list(params), names)
     p = dict(PRESETS["quick" if quick else "default"])
     model = model or p["model"]
+    label = f"{model} after SFT" if quick and model == "tiny" and not data else model
     steps, lr = steps or p["steps"], lr or p["lr"]
     os.makedirs(out, exist_ok=True)
     if quick and model == "tiny" and not data:
@@ -87,7 +88,7 @@ def run(out: str = "runs/compare", losses: tuple[str, ...] = DEFAULT_LOSSES, qui
         log.info("compare: %s (%d steps)", name, steps)
         rows = run_once([*base, *own, *extra], os.path.join(out, name))
         results[name] = summarise(rows, _pair_rows(os.path.join(out, name)))
-    summary = {"study": "compare", "model": model, "steps": steps, "lr": lr, "seed": seed,
+    summary = {"study": "compare", "model": label, "steps": steps, "lr": lr, "seed": seed,
                "data": {"train": train_src, "eval": eval_src}, "params": per_loss,
                "runs": {n: n for n in results}, "results": results,
                "theory": theory_check({n: r for n, r in results.items() if n in names})}
@@ -96,7 +97,7 @@ def run(out: str = "runs/compare", losses: tuple[str, ...] = DEFAULT_LOSSES, qui
         from entangle.report import write_report
 
         summary["report"] = os.path.relpath(write_report([out], os.path.join(out, "report"),
-                                                         title=f"Loss comparison: {model}"), out)
+                                                         title=f"Loss comparison: {label}"), out)
         write_json(os.path.join(out, "summary.json"), summary)
     return summary
 
@@ -115,7 +116,7 @@ def summarise(rows: list[dict], pairs: list[dict]) -> dict:
     evals = [r for r in rows if "eval/logps/chosen" in r]
     diag = [r for r in rows if "entanglement/cos" in r]
     first, last = evals[0], evals[-1]
-    ratios = [p["d_w"] / p["d_l"] for p in pairs if p["d_l"] > 0]
+    d_l = mean(p["d_l"] for p in pairs) if pairs else 0.0
     rose = [p["real_dlogp_w"] > 0 for p in pairs if "real_dlogp_w" in p]
     return {
         "heldout_dlogp_chosen": last["eval/logps/chosen"] - first["eval/logps/chosen"],
@@ -126,7 +127,8 @@ def summarise(rows: list[dict], pairs: list[dict]) -> dict:
         if diag else None,
         "real_case_fractions": {k: mean(r[f"entanglement/real_{k}"] for r in diag) for k in ("case1", "case2", "case3")}
         if diag and "entanglement/real_case1" in diag[0] else None,
-        "dw_over_dl": mean(ratios) if ratios else None,
+        # mean d_w / mean d_l: a per-pair ratio explodes where d_l -> 0 (a confident pair)
+        "dw_over_dl": mean(p["d_w"] for p in pairs) / d_l if pairs and d_l > 0 else None,
         "chosen_rose_fraction": mean(rose) if rose else None,
     }
 
