@@ -96,6 +96,7 @@ def test_sentiment_study_on_tiny_writes_summary_token_views_and_report(tmp_path)
     assert (out / "long" / "entanglement_tokens" / "heldout-start.json").exists()
     page = (out / summary["report"]).read_text()
     assert "The paper's predictions" in page and "Token view: long, heldout-end" in page
+    assert "Mitigation <b>long-pairwise</b>" in page
     assert page.count("data:image/png;base64,") >= 6
     # a second run with the same settings reuses every finished run
     before = (out / "long" / "metrics.jsonl").stat().st_mtime_ns
@@ -154,5 +155,5 @@ def test_compare_quick_on_tiny(tmp_path):
               for n in ("dpo", "cpo", "simpo")}
     assert len(starts) == 1
     page = (out / summary["report"]).read_text()
-    assert "Loss comparison" in page and page.count("<td>finished</td>") == 4
+    assert "Loss comparison" in page and page.count("<td>finished</td>") == 4 and "Theory check" in page
     assert "theory check" in compare.format_table(saved)

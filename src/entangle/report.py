@@ -217,6 +217,22 @@ def _study_section(study_dir: str, summary: dict) -> str:
                         f"</b>: {html.escape(p['config'])}: {html.escape(p['claim'])} "
                         f"<span class=m>({html.escape(p['measured'])})</span></li>" for p in preds)
         parts.append(f"<h3>The paper's predictions, as measured</h3><ul class=preds>{items}</ul>")
+    theory = summary.get("theory")
+    if theory:
+        if theory.get("held") is None:
+            text = f"not decided ({html.escape(str(theory.get('why', '')))})"
+        else:
+            text = (f"<b>{'held' if theory['held'] else 'did not hold'}</b>: the chosen log-prob rose in "
+                    f"{theory['chosen_rose_fraction_explicit']:.2f} of pair-steps for losses with d_w &gt; d_l "
+                    f"({html.escape(', '.join(theory['explicit']))}) vs {theory['chosen_rose_fraction_balanced']:.2f}"
+                    f" for d_w = d_l ({html.escape(', '.join(theory['balanced']))})")
+        parts.append(f"<h3>Theory check (spec &sect;3)</h3><p class={'held' if theory.get('held') else 'failed'}>"
+                     f"{text}</p>")
+    for m in summary.get("mitigations") or []:
+        parts.append(f"<p>Mitigation <b>{html.escape(m['run'])}</b>: held-out chosen log-prob "
+                     f"{m['chosen_change']:+.3f} (without: {m['chosen_change_without']:+.3f}), rejected "
+                     f"{m['rejected_change']:+.3f}: the chosen {'still falls' if m['chosen_still_falls'] else 'no longer falls'}."
+                     "</p>")
     results = summary.get("results") or {}
     if results:
         present = {k for r in results.values() for k in r}
