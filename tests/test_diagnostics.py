@@ -126,8 +126,9 @@ def pair_rows(out):
         return [json.loads(x) for x in f]
 
 
-@pytest.mark.parametrize("extra", [[], ["model.name=tiny-gpt2"], ["model.lora.r=4"], ["loss.name=simpo"]],
-                         ids=["dpo", "gpt2-tied", "lora", "simpo"])
+@pytest.mark.parametrize("extra", [[], ["model.name=tiny-gpt2"], ["model.lora.r=4"], ["loss.name=simpo"],
+                                   ["loss.token_mask=sparse", "loss.mask_lr=0.05"]],
+                         ids=["dpo", "gpt2-tied", "lora", "simpo", "sparse-mask"])
 def test_in_training_statistics_equal_the_exact_path(tmp_path, extra):
     """The training backward carries each row's loss coefficient; divided out, the statistics equal
     the exact per-row computation, under accumulation and padding."""

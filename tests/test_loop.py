@@ -49,8 +49,9 @@ def test_run_directory_contents_and_metric_names(tmp_path):
     assert sum(p.numel() for p in model.parameters()) == summary["total_parameters"]
 
 
-@pytest.mark.parametrize("extra", [[], ["model.lora.r=4", "model.lora.dropout=0.1", "optimizer.lr=1e-2"]],
-                         ids=["full", "lora-dropout"])
+@pytest.mark.parametrize("extra", [[], ["model.lora.r=4", "model.lora.dropout=0.1", "optimizer.lr=1e-2"],
+                                   ["loss.token_mask=sparse", "loss.mask_lr=0.05"]],
+                         ids=["full", "lora-dropout", "sparse-mask"])
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, extra):
     a = cfg_for(tmp_path / "a", "train.eval_every=2", *extra)
     train(a)

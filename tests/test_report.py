@@ -90,3 +90,16 @@ def test_report_cli(tmp_path, capsys):
     assert main(["-q", "report", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("entangle: error:") and "no such directory" in err and "\n" not in err
+
+
+def test_a_masked_run_shows_its_learned_token_weights(tmp_path):
+    from entangle import config
+    from entangle.loop import train
+
+    out = tmp_path / "run"
+    train(config.load(None, ["model.name=tiny", "data.train=synthetic:sentiment?config=short&n=16",
+                             "data.max_length=64", "loss.token_mask=sparse", "train.batch_size=4",
+                             "train.max_steps=2", "tracking.progress=false", f"train.output_dir={out}"]))
+    page = open(write_report([str(out)], str(tmp_path / "rep"))).read()
+    assert "Token mask: run, final" in page and "Sparse token mask" in page
+    assert (tmp_path / "rep" / "masks-run-final.png").exists() and (tmp_path / "rep" / "mask.png").exists()

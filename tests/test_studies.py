@@ -76,11 +76,17 @@ def test_sentiment_study_on_tiny_writes_summary_token_views_and_report(tmp_path)
     kw = dict(steps=3, sft_steps=3, n_train=64, batch=8, extra=["data.max_eval_examples=8"])
     summary = sentiment.run(str(out), model="tiny", configs=("short", "long"), **kw)
     saved = json.loads((out / "summary.json").read_text())
-    assert saved["runs"] == {"short": "short", "long": "long", "long-pairwise": "long-pairwise"}
-    assert set(saved["results"]) == {"short", "long", "long-pairwise"}
+    runs = ["short", "long", "long-pairwise", "long-sparse"]
+    assert saved["runs"] == {r: r for r in runs} and set(saved["results"]) == set(runs)
     m = saved["mitigations"]
-    assert [x["run"] for x in m] == ["long-pairwise"] and isinstance(m[0]["chosen_still_falls"], bool)
+    assert [x["run"] for x in m] == ["long-pairwise", "long-sparse"]
+    assert all(isinstance(x["chosen_still_falls"], bool) for x in m)
     assert "pairwise_normalized: true" in (out / "long-pairwise" / "config.yaml").read_text()
+    assert "token_mask: sparse" in (out / "long-sparse" / "config.yaml").read_text()
+    # where the held-out log-probs moved: the sentiment word (differing) vs the shared suffix
+    t = saved["results"]["long"]["heldout_token_changes"]
+    whole = saved["results"]["long"]["heldout_logps_chosen"]
+    assert t["chosen_differing"] + t["chosen_shared"] == pytest.approx(whole[1] - whole[0], abs=1e-4)
     for r in saved["results"].values():
         assert r["steps"] == 3 and -1 <= r["cos_last_half"] <= 1
         assert sum(r["case_fractions"].values()) <= 1 + 1e-6
@@ -96,7 +102,8 @@ def test_sentiment_study_on_tiny_writes_summary_token_views_and_report(tmp_path)
     assert (out / "long" / "entanglement_tokens" / "heldout-start.json").exists()
     page = (out / summary["report"]).read_text()
     assert "The paper's predictions" in page and "Token view: long, heldout-end" in page
-    assert "Mitigation <b>long-pairwise</b>" in page
+    assert "Where the held-out log-probs moved" in page
+    assert "Mitigation <b>long-pairwise</b>" in page and "Token mask: long-sparse, final" in page
     assert page.count("data:image/png;base64,") >= 6
     # a second run with the same settings reuses every finished run
     before = (out / "long" / "metrics.jsonl").stat().st_mtime_ns
@@ -142,8 +149,8 @@ def test_compare_quick_on_tiny(tmp_path):
     summary = compare.run(str(out), losses=("dpo", "cpo", "simpo"), quick=True, steps=3,
                           params=["cpo.lam=2.0"])
     saved = json.loads((out / "summary.json").read_text())
-    assert set(saved["results"]) == {"dpo", "cpo", "simpo", "dpo-pairwise"} and saved["runs"]["cpo"] == "cpo"
-    assert "dpo-pairwise" not in saved["theory"]["balanced"]
+    assert set(saved["results"]) == {"dpo", "cpo", "simpo", "dpo-pairwise", "dpo-sparse"}
+    assert saved["runs"]["cpo"] == "cpo" and "dpo-pairwise" not in saved["theory"]["balanced"]
     assert "lam: 2.0" in (out / "cpo" / "config.yaml").read_text()
     for name, r in saved["results"].items():
         assert 0 <= r["heldout_accuracy_vs_init"] <= 1, name   # reference-free losses too
@@ -155,5 +162,5 @@ def test_compare_quick_on_tiny(tmp_path):
               for n in ("dpo", "cpo", "simpo")}
     assert len(starts) == 1
     page = (out / summary["report"]).read_text()
-    assert "Loss comparison" in page and page.count("<td>finished</td>") == 4 and "Theory check" in page
+    assert "Loss comparison" in page and page.count("<td>finished</td>") == 5 and "Theory check" in page
     assert "theory check" in compare.format_table(saved)

@@ -42,6 +42,9 @@ def resolve_resume(run_dir: str, resume: str) -> str | None:
     return resume
 
 
+MASK_FILE = "token_mask.safetensors"
+
+
 def hf_model(accelerator, policy):
     """The transformers/peft model inside a prepared `Policy`."""
     return accelerator.unwrap_model(policy).model
@@ -51,8 +54,11 @@ def save_weights(accelerator, policy, folder: str) -> None:
     """A folder that `transformers` (full) or `peft` (adapter) loads directly."""
     state = accelerator.get_state_dict(policy)  # gathered under FSDP/ZeRO-3
     if accelerator.is_main_process:
-        state = {k.removeprefix("model."): v for k, v in state.items()}
+        mask = {k.removeprefix("token_mask."): v.contiguous() for k, v in state.items() if k.startswith("token_mask.")}
+        state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
         hf_model(accelerator, policy).save_pretrained(folder, state_dict=state, safe_serialization=True)
+        if mask:  # loss.token_mask: the learned mask head, beside the model
+            save_file(mask, os.path.join(folder, MASK_FILE))
 
 
 def load_weights(model, folder: str) -> None:
@@ -64,7 +70,8 @@ def load_weights(model, folder: str) -> None:
         return
     state = {}
     for f in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
-        state.update(load_file(f))
+        if os.path.basename(f) != MASK_FILE:
+            state.update(load_file(f))
     missing, unexpected = model.load_state_dict(state, strict=False)
     shared = {id(p) for n, p in model.state_dict(keep_vars=True).items() if n in state}
     really_missing = [n for n in missing if id(model.state_dict(keep_vars=True)[n]) not in shared]
@@ -140,6 +147,12 @@ def save_checkpoint(run_dir: str, step: int, accelerator, model, optimizer, sche
 def load_checkpoint(folder: str, accelerator, model, optimizer, scheduler) -> dict:
     """Restore weights, optimiser, scheduler and this process's RNG; returns the trainer state."""
     load_weights(hf_model(accelerator, model), os.path.join(folder, "model"))
+    mask = accelerator.unwrap_model(model).token_mask
+    if mask is not None:
+        path = os.path.join(folder, "model", MASK_FILE)
+        if not os.path.exists(path):
+            raise TrainingError(f"{folder}: no {MASK_FILE} (the checkpoint was not trained with loss.token_mask)")
+        mask.load_state_dict(load_file(path))
     optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
     scheduler.load_state_dict(torch.load(os.path.join(folder, "scheduler.pt"), weights_only=True))
     rng_file = os.path.join(folder, f"rng-{accelerator.process_index}.pt")

@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--n-train", type=int, help="generated training statements")
     se.add_argument("--seed", type=int, default=0)
     se.add_argument("--no-mitigations", action="store_true",
-                    help="skip the long-suffix re-run with the pairwise-normalised update")
+                    help="skip the long-suffix re-runs with the mitigations (pairwise-normalised update, "
+                         "sparse token mask)")
     se.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     se.set_defaults(func=_study_sentiment)
     co = st.add_parser("compare", help="several losses on the same model, data, seed and budget (GE Fig. 1)")
@@ -154,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--set", action="append", metavar="LOSS.PARAM=VALUE",
                     help="a hyper-parameter for one loss, e.g. --set dpop.lam=50 (repeatable)")
     co.add_argument("--mitigate", default="dpo",
-                    help="losses also run with optimizer.pairwise_normalized=true as LOSS-pairwise ('' for none)")
+                    help="losses also run with each mitigation: optimizer.pairwise_normalized=true as "
+                         "LOSS-pairwise, loss.token_mask=sparse as LOSS-sparse ('' for none)")
     co.add_argument("--out", default="runs/compare")
     co.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     co.set_defaults(func=_study_compare)

@@ -53,6 +53,12 @@ class DataConfig:
 class LossConfig:
     name: str = "dpo"                    # any name of `entangle losses`
     params: Dict[str, Any] = field(default_factory=dict)    # hyper-parameters; unset ones keep published defaults
+    # none | sparse: learned token weights m_t in [0, 1] inside the margin, sum_t m_t (log pi_t - log pi_ref,t),
+    # from a linear head on the policy's (detached) hidden states, with an L1 penalty (SparsePO-style)
+    token_mask: str = "none"
+    mask_l1: float = 0.01          # sparse: weight of the L1 penalty on the pair's mean token weight
+    mask_lr: float = 1e-2          # sparse: learning rate of the mask head (same schedule as the policy)
+    mask_init: float = 0.9         # sparse: every token weight's value at step 0
 
 
 @dataclass
@@ -142,6 +148,7 @@ class Config:
 
 CHOICES = {
     "optimizer.name": ("adamw", "sgd"),
+    "loss.token_mask": ("none", "sparse"),
     "reference.type": ("auto", "frozen", "precomputed", "none", "trust_region", "soft", "hard"),
     "schedule.decay": ("linear", "cosine", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -228,8 +235,14 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"loss {fn.name!r} uses no reference model; set reference.type=none (or auto)")
     if cfg.reference.type == "none" and fn.uses_reference:
         raise ConfigError(f"loss {fn.name!r} needs a reference; set reference.type=frozen or precomputed (or auto)")
-
-
+    if cfg.loss.token_mask == "sparse":
+        lc = cfg.loss
+        if not 0 < lc.mask_init < 1 or lc.mask_l1 < 0 or lc.mask_lr <= 0:
+            raise ConfigError("loss.mask_init must be in (0, 1), loss.mask_l1 >= 0 and loss.mask_lr > 0 "
+                              f"(got {lc.mask_init}, {lc.mask_l1}, {lc.mask_lr})")
+        if cfg.reference.type == "precomputed":
+            raise ConfigError("loss.token_mask=sparse weights each token's reference log-prob, but "
+                              "reference.type=precomputed keeps sequence sums; use reference.type=frozen (or auto)")
     if cfg.reference.type in TR_PRESETS:
         alpha, tau = trust_region(cfg)
         if alpha is None or tau is None:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from entangle.data import Batch
 from entangle.diagnostics.ghost import RowMap
+from entangle.errors import ModelError
 from entangle.models import is_peft
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,13 @@ class LogpsOut:
     logps: torch.Tensor                # [N] summed response log-probs (float32 or wider)
     lengths: torch.Tensor              # [N] response token counts
     token_logps: torch.Tensor | None   # [N, T] log-prob of the token at each position (0 off-response)
+    weights: torch.Tensor | None = None   # [N, T] learned token weights m_t (token_mask only; 0 off-response)
+    masked: torch.Tensor | None = None    # [N] sum_t m_t log pi_t: what a masked margin uses
+
+    @property
+    def scored(self) -> torch.Tensor:
+        """The log-probs the loss sees: masked sums under a token mask, else the plain sums."""
+        return self.logps if self.masked is None else self.masked
 
 
 def split_model(model):
@@ -59,14 +67,15 @@ class Policy(torch.nn.Module):
     """A causal LM whose forward returns response log-probs. Training wraps *this* module with
     DDP/FSDP/DeepSpeed, so the response-only computation runs inside the wrapper's forward."""
 
-    def __init__(self, model):
+    def __init__(self, model, token_mask: torch.nn.Module | None = None):
         super().__init__()
         self.model = model
+        self.token_mask = token_mask       # mitigations.TokenMask (loss.token_mask: sparse), trained with the policy
         self._no_split_modules = getattr(model, "_no_split_modules", None)  # FSDP auto-wrap reads it
 
     def forward(self, input_ids, attention_mask, response_mask, token_level: bool = False):
-        out = _logps(self.model, input_ids, attention_mask, response_mask, token_level)
-        return out.logps, out.lengths, out.token_logps
+        out = _logps(self.model, input_ids, attention_mask, response_mask, token_level, self.token_mask)
+        return out.logps, out.lengths, out.token_logps, out.weights, out.masked
 
 
 def sequence_logps(model, batch: Batch, token_level: bool = False) -> LogpsOut:
@@ -79,7 +88,7 @@ def sequence_logps(model, batch: Batch, token_level: bool = False) -> LogpsOut:
     return _logps(model, batch.input_ids, batch.attention_mask, batch.response_mask, token_level)
 
 
-def _logps(model, ids, attn, resp, token_level: bool) -> LogpsOut:
+def _logps(model, ids, attn, resp, token_level: bool, token_mask=None) -> LogpsOut:
     N, T = ids.shape
     target = resp[:, 1:]                      # [N, T-1] position t predicts token t+1
     rows = torch.arange(N, device=ids.device)[:, None].expand(N, T - 1)[target]   # [K]
@@ -91,10 +100,14 @@ def _logps(model, ids, attn, resp, token_level: bool) -> LogpsOut:
         RowMap.current = rows                 # lets the entanglement recorder split the [K, d] head input by row
         RowMap.positions = torch.arange(T - 1, device=ids.device)[None].expand(N, T - 1)[target]   # [K]
         try:
-            logits = response_logits(head, cfg, hidden[:, :-1][target])                         # [K, V]
+            features = hidden[:, :-1][target]                                                     # [K, d]
+            logits = response_logits(head, cfg, features)                                        # [K, V]
         finally:
             RowMap.current = RowMap.positions = None
     else:
+        if token_mask is not None:
+            raise ModelError(f"{type(model).__name__}: loss.token_mask needs a decoder/head layout entangle "
+                             "knows (transformers causal LMs without logit scaling)")
         name = type(model).__name__
         if name not in _warned:
             _warned.add(name)
@@ -104,11 +117,16 @@ def _logps(model, ids, attn, resp, token_level: bool) -> LogpsOut:
     tok = -F.cross_entropy(logits, targets, reduction="none")                                   # [K]
     logps = torch.zeros(N, dtype=tok.dtype, device=ids.device).index_add(0, rows, tok)
     lengths = target.sum(1)
-    token_logps = None
+    token_logps = weights = masked = None
     if token_level:
         token_logps = torch.zeros(N, T, dtype=tok.dtype, device=ids.device)
         token_logps[:, 1:][target] = tok
-    return LogpsOut(logps, lengths, token_logps)
+    if token_mask is not None:
+        m = token_mask(features).to(tok.dtype)                                                   # [K]
+        masked = torch.zeros(N, dtype=tok.dtype, device=ids.device).index_add(0, rows, m * tok)
+        weights = torch.zeros(N, T, dtype=tok.dtype, device=ids.device)
+        weights[:, 1:][target] = m
+    return LogpsOut(logps, lengths, token_logps, weights, masked)
 
 
 def naive_logps(model, batch: Batch) -> torch.Tensor:

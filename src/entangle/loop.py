@@ -29,8 +29,8 @@ from entangle.config import reference_type, trust_region
 from entangle.data import TokenizedPair, collate_pairs, read_examples, tokenize_pairs
 from entangle.errors import TrainingError
 from entangle.diagnostics.probe import EntanglementProbe
-from entangle.mitigations import PairwiseNormalizer
-from entangle.logps import Policy
+from entangle.logps import Policy, sequence_logps, split_model
+from entangle.mitigations import PairwiseNormalizer, TokenMask
 from entangle.models import LoraSettings, count_parameters, load_model
 from entangle.reference import TrustRegionReference, initial_policy, make_reference, precompute_reference
 from entangle.step import StepParts, eval_batch, finish_metrics, train_step
@@ -213,7 +213,10 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
         raise TrainingError(f"{len(train_pairs)} training pairs cannot fill one step of {global_batch} "
                             "(batch_size x grad_accum x processes); lower train.batch_size")
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    token_mask = make_token_mask(model, cfg.loss, acc.device)
+    if token_mask is not None:  # loss.token_mask: its own learning rate, no weight decay, the same schedule
+        params.append({"params": list(token_mask.parameters()), "lr": cfg.loss.mask_lr, "weight_decay": 0.0})
     oc = cfg.optimizer
     if oc.name == "sgd":
         optimizer = torch.optim.SGD(params, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay)
@@ -223,13 +226,15 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
     warmup = cfg.schedule.warmup_steps or int(cfg.schedule.warmup_ratio * total_steps)
     sched_name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.schedule.decay]
     scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    model, optimizer = acc.prepare(Policy(model), optimizer)
+    model, optimizer = acc.prepare(Policy(model, token_mask), optimizer)
     ec = cfg.diagnostics.entanglement
-    probe = EntanglementProbe(acc.unwrap_model(model), ec.every, ec.realised, ec.method, ec.step_changes,
+    # Diagnostics and the normalised update see the language model's parameters (not the mask head's).
+    probe = EntanglementProbe(hf_model(acc, model), ec.every, ec.realised, ec.method, ec.step_changes,
                               ec.batch_mean, ec.positions) if ec.every else None
-    normalizer = PairwiseNormalizer(acc.unwrap_model(model)) if oc.pairwise_normalized else None
+    normalizer = PairwiseNormalizer(hf_model(acc, model)) if oc.pairwise_normalized else None
+    mask_l1 = cfg.loss.mask_l1 if token_mask is not None else 0.0
     parts = StepParts(acc, model, optimizer, scheduler, loss_fn, train_ref, tc.max_grad_norm, initial, probe,
-                      normalizer)
+                      normalizer, mask_l1)
 
     # Run directory, resume.
     metrics_log = JsonlLog(os.path.join(run_dir, "metrics.jsonl"), main)
@@ -280,7 +285,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
         mine = eval_pairs[acc.process_index :: world]
         for s in range(0, len(mine), tc.eval_batch_size):
             batch = collate_pairs(mine[s : s + tc.eval_batch_size], pad_id).to(acc.device)
-            for k, v in eval_batch(model, loss_fn, eval_ref, batch, eval_initial).items():
+            for k, v in eval_batch(model, loss_fn, eval_ref, batch, eval_initial, mask_l1).items():
                 sums[k] = sums.get(k, 0) + v
         model.train()
         if not sums:  # more processes than eval pairs: still join the reduction
@@ -309,7 +314,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
                 if ec.positions and main:
                     save_position_views(run_dir, step + 1, tokenizer, probe.position_rows, pair_rows)
                 if ec.tokens and main:
-                    save_token_views(run_dir, f"step-{step + 1}", hf_model(acc, model), tokenizer,
+                    save_token_views(run_dir, f"step-{step + 1}", acc.unwrap_model(model), tokenizer,
                                      [train_pairs[i] for i in idx[: ec.tokens]])
             m = finish_metrics(acc, sums)
             dt = time.time() - t_step
@@ -362,6 +367,9 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
         save_weights(acc, model, os.path.join(run_dir, "final"))
         if main:
             tokenizer.save_pretrained(os.path.join(run_dir, "final"))
+            if token_mask is not None:  # the learned weights on a few held-out (else training) pairs
+                save_mask_views(run_dir, "final", acc.unwrap_model(model), tokenizer,
+                                (eval_pairs or train_pairs)[: max(ec.tokens, 8)], pad_id)
     summary = {"status": status, "stop_reason": stop.reason, "steps": last.get("step", start_step), "total_steps": total_steps,
                "runtime_s": round(time.time() - t0, 2), **info,
                "final": {k: v for k, v in last.items() if not k.startswith("eval/")}, "eval": last_eval}
@@ -375,15 +383,49 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
 
 def save_token_views(run_dir: str, name: str, model, tokenizer, pairs: list[TokenizedPair]) -> None:
     """`entanglement_tokens/NAME.json` (`step-N` in training): exact per-token gradient inner products
-    and cosines of `pairs`."""
+    and cosines of `pairs`. `model` is a language model or a `Policy` (whose token mask, if any, is
+    written beside: `token_masks/NAME.json`)."""
     from entangle.diagnostics.tokens import to_json, token_gradients
 
-    views = [{"pair": p.index, **to_json(token_gradients(model, p.prompt_ids, p.chosen_ids, p.rejected_ids,
+    lm = model.model if isinstance(model, Policy) else model
+    views = [{"pair": p.index, **to_json(token_gradients(lm, p.prompt_ids, p.chosen_ids, p.rejected_ids,
                                                           tokenizer))} for p in pairs]
     folder = os.path.join(run_dir, "entanglement_tokens")
     os.makedirs(folder, exist_ok=True)
     write_json(os.path.join(folder, f"{name}.json"), views)
-    model.zero_grad(set_to_none=True)
+    lm.zero_grad(set_to_none=True)
+    if isinstance(model, Policy) and model.token_mask is not None:
+        save_mask_views(run_dir, name, model, tokenizer, pairs, tokenizer.pad_token_id)
+
+
+@torch.no_grad()
+def save_mask_views(run_dir: str, name: str, policy: Policy, tokenizer, pairs: list[TokenizedPair],
+                    pad_id: int) -> None:
+    """`token_masks/NAME.json`: the learned token weights m_t of each pair's chosen and rejected tokens."""
+    batch = collate_pairs(pairs, pad_id).to(next(policy.parameters()).device)
+    weights = sequence_logps(policy, batch).weights.float().cpu()          # [2B, T]
+    B, resp = len(pairs), batch.response_mask.cpu()
+    views = []
+    for i, p in enumerate(pairs):
+        view = {"pair": p.index}
+        for side, row, ids in (("chosen", i, p.chosen_ids), ("rejected", B + i, p.rejected_ids)):
+            view[f"{side}_tokens"] = [tokenizer.decode([t]) for t in ids]
+            view[f"{side}_mask"] = [round(float(w), 4) for w in weights[row][resp[row]]]
+        views.append(view)
+    folder = os.path.join(run_dir, "token_masks")
+    os.makedirs(folder, exist_ok=True)
+    write_json(os.path.join(folder, f"{name}.json"), views)
+
+
+def make_token_mask(model, loss_cfg, device):
+    """The learned token mask of `loss.token_mask: sparse` (float32, on `device`), or None."""
+    if loss_cfg.token_mask != "sparse":
+        return None
+    parts = split_model(model)
+    if parts is None:
+        raise TrainingError(f"{type(model).__name__}: loss.token_mask=sparse needs a decoder/head layout entangle "
+                            "knows (transformers causal LMs without logit scaling)")
+    return TokenMask(parts[1].weight.shape[1], loss_cfg.mask_init).to(device)
 
 
 def save_position_views(run_dir: str, step: int, tokenizer, rows: list[dict], pair_rows: list[dict]) -> None:

@@ -1,4 +1,5 @@
-"""The gradient-entanglement paper's mitigations (spec sec. 5) that change the update.
+"""The gradient-entanglement paper's mitigations (spec sec. 5): the pairwise-normalised update and
+the learned sparse token mask.
 
     normalizer = PairwiseNormalizer(model)      # optimizer.pairwise_normalized: true
     # per micro-batch: begin(batch) -> forward (watch(logps)) -> backward -> end(batch, inputs, loss_fn)
@@ -10,11 +11,18 @@ alone then lands in case 1: `d log pi_w ~ |grad_w| (d_w - d_l cos) > 0` and
 `d log pi_l ~ |grad_l| (d_w cos - d_l) < 0` whenever d_w = d_l and cos < 1.
 The per-row norms and the weighted sum come from the training backward's own recorded activations
 (the diagnostics' recorder); where it cannot apply, per-row backward passes give the same numbers.
+
+Sparse token mask (`loss.token_mask: sparse`): `TokenMask` gives each scored response token a weight
+`m_t = sigmoid(w . h_t + b)` in [0, 1] from the policy's hidden state `h_t` (detached: the mask learns
+from the model's features but sends no gradient into it). The margin then uses
+`sum_t m_t (log pi_t - log pi_ref,t)` for both responses, and `loss.mask_l1` times the pair's mean
+weight is added to the loss, so that tokens which do not separate chosen from rejected drop out.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -24,6 +32,30 @@ from entangle.diagnostics.brute import row_gradients
 from entangle.diagnostics.ghost import GradientRecorder, Unsupported, row_layout
 
 log = logging.getLogger(__name__)
+
+
+class TokenMask(torch.nn.Module):
+    """Per-token weights in [0, 1] from hidden states: `forward(h [K, d]) -> m [K]`.
+
+    Starts at `init` for every token (zero weight vector), so step 0 is the unmasked loss scaled by `init`."""
+
+    def __init__(self, hidden_size: int, init: float = 0.9):
+        super().__init__()
+        self.proj = torch.nn.Linear(hidden_size, 1)
+        with torch.no_grad():
+            self.proj.weight.zero_()
+            self.proj.bias.fill_(math.log(init / (1 - init)))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        h = hidden.detach().to(self.proj.weight.dtype)
+        return torch.sigmoid(self.proj(h)).squeeze(-1)        # [K]
+
+
+def mask_penalty(weights: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """L1 of the token weights per pair: the mean weight over both responses' scored tokens. [2B, T] -> [B]."""
+    per_row = weights.sum(1)                                   # [2B]
+    (sc, sr), (lc, lr) = per_row.chunk(2), lengths.chunk(2)
+    return (sc + sr) / (lc + lr).clamp_min(1)
 
 
 class PairwiseNormalizer:
@@ -58,14 +90,14 @@ class PairwiseNormalizer:
                 log.warning("pairwise_normalized: fast path not applicable (%s); per-row backward passes", e)
                 self._warned = True
             self.recorder.recording = False
-            part = self._exact(batch, d)
+            part = self._exact(batch, d, aux.get("weights"))
         self.recorder.usages = {}
         for pid, v in part.items():
             self.direction[pid] = self.direction[pid] + v if pid in self.direction else v
 
-    def _exact(self, batch: Batch, d: torch.Tensor) -> dict[int, torch.Tensor]:
+    def _exact(self, batch: Batch, d: torch.Tensor, weights=None) -> dict[int, torch.Tensor]:
         with torch.enable_grad():
-            g = row_gradients(self.model, batch)                      # [N, P]
+            g = row_gradients(self.model, batch, weights)                      # [N, P]
         norms = g.norm(dim=1)
         ok = norms > 0
         flat = (torch.where(ok, d / torch.where(ok, norms, 1.0), 0.0)[:, None] * g).sum(0)   # [P]

@@ -183,6 +183,32 @@ def plot_position_views(views: list[dict], path: str, title: str, last: int = 40
     return path
 
 
+def plot_token_masks(views: list[dict], path: str, title: str, pairs: int = 3) -> str:
+    """Per pair, the learned token weights m_t of the chosen (above) and rejected (below) response."""
+    plt = _pyplot()
+    views = views[:pairs]
+    width = max(len(v[f"{side}_tokens"]) for v in views for side in ("chosen", "rejected"))
+    fig, axes = plt.subplots(2 * len(views), 1, squeeze=False, layout="constrained",
+                             figsize=(max(6.4, 0.3 * width + 1.5), 2.2 * 2 * len(views)))
+    cmap = plt.get_cmap("viridis")
+    for k, v in enumerate(views):
+        for j, side in enumerate(("chosen", "rejected")):
+            ax = axes[2 * k + j, 0]
+            vals, toks = v[f"{side}_mask"], v[f"{side}_tokens"]
+            ax.bar(range(len(vals)), vals, color=[cmap(x) for x in vals])
+            ax.set_xticks(range(len(vals)), [_label(t) for t in toks], rotation=70, ha="right", fontsize=7)
+            ax.set_ylim(0, 1.05)
+            ax.set_xlim(-0.6, width - 0.4)
+            ax.set_ylabel("m_t", fontsize=8)
+            ax.set_title(f"pair {v['pair']}, {side}: learned token weights (mean {sum(vals) / max(len(vals), 1):.2f})",
+                         fontsize=8)
+            ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _label(token) -> str:
     text = str(token).replace("\n", "\\n")
     return text if text.strip() else repr(text)

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from entangle.data import Batch, TokenizedPair, collate_pairs
+from entangle.errors import ConfigError
 from entangle.logps import sequence_logps
 from entangle.models import cache_dir, is_peft
 
@@ -33,6 +34,19 @@ class Reference:
     def logps(self, batch: Batch) -> torch.Tensor | None:
         return None
 
+    def token_logps(self, batch: Batch) -> torch.Tensor | None:
+        """[N, T] per-token log-probs (0 off-response), for token-weighted margins; None without a reference."""
+        if self.kind == "none":
+            return None
+        raise ConfigError(f"reference.type={self.kind} keeps sequence sums only; a token mask needs "
+                          "reference.type=frozen or trust_region")
+
+    def _forward(self, batch: Batch, token_level: bool = False, context=None):
+        """Reference forward under inference mode; returns plain tensors usable as autograd constants."""
+        with torch.inference_mode(), (context if context is not None else self._context()):
+            out = sequence_logps(self.model, batch, token_level)
+        return out.token_logps.clone() if token_level else out.logps.clone()
+
 
 class FrozenReference(Reference):
     """A frozen copy of the initial policy; for PEFT models, the same model with adapters off."""
@@ -46,13 +60,14 @@ class FrozenReference(Reference):
             self.model, self.shared = copy.deepcopy(policy), False
             self.model.eval().requires_grad_(False)
 
-    def context(self):
+    def _context(self):
         return self.model.disable_adapter() if self.shared else contextlib.nullcontext()
 
     def logps(self, batch: Batch) -> torch.Tensor:
-        with torch.inference_mode(), self.context():
-            out = sequence_logps(self.model, batch).logps
-        return out.clone()  # a normal tensor, usable in autograd graphs as a constant
+        return self._forward(batch)
+
+    def token_logps(self, batch: Batch) -> torch.Tensor:
+        return self._forward(batch, token_level=True)
 
 
 class PrecomputedReference(Reference):
@@ -187,9 +202,10 @@ class TrustRegionReference(Reference):
 
     # -- forward
     def logps(self, batch: Batch) -> torch.Tensor:
-        with torch.inference_mode(), self._context():
-            out = sequence_logps(self.model, batch).logps
-        return out.clone()
+        return self._forward(batch)
+
+    def token_logps(self, batch: Batch) -> torch.Tensor:
+        return self._forward(batch, token_level=True)
 
     def _context(self, delta: dict | None = None):
         if not self.lora:
@@ -204,9 +220,7 @@ class TrustRegionReference(Reference):
 
     def initial_logps(self, batch: Batch) -> torch.Tensor:
         """LoRA only: log-probs under the initial policy (W0 + the initial deltas), at no memory cost."""
-        with torch.inference_mode(), self._context(self.initial):
-            out = sequence_logps(self.model, batch).logps
-        return out.clone()
+        return self._forward(batch, context=self._context(self.initial))
 
     # -- update
     def due(self, step: int) -> bool:

@@ -16,7 +16,8 @@ import json
 import os
 
 from entangle.errors import DataError
-from entangle.plots import has_any, plot_case_plane, plot_metrics, plot_position_views, plot_token_views
+from entangle.plots import (has_any, plot_case_plane, plot_metrics, plot_position_views, plot_token_masks,
+                             plot_token_views)
 
 # (file, title, [(panel title, metric keys)]): the curves of the report, in order.
 FIGURES = [
@@ -48,6 +49,9 @@ FIGURES = [
         ("held-out margin vs the initial policy", ["eval/ref/margin_vs_init"]),
         ("reference drift from its start", ["ref/drift"]),
         ("reference updates", ["ref/updates"])]),
+    ("mask", "Sparse token mask", [
+        ("mean token weight m_t (solid: train, dashed: held-out)", ["mask/mean", "eval/mask/mean"]),
+        ("share of response tokens with m_t < 0.1", ["mask/below_0.1"])]),
     ("speed", "Throughput", [("pairs per second", ["pairs_per_s"]), ("tokens per second", ["tokens_per_s"])]),
 ]
 
@@ -132,6 +136,16 @@ def write_report(paths: list[str], out: str, title: str | None = None) -> str:
                 png = plot_token_views(views, os.path.join(out, f"tokens-{_slug(name)}-{label}.png"),
                                        title=f"{name}: per-token gradient cosines ({label})")
                 sections.append(_figure(f"Token view: {name}, {label}", png, TOKEN_NOTE))
+    for name, d in run_dirs.items():
+        masks = os.path.join(d, "token_masks")
+        path = os.path.join(masks, "final.json")
+        path = path if os.path.exists(path) else (_step_files(masks) or [None])[-1]
+        views = _json(path) if path else None
+        if views:
+            label = os.path.splitext(os.path.basename(path))[0]
+            png = plot_token_masks(views, os.path.join(out, f"masks-{_slug(name)}-{label}.png"),
+                                   title=f"{name}: learned token mask ({label})")
+            sections.append(_figure(f"Token mask: {name}, {label}", png, MASK_NOTE))
     for name, d in run_dirs.items():
         files = _step_files(os.path.join(d, "entanglement_positions"))
         views = _json(files[-1]) if files else None
@@ -234,6 +248,16 @@ def _study_section(study_dir: str, summary: dict) -> str:
                      f"{m['rejected_change']:+.3f}: the chosen {'still falls' if m['chosen_still_falls'] else 'no longer falls'}."
                      "</p>")
     results = summary.get("results") or {}
+    moved = {n: r["heldout_token_changes"] for n, r in results.items() if r.get("heldout_token_changes")}
+    if moved:
+        keys = ("chosen_differing", "chosen_shared", "rejected_differing", "rejected_shared")
+        head = "".join(f"<th>{k.replace('_', ' at ')} tokens</th>" for k in keys)
+        rows = "".join(f"<tr><td>{html.escape(n)}</td>{''.join(f'<td>{t[k]:+.3f}</td>' for k in keys)}</tr>"
+                       for n, t in moved.items())
+        parts.append("<h3>Where the held-out log-probs moved</h3><p class=note>Change of each response's log-prob, "
+                     "split into the tokens where chosen and rejected differ and the tokens they share "
+                     f"(means over held-out pairs).</p><table><tr><th>run</th>{head}</tr>{rows}</table>")
+        results = {n: {k: v for k, v in r.items() if k != "heldout_token_changes"} for n, r in results.items()}
     if results:
         present = {k for r in results.values() for k in r}
         cols = [k for k in RESULT_ORDER if k in present] + sorted(present - set(RESULT_ORDER))
@@ -285,6 +309,10 @@ POSITION_NOTE = ("Each bar: what the activations at that position contribute to 
 CASE_NOTE = ("Each dot is one pair at one step of the second half of training. Right of the vertical line the "
              "chosen log-prob rises; below the horizontal line the rejected one falls. Case 2 (both fall) is "
              "what gradient entanglement produces when the chosen and rejected gradients point the same way.")
+MASK_NOTE = ("loss.token_mask=sparse: the weight m_t in [0, 1] that the learned mask gives each response token "
+             "inside the margin, sum_t m_t (log pi_t - log pi_ref,t), for a few held-out pairs (training pairs when "
+             "the run had no eval data). An L1 penalty pulls every weight down; tokens that separate chosen from "
+             "rejected keep theirs.")
 TOKEN_NOTE = ("Cell (i, j): cosine between the gradient of the i-th chosen token's log-prob and that of the j-th "
               "rejected token's log-prob. Red: the two tokens pull the model the same way (entangled); blue: "
               "opposite ways (the contrast DPO wants).")

@@ -16,11 +16,12 @@ import torch
 from entangle.data import Batch
 from entangle.logps import sequence_logps
 from entangle.losses import Loss
+from entangle.mitigations import mask_penalty
 from entangle.reference import Reference
 
 SUM_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
             "logps/chosen", "logps/rejected", "ref/kl_to_init", "ref/margin_vs_init", "ref/accuracy_vs_init",
-            "n_pairs", "n_tokens")
+            "mask/mean", "mask/below_0.1", "n_pairs", "n_tokens")
 
 
 @dataclass
@@ -35,44 +36,62 @@ class StepParts:
     initial: Reference | None = None   # the initial policy, for ref/kl_to_init
     probe: Any = None                  # diagnostics.probe.EntanglementProbe, or None
     normalizer: Any = None             # mitigations.PairwiseNormalizer, or None
+    mask_l1: float = 0.0               # loss.mask_l1 (only read when the policy holds a token mask)
 
 
 def pair_forward(model, loss_fn: Loss, reference: Reference, batch: Batch, initial: Reference | None = None,
-                 *watchers):
+                 *watchers, mask_l1: float = 0.0):
     """Policy and reference log-probs of a concatenated batch -> (per-pair loss [B], metric sums, inputs).
-    `watchers` (diagnostics, mitigations) see the log-prob tensor's gradient during the backward."""
+    `watchers` (diagnostics, mitigations) see the scored log-prob tensor's gradient during the backward.
+    With a token mask (a `Policy` holding one) the margin uses the masked sums and `mask_l1` times
+    each pair's mean token weight is added to its loss."""
     out = sequence_logps(model, batch)                        # logps [2B]
+    scored = out.scored                                       # masked sums under loss.token_mask, else logps
     for w in watchers:
         if w is not None:
-            w.watch(out.logps)
-    pc, pr = out.logps.chunk(2)                               # [B], [B]
+            w.watch(scored)
+    pc, pr = scored.chunk(2)                                  # [B], [B]
     lc, lr = out.lengths.chunk(2)
-    ref = reference.logps(batch)                              # [2B] or None
+    if out.weights is None:
+        ref = ref_full = reference.logps(batch)               # [2B] or None
+    else:
+        # Token mask: the reference's token log-probs weighted by the same m_t (the mask learns from both).
+        ref_tok = reference.token_logps(batch)                # [2B, T] or None
+        ref = None if ref_tok is None else (ref_tok * out.weights).sum(1)
+        ref_full = None if ref_tok is None else ref_tok.sum(1)
     rc, rr = ref.chunk(2) if ref is not None else (None, None)
     loss_fn.observe(pc, pr, rc, rr, lc, lr)                   # running state (BCO) sees the batch first
     per_pair = loss_fn(pc, pr, rc, rr, lc, lr)                # [B]
     rw, rl = loss_fn.rewards(pc, pr, rc, rr, lc, lr)
+    fc, fr = out.logps.detach().chunk(2)                      # the full log-probs, masked or not
     sums = {
         "loss": per_pair.detach().sum(),
         "rewards/chosen": rw.sum(),
         "rewards/rejected": rl.sum(),
         "rewards/margins": (rw - rl).sum(),
         "rewards/accuracies": (rw > rl).float().sum(),
-        "logps/chosen": pc.detach().sum(),
-        "logps/rejected": pr.detach().sum(),
+        "logps/chosen": fc.sum(),
+        "logps/rejected": fr.sum(),
         "n_pairs": torch.tensor(float(pc.numel())),
         "n_tokens": batch.attention_mask.sum().float(),
     }
+    if out.weights is not None:
+        penalty = mask_penalty(out.weights, out.lengths)     # [B] mean token weight of each pair
+        per_pair = per_pair + mask_l1 * penalty
+        sums["mask/mean"] = penalty.detach().sum()
+        low = ((out.weights[:, 1:] < 0.1) & batch.response_mask[:, 1:]).float().sum(1)   # [2B]
+        sums["mask/below_0.1"] = (low.chunk(2)[0] + low.chunk(2)[1]).div((lc + lr).clamp_min(1)).sum()
     if initial is not None:
         # KL(policy || initial) estimated on the batch's responses: mean of log pi - log pi_init.
-        init = ref if initial is reference else initial.logps(batch)
+        init = ref_full if initial is reference else initial.logps(batch)
         sums["ref/kl_to_init"] = (out.logps.detach() - init).sum() / 2
         # The preference measured against the initial policy: comparable across moving references.
         ic, ir = init.chunk(2)
-        margin = (pc.detach() - ic) - (pr.detach() - ir)
+        margin = (fc - ic) - (fr - ir)
         sums["ref/margin_vs_init"] = margin.sum()
         sums["ref/accuracy_vs_init"] = (margin > 0).float().sum()
-    return per_pair, sums, {"pc": pc, "pr": pr, "rc": rc, "rr": rr, "lc": lc, "lr": lr}
+    weights = None if out.weights is None else out.weights.detach()
+    return per_pair, sums, {"pc": pc, "pr": pr, "rc": rc, "rr": rr, "lc": lc, "lr": lr, "weights": weights}
 
 
 def _add(acc: dict, sums: dict) -> None:
@@ -104,7 +123,8 @@ def train_step(parts: StepParts, micro_batches: Sequence[Batch], step: int = 0) 
             if parts.normalizer is not None:
                 parts.normalizer.begin(batch)
             per_pair, batch_sums, inputs = pair_forward(model, parts.loss_fn, parts.reference, batch,
-                                                        parts.initial, probe, parts.normalizer)
+                                                        parts.initial, probe, parts.normalizer,
+                                                        mask_l1=parts.mask_l1)
             # 4. Backward of this micro-batch's share of the step's mean loss.
             acc.backward(per_pair.sum() / n_pairs)
         # 5. Diagnostics (read-only): per-pair gradient inner products from that backward.
@@ -146,15 +166,16 @@ def train_step(parts: StepParts, micro_batches: Sequence[Batch], step: int = 0) 
 
 @torch.no_grad()
 def eval_batch(model, loss_fn: Loss, reference: Reference, batch: Batch,
-               initial: Reference | None = None) -> dict[str, torch.Tensor]:
-    _, sums, _ = pair_forward(model, loss_fn, reference, batch, initial)
+               initial: Reference | None = None, mask_l1: float = 0.0) -> dict[str, torch.Tensor]:
+    _, sums, _ = pair_forward(model, loss_fn, reference, batch, initial, mask_l1=mask_l1)
     out: dict[str, torch.Tensor] = {}
     _add(out, sums)
     return out
 
 
 MEAN_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-             "logps/chosen", "logps/rejected", "ref/kl_to_init", "ref/margin_vs_init", "ref/accuracy_vs_init")
+             "logps/chosen", "logps/rejected", "ref/kl_to_init", "ref/margin_vs_init", "ref/accuracy_vs_init",
+             "mask/mean", "mask/below_0.1")
 
 
 def finish_metrics(accelerator, sums: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -79,7 +79,7 @@ class EntanglementProbe:
             self.recorder.recording = False
         if stats is None:
             self.fallbacks += 1
-            stats = brute_force_stats(self.model, batch)
+            stats = brute_force_stats(self.model, batch, aux.get("weights"))
         stats = with_cos({k: v.double() for k, v in stats.items()})
         d_w, d_l = losses.coefficients(loss_fn, aux["pc"], aux["pr"], aux["rc"], aux["rr"], aux["lc"], aux["lr"])
         d_w, d_l = d_w.double().cpu(), d_l.double().cpu()

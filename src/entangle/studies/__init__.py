@@ -13,6 +13,7 @@ import logging
 import os
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from entangle import config
 from entangle.errors import TrainingError
@@ -43,8 +44,11 @@ def _status(run_dir: str) -> str | None:
 def same_settings(run_dir: str, cfg) -> bool:
     """True when the config saved in `run_dir` computes the same thing as `cfg`."""
     try:
-        saved = OmegaConf.to_container(OmegaConf.load(os.path.join(run_dir, "config.yaml")), resolve=True)
-    except (OSError, ValueError):
+        saved = OmegaConf.load(os.path.join(run_dir, "config.yaml"))
+        saved.pop("_run", None)
+        # Keys added since that run keep their defaults, which compute what the run computed.
+        saved = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(config.Config), saved), resolve=True)
+    except (OSError, ValueError, OmegaConfBaseException):
         return False
     return _settings(saved) == _settings(cfg)
 

@@ -81,9 +81,9 @@ def run(out: str = "runs/compare", losses: tuple[str, ...] = DEFAULT_LOSSES, qui
             "reference.type=auto", "reference.kl_to_init=true"]
     results = {}
     runs = [(name, [f"loss.name={name}", *per_loss.get(name, [])]) for name in names]
-    # The pairwise-normalised update (spec sec. 5) on the losses in `mitigate`: LOSS-pairwise.
-    runs += [(f"{name}-pairwise", [f"loss.name={name}", *per_loss.get(name, []), "optimizer.pairwise_normalized=true"])
-             for name in names if name in mitigate]
+    # The mitigations (spec sec. 5) on the losses in `mitigate`: LOSS-pairwise, LOSS-sparse.
+    runs += [(f"{name}-{m}", [f"loss.name={name}", *per_loss.get(name, []), *extra_m])
+             for name in names if name in mitigate for m, extra_m in sentiment.MITIGATION_OVERRIDES.items()]
     for name, own in runs:
         log.info("compare: %s (%d steps)", name, steps)
         rows = run_once([*base, *own, *extra], os.path.join(out, name))

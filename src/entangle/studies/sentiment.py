@@ -36,7 +36,7 @@ PRESETS = {
 }
 TOKEN_PAIRS = 3
 # The paper's mitigations (spec sec. 5), each as config overrides of the long-suffix DPO run.
-MITIGATION_OVERRIDES = {"pairwise": ["optimizer.pairwise_normalized=true"]}
+MITIGATION_OVERRIDES = {"pairwise": ["optimizer.pairwise_normalized=true"], "sparse": ["loss.token_mask=sparse"]}
 MITIGATIONS = tuple(MITIGATION_OVERRIDES)  # held-out pairs of the long-suffix configuration in the token view
 
 
@@ -86,13 +86,16 @@ def run(out: str = "runs/sentiment", model: str = "tiny", configs: tuple[str, ..
                f"train.max_steps={s['steps']}", f"train.eval_every={max(1, s['steps'] // 10)}",
                "train.eval_at_start=true", "diagnostics.entanglement.every=1",
                "diagnostics.entanglement.realised=true", *data, *extra]
+        start, test = os.path.join(sft_dir, "final"), source(c, "test", s["n_test"], seed)
         results[c] = summarise(run_once(dpo, dpo_dir))
+        results[c]["heldout_token_changes"] = token_changes(start, dpo_dir)
         if c == "long":
-            token_views(dpo_dir, os.path.join(sft_dir, "final"), source(c, "test", s["n_test"], seed))
+            token_views(dpo_dir, start, test)
             for m in mitigations:
                 log.info("sentiment study, long suffix with the %s mitigation", m)
-                mitigated[f"long-{m}"] = summarise(run_once([*dpo, *MITIGATION_OVERRIDES[m]],
-                                                            os.path.join(out, f"long-{m}")))
+                m_dir = os.path.join(out, f"long-{m}")
+                mitigated[f"long-{m}"] = summarise(run_once([*dpo, *MITIGATION_OVERRIDES[m]], m_dir))
+                mitigated[f"long-{m}"]["heldout_token_changes"] = token_changes(start, m_dir)
     summary = {"study": "sentiment", "model": model, "seed": seed, "settings": s,
                "responses": {c: list(synthetic.RESPONSES[c]) for c in configs},
                "runs": {c: c for c in [*configs, *mitigated]}, "results": {**results, **mitigated},
@@ -194,6 +197,42 @@ def token_views(run_dir: str, start_model: str, eval_source: str) -> None:
         save_token_views(run_dir, f"heldout-{label}", model, tok, pairs)
 
 
+def token_changes(start_model: str, run_dir: str) -> dict:
+    """Where the held-out log-probs of `run_dir` (its eval pairs) moved from `start_model`: each
+    response's change split into the tokens where chosen and rejected differ (the sentiment word) and
+    the tokens they share (suffix, EOS); means over pairs."""
+    import torch
+
+    from entangle import config
+    from entangle.data import collate_pairs
+    from entangle.logps import sequence_logps
+    from entangle.loop import load_pairs
+    from entangle.models import load_model
+
+    from omegaconf import OmegaConf
+
+    saved = OmegaConf.load(os.path.join(run_dir, "config.yaml"))
+    saved.pop("_run", None)
+    data_cfg = OmegaConf.merge(OmegaConf.structured(config.Config), saved).data
+    logps = {}
+    for label, path in (("start", start_model), ("end", os.path.join(run_dir, "final"))):
+        model, tok = load_model(path, dtype="float32")
+        pairs, _ = load_pairs(data_cfg.eval, tok, data_cfg, data_cfg.eval_split, data_cfg.max_eval_examples)
+        batch = collate_pairs(pairs, tok.pad_token_id)
+        with torch.no_grad():
+            logps[label] = sequence_logps(model, batch, token_level=True).token_logps
+    change, resp, B = logps["end"] - logps["start"], batch.response_mask, len(pairs)   # [2B, T]
+    sums = {f"{side}_{kind}": 0.0 for side in ("chosen", "rejected") for kind in ("differing", "shared")}
+    for i, p in enumerate(pairs):
+        for side, row, own, other in (("chosen", i, p.chosen_ids, p.rejected_ids),
+                                      ("rejected", B + i, p.rejected_ids, p.chosen_ids)):
+            per_token = change[row][resp[row]].tolist()
+            for k, d in enumerate(per_token):
+                shared = k < len(other) and own[k] == other[k]
+                sums[f"{side}_{'shared' if shared else 'differing'}"] += d / B
+    return sums
+
+
 def format_table(summary: dict) -> str:
     """Held-out log-probs, last-half cosine, and the case fractions (c1 c2 c3) three ways: a plain gradient
     step to first order, the optimiser's actual update to first order, and realised."""
@@ -210,6 +249,12 @@ def format_table(summary: dict) -> str:
     lines.append("")
     for p in summary["predictions"]:
         lines.append(f"{'held  ' if p['held'] else 'FAILED'} {p['config']}: {p['claim']} ({p['measured']})")
+    for c, r in summary["results"].items():
+        t = r.get("heldout_token_changes")
+        if t:
+            lines.append(f"{c}: held-out change at the tokens where chosen/rejected differ {t['chosen_differing']:+.3f}"
+                         f"/{t['rejected_differing']:+.3f}, at the shared tokens {t['chosen_shared']:+.3f}"
+                         f"/{t['rejected_shared']:+.3f}")
     for m in summary.get("mitigations", []):
         lines.append(f"mitigation {m['run']}: held-out chosen {m['chosen_change']:+.3f} (without: "
                      f"{m['chosen_change_without']:+.3f}), rejected {m['rejected_change']:+.3f}; chosen "
