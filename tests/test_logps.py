@@ -69,3 +69,48 @@ def test_smollm2_response_only_equals_naive():
         ref = naive_logps(model, batch)
     torch.testing.assert_close(out.logps, ref, rtol=1e-4, atol=1e-3)
     assert out.logps[0] > out.logps[2]  # "Paris." is more likely than "Lyon, I think."
+
+
+@pytest.mark.parametrize("arch", ["tiny", "tiny-gpt2"])
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("dtype, tol, grad_tol", [("float64", 1e-10, 1e-6), ("float32", 2e-5, 1e-4)])
+def test_prefix_shared_rows_equal_the_concatenated_batch(tok, arch, lora, dtype, tol, grad_tol):
+    """[prompt, chosen, rejected] in one row with a 4-D mask and restarted positions gives the same
+    log-probs (and gradients) as two rows; padding, prompt lengths and response lengths all vary.
+    (Attention softmax runs in float32 inside transformers, so float64 gradients agree to ~1e-8.)"""
+    lora_cfg = models.LoraSettings(r=4, target_modules=["q_proj", "v_proj"] if arch == "tiny" else ["c_attn"]) \
+        if lora else None
+    model, _ = models.load_model(arch, dtype=dtype, lora=lora_cfg, tokenizer=tok)
+    exs = [data.PreferenceExample(p, c, r) for p, c, r in TEXTS]
+    pairs, _ = data.tokenize_pairs(exs, tok)
+    batch = data.collate_pairs(pairs, tok.pad_token_id, pack=True)
+    packed = batch.extra["packed"]
+    assert packed.input_ids.shape[1] < 2 * batch.input_ids.shape[1]   # the prompt runs once
+    one = sequence_logps(model, batch)
+    two = sequence_logps(model, batch, pack=False)
+    torch.testing.assert_close(one.logps, two.logps, rtol=tol, atol=tol)
+    assert one.lengths.tolist() == two.lengths.tolist()
+    params = [p for p in model.parameters() if p.requires_grad]
+    weights = torch.arange(1, 7, dtype=one.logps.dtype)           # a different weight per row
+    g1 = torch.autograd.grad((one.logps * weights).sum(), params)
+    g2 = torch.autograd.grad((two.logps * weights).sum(), params)
+    for a, b in zip(g1, g2):
+        assert float((a - b).abs().max()) <= grad_tol * max(float(a.abs().max()), 1e-30)
+
+
+def test_unknown_architectures_fall_back_to_the_concatenated_batch_and_say_so(tok, caplog):
+    import logging
+
+    from entangle import logps as logps_module
+
+    model, _ = models.load_model("tiny", dtype="float64", tokenizer=tok)
+    model.config.model_type = "an-unknown-architecture"
+    exs = [data.PreferenceExample(p, c, r) for p, c, r in TEXTS]
+    pairs, _ = data.tokenize_pairs(exs, tok)
+    batch = data.collate_pairs(pairs, tok.pad_token_id, pack=True)
+    with caplog.at_level(logging.INFO):
+        assert not logps_module.can_pack(model)
+        out = sequence_logps(model, batch)
+        sequence_logps(model, batch)
+    torch.testing.assert_close(out.logps, naive_logps(model, batch), rtol=1e-10, atol=1e-10)
+    assert caplog.text.count("prefix sharing is not available for an-unknown-architecture") == 1

@@ -73,19 +73,62 @@ class Policy(torch.nn.Module):
         self.token_mask = token_mask       # mitigations.TokenMask (loss.token_mask: sparse), trained with the policy
         self._no_split_modules = getattr(model, "_no_split_modules", None)  # FSDP auto-wrap reads it
 
-    def forward(self, input_ids, attention_mask, response_mask, token_level: bool = False):
+    def forward(self, input_ids, attention_mask, response_mask, token_level: bool = False, packed=None):
+        if packed is not None and self.token_mask is None:
+            return (*_packed_logps(self.model, packed, input_ids.shape[0]), None, None, None)
         out = _logps(self.model, input_ids, attention_mask, response_mask, token_level, self.token_mask)
         return out.logps, out.lengths, out.token_logps, out.weights, out.masked
 
 
-def sequence_logps(model, batch: Batch, token_level: bool = False) -> LogpsOut:
+def sequence_logps(model, batch: Batch, token_level: bool = False, pack: bool = True) -> LogpsOut:
     """Summed log-probs of each row's response tokens given everything before them.
 
-    `model` is a causal LM, a `Policy`, or a DDP/FSDP wrapper of a `Policy`."""
+    `model` is a causal LM, a `Policy`, or a DDP/FSDP wrapper of a `Policy`. When the batch carries the
+    prefix-shared layout (`collate_pairs(..., pack=True)`), `pack` is true, no token-level output is
+    asked for and the model can take it, each pair runs as one row `[prompt, chosen, rejected]`."""
     inner = getattr(model, "module", model)
+    lm = inner.model if isinstance(inner, Policy) else model
+    packed = batch.extra.get("packed") if pack and not token_level else None
+    if packed is not None and not can_pack(lm):
+        packed = None
     if isinstance(inner, Policy):
-        return LogpsOut(*model(batch.input_ids, batch.attention_mask, batch.response_mask, token_level))
+        return LogpsOut(*model(batch.input_ids, batch.attention_mask, batch.response_mask, token_level, packed))
+    if packed is not None:
+        return LogpsOut(*_packed_logps(model, packed, batch.n_rows), None)
     return _logps(model, batch.input_ids, batch.attention_mask, batch.response_mask, token_level)
+
+
+# Architectures whose attention takes a custom 4-D mask with explicit position ids, checked against the
+# concatenated layout in tests/test_logps.py (llama, gpt2) and benchmarks/vs_trl.py (SmolLM2 = llama).
+PACKABLE = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "olmo2", "gemma"}
+
+
+def can_pack(model) -> bool:
+    """Whether prefix sharing applies to `model` (says once per model type when it does not)."""
+    parts = split_model(model)
+    cfg = parts[2] if parts is not None else getattr(model, "config", None)
+    kind = getattr(cfg, "model_type", type(model).__name__)
+    attn = getattr(cfg, "_attn_implementation", None) or "eager"
+    ok = parts is not None and kind in PACKABLE and attn in ("sdpa", "eager")
+    if not ok and f"pack:{kind}:{attn}" not in _warned:
+        _warned.add(f"pack:{kind}:{attn}")
+        log.info("prefix sharing is not available for %s with %s attention; using the concatenated batch", kind, attn)
+    return ok
+
+
+def _packed_logps(model, packed, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs [2B] and lengths [2B] from the prefix-shared rows (see `PackedPairs`)."""
+    decoder, head, cfg = split_model(model)
+    dtype = decoder.get_input_embeddings().weight.dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    mask = torch.zeros(packed.allowed.shape, dtype=dtype, device=packed.allowed.device)
+    mask = mask.masked_fill(~packed.allowed, torch.finfo(dtype).min)[:, None]                  # [B, 1, T, T]
+    hidden = decoder(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
+                     use_cache=False).last_hidden_state                                           # [B, T, d]
+    logits = response_logits(head, cfg, hidden[packed.src_row, packed.src_pos])                 # [K, V]
+    tok = -F.cross_entropy(logits, packed.targets, reduction="none")                            # [K]
+    logps = torch.zeros(n_rows, dtype=tok.dtype, device=tok.device).index_add(0, packed.out_row, tok)
+    return logps, packed.lengths
 
 
 def _logps(model, ids, attn, resp, token_level: bool, token_mask=None) -> LogpsOut:

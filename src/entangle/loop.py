@@ -284,7 +284,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
         sums: dict = {}
         mine = eval_pairs[acc.process_index :: world]
         for s in range(0, len(mine), tc.eval_batch_size):
-            batch = collate_pairs(mine[s : s + tc.eval_batch_size], pad_id).to(acc.device)
+            batch = collate_pairs(mine[s : s + tc.eval_batch_size], pad_id, tc.prefix_sharing).to(acc.device)
             for k, v in eval_batch(model, loss_fn, eval_ref, batch, eval_initial, mask_l1).items():
                 sums[k] = sums.get(k, 0) + v
         model.train()
@@ -305,8 +305,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
             idx = batch_indices(len(train_pairs), step, global_batch, tc.seed)
             per_rank = tc.batch_size * tc.grad_accum
             mine = idx[acc.process_index * per_rank : (acc.process_index + 1) * per_rank]
-            micro = [collate_pairs([train_pairs[i] for i in mine[k : k + tc.batch_size]], pad_id).to(acc.device)
-                     for k in range(0, per_rank, tc.batch_size)]
+            micro = [collate_pairs([train_pairs[i] for i in mine[k : k + tc.batch_size]], pad_id,
+                                   tc.prefix_sharing).to(acc.device) for k in range(0, per_rank, tc.batch_size)]
             sums, pair_rows = train_step(parts, micro, step + 1)
             if probe is not None and probe.due(step + 1):
                 for r in gather_object(pair_rows):

@@ -112,7 +112,7 @@ def precompute_reference(policy, pairs: Sequence[TokenizedPair], pad_id: int, ba
         device = next(policy.parameters()).device
         chosen, rejected = [], []
         for s in range(0, len(pairs), batch_size):
-            lp = frozen.logps(collate_pairs(pairs[s : s + batch_size], pad_id).to(device)).float().cpu()
+            lp = frozen.logps(collate_pairs(pairs[s : s + batch_size], pad_id, pack=True).to(device)).float().cpu()
             c, r = lp.chunk(2)
             chosen.append(c)
             rejected.append(r)

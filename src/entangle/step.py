@@ -40,12 +40,12 @@ class StepParts:
 
 
 def pair_forward(model, loss_fn: Loss, reference: Reference, batch: Batch, initial: Reference | None = None,
-                 *watchers, mask_l1: float = 0.0):
+                 *watchers, mask_l1: float = 0.0, pack: bool = True):
     """Policy and reference log-probs of a concatenated batch -> (per-pair loss [B], metric sums, inputs).
     `watchers` (diagnostics, mitigations) see the scored log-prob tensor's gradient during the backward.
     With a token mask (a `Policy` holding one) the margin uses the masked sums and `mask_l1` times
     each pair's mean token weight is added to its loss."""
-    out = sequence_logps(model, batch)                        # logps [2B]
+    out = sequence_logps(model, batch, pack=pack)             # logps [2B]
     scored = out.scored                                       # masked sums under loss.token_mask, else logps
     for w in watchers:
         if w is not None:
@@ -112,6 +112,8 @@ def train_step(parts: StepParts, micro_batches: Sequence[Batch], step: int = 0) 
     # 1. Learning rate for this step (the scheduler advanced after the previous step).
     lr = parts.scheduler.get_last_lr()[0]
     n_pairs = sum(b.n_rows // 2 for b in micro_batches)
+    # The recorder reads per-row statistics off the concatenated rows: no prefix sharing on such steps.
+    watched = probe is not None or parts.normalizer is not None
     sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro_batches):
         # 2. Gradients synchronise across processes only on the last micro-batch.
@@ -124,7 +126,7 @@ def train_step(parts: StepParts, micro_batches: Sequence[Batch], step: int = 0) 
                 parts.normalizer.begin(batch)
             per_pair, batch_sums, inputs = pair_forward(model, parts.loss_fn, parts.reference, batch,
                                                         parts.initial, probe, parts.normalizer,
-                                                        mask_l1=parts.mask_l1)
+                                                        mask_l1=parts.mask_l1, pack=not watched)
             # 4. Backward of this micro-batch's share of the step's mean loss.
             acc.backward(per_pair.sum() / n_pairs)
         # 5. Diagnostics (read-only): per-pair gradient inner products from that backward.

@@ -161,7 +161,7 @@ class EntanglementProbe:
 
         k = 0
         for batch in micro_batches:
-            lp = sequence_logps(policy, batch).logps.double().cpu()
+            lp = sequence_logps(policy, batch, pack=False).logps.double().cpu()
             B = batch.n_rows // 2
             for i in range(B):
                 row = self.pairs[k + i]

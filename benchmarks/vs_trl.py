@@ -1,0 +1,226 @@
+"""entangle vs TRL's DPOTrainer: the same pairs, model, dtype, batch, max length, beta, learning rate,
+optimiser and static frozen reference, in one process, alternating blocks of steps.
+
+    pip install -e ".[bench]"          # TRL and psutil
+    python benchmarks/vs_trl.py                                   # SmolLM2-135M, HH, 256/512 x batch 2/4, tiny
+    python benchmarks/vs_trl.py --model tiny --lengths 128 --batches 2 --steps 3 --rounds 1
+
+Prints per setting: median step time, pairs/s, tokens/s, peak RSS during the block, the step-1 loss
+and log-probs of each (they must agree), model FLOPs utilisation against a measured float32 matmul
+peak, and the ratio. Pairs are HH helpful-base pairs whose longer sequence fits `max_length` and
+exceeds half of it (no truncation on either side, so both see the same tokens).
+Not a test: run it by hand; numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+HH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hh-rlhf", "helpful-base.train.jsonl")
+
+
+class PeakRSS:
+    """Samples the process's resident memory every 50 ms while active."""
+
+    def __init__(self):
+        import psutil
+
+        self.proc, self.peak, self.stop = psutil.Process(), 0, threading.Event()
+
+    def __enter__(self):
+        self.peak = self.proc.memory_info().rss
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.05)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def matmul_peak(n: int = 2048, reps: int = 10) -> float:
+    """Measured float32 matmul FLOP/s on this machine (best of `reps`)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def select_pairs(tokenizer, path: str, max_length: int, n: int) -> list[dict]:
+    """HH pairs (string prompt/chosen/rejected) with max_length/2 < longest sequence <= max_length."""
+    from entangle.data import encode_prompt_response, read_examples
+
+    examples, _ = read_examples(path, {}, True, "train", None)
+    out = []
+    for e in examples:
+        if not isinstance(e.prompt, str):
+            continue
+        p, c = encode_prompt_response(tokenizer, e.prompt, e.chosen)
+        _, r = encode_prompt_response(tokenizer, e.prompt, e.rejected)
+        longest = len(p) + max(len(c), len(r))
+        if max_length // 2 < longest <= max_length:
+            out.append({"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected,
+                        "tokens": 2 * len(p) + len(c) + len(r), "packed_tokens": len(p) + len(c) + len(r)})
+        if len(out) == n:
+            break
+    if len(out) < n:
+        sys.exit(f"{path}: only {len(out)} pairs fit max_length {max_length} (need {n})")
+    return out
+
+
+def run_trl(folder: str, pairs: list[dict], a) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with tempfile.TemporaryDirectory() as out:
+        args = DPOConfig(output_dir=out, per_device_train_batch_size=a.batch, max_steps=a.steps,
+                         learning_rate=a.lr, lr_scheduler_type="constant", beta=a.beta, max_length=a.max_length,
+                         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                         dataloader_drop_last=True, disable_tqdm=True, max_grad_norm=1.0, warmup_steps=0,
+                         optim="adamw_torch", weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8)
+        ds = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+        trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
+        trainer._get_train_sampler = lambda *x, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
+        with PeakRSS() as rss:
+            trainer.train()
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+    first = logs[0]
+    return {"times": times, "rss": rss.peak, "loss1": first["loss"], "chosen1": first.get("logps/chosen"),
+            "rejected1": first.get("logps/rejected"), "loss2": logs[1]["loss"] if len(logs) > 1 else None}
+
+
+def run_entangle(model: str, pairs: list[dict], a) -> dict:
+    from entangle import config
+    from entangle.loop import train
+
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as out:
+        path = os.path.join(out, "pairs.jsonl")
+        with open(path, "w") as f:
+            f.writelines(json.dumps({k: p[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for p in pairs)
+        cfg = config.load(None, [f"model.name={model}", "model.dtype=float32", f"data.train={path}",
+                                 f"data.max_length={a.max_length}", "loss.name=dpo", f"loss.params.beta={a.beta}",
+                                 "reference.type=frozen", "reference.kl_to_init=false", f"optimizer.lr={a.lr}",
+                                 "schedule.decay=constant", "schedule.warmup_steps=0", f"train.batch_size={a.batch}",
+                                 f"train.max_steps={a.steps}", "train.max_grad_norm=1.0", "tracking.progress=false",
+                                 f"train.output_dir={out}/run", "train.save_every=0",
+                                 f"train.prefix_sharing={str(a.prefix_sharing).lower()}",
+                                 "diagnostics.entanglement.every=0"])
+        sequential(cfg)
+        with PeakRSS() as rss:
+            train(cfg, callbacks=[lambda row, stop: rows.append(row)])
+    return {"times": [r["step_time_s"] for r in rows], "rss": rss.peak, "loss1": rows[0]["loss"],
+            "chosen1": rows[0]["logps/chosen"], "rejected1": rows[0]["logps/rejected"],
+            "loss2": rows[1]["loss"] if len(rows) > 1 else None}
+
+
+def sequential(cfg) -> None:
+    """Both trainers take the pairs in file order: entangle's seeded permutation is replaced here."""
+    import entangle.loop as loop
+
+    loop.batch_indices = lambda n, step, global_batch, seed: list(range(step * global_batch,
+                                                                        (step + 1) * global_batch))
+
+
+def _f(v, digits: int = 4) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m | tiny")
+    ap.add_argument("--data", default=HH)
+    ap.add_argument("--lengths", default="256,512")
+    ap.add_argument("--batches", default="2,4")
+    ap.add_argument("--steps", type=int, default=4, help="optimiser steps per block (the first is not timed)")
+    ap.add_argument("--rounds", type=int, default=1, help="TRL/entangle blocks per setting, alternating")
+    ap.add_argument("--lr", type=float, default=5e-6)
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--no-prefix-sharing", dest="prefix_sharing", action="store_false")
+    a = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    from entangle import models
+
+    if a.model == "smollm2-135m":
+        folder = models.smollm2_folder()
+    else:
+        folder = tempfile.mkdtemp(prefix="entangle-bench-")
+        m, tok = models.load_model(a.model, dtype="float32")
+        m.save_pretrained(folder)
+        tok.save_pretrained(folder)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(folder).parameters())
+    peak = matmul_peak()
+    print(f"# {time.strftime('%Y-%m-%d')} | {a.model} ({n_params / 1e6:.1f}M parameters) float32 | "
+          f"{os.cpu_count()} CPU threads | float32 matmul peak {peak / 1e9:.1f} GFLOP/s | torch {torch.__version__}")
+    print("| max_length | batch | trainer | median step s | pairs/s | tokens/s | peak RSS GiB | step-1 loss | "
+          "step-1 logp chosen / rejected | step-2 loss | MFU | speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for L in (int(x) for x in a.lengths.split(",")):
+        for B in (int(x) for x in a.batches.split(",")):
+            a.max_length, a.batch = L, B
+            pairs = select_pairs(tok, a.data, L, B * a.steps)
+            tokens_per_step = statistics.mean(p["tokens"] for p in pairs) * B
+            res: dict[str, list[dict]] = {"TRL": [], "entangle": []}
+            for _ in range(a.rounds):
+                # entangle first: after TRL's trainer has run in a process, a frozen reference and the
+                # policy no longer give bit-identical log-probs there (a global setting TRL leaves behind).
+                for name, fn in (("entangle", lambda: run_entangle(folder, pairs, a)),
+                                 ("TRL", lambda: run_trl(folder, pairs, a))):
+                    gc.collect()
+                    res[name].append(fn())
+            med = {}
+            for name, runs in res.items():
+                times = [t for r in runs for t in r["times"][1:]]       # the first step of a block warms up
+                med[name] = statistics.median(times)
+            for name, runs in res.items():
+                r, m = runs[0], med[name]
+                # model FLOPs: policy forward+backward (6N) and reference forward (2N) per sequence token
+                mfu = 8 * n_params * tokens_per_step / m / peak
+                up = f"{med['TRL'] / m:.2f}x" if name == "entangle" else ""
+                print(f"| {L} | {B} | {name} | {m:.2f} | {B / m:.3f} | {tokens_per_step / m:.0f} | "
+                      f"{max(x['rss'] for x in runs) / 2**30:.2f} | {r['loss1']:.6f} | "
+                      f"{_f(r['chosen1'])} / {_f(r['rejected1'])} | {_f(r['loss2'], 6)} | {mfu:.1%} | {up} |",
+                      flush=True)
+            t, e = res["TRL"][0], res["entangle"][0]
+            agree = abs(t["loss1"] - e["loss1"]) < 1e-4 and None not in (t["chosen1"], e["chosen1"]) and \
+                abs(t["chosen1"] - e["chosen1"]) < 1e-3 * abs(t["chosen1"])
+            if not agree:
+                print(f"WARNING: step-1 numbers differ at max_length {L}, batch {B}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
