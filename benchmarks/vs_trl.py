@@ -66,7 +66,9 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> float:
 
 
 def select_pairs(tokenizer, path: str, max_length: int, n: int) -> list[dict]:
-    """HH pairs (string prompt/chosen/rejected) with max_length/2 < longest sequence <= max_length."""
+    """HH pairs (string prompt/chosen/rejected) with max_length/2 < longest sequence <= max_length, whose
+    prompt and responses tokenise the same apart as together (TRL tokenises prompt + response in one
+    go, entangle each part alone: on these pairs both give the same token ids)."""
     from entangle.data import encode_prompt_response, read_examples
 
     examples, _ = read_examples(path, {}, True, "train", None)
@@ -77,7 +79,9 @@ def select_pairs(tokenizer, path: str, max_length: int, n: int) -> list[dict]:
         p, c = encode_prompt_response(tokenizer, e.prompt, e.chosen)
         _, r = encode_prompt_response(tokenizer, e.prompt, e.rejected)
         longest = len(p) + max(len(c), len(r))
-        if max_length // 2 < longest <= max_length:
+        joint = [tokenizer(e.prompt + x, add_special_tokens=False)["input_ids"] for x in (e.chosen, e.rejected)]
+        same = joint == [p + c[:-1], p + r[:-1]]          # c and r end with the EOS entangle appends
+        if same and max_length // 2 < longest <= max_length:
             out.append({"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected,
                         "tokens": 2 * len(p) + len(c) + len(r), "packed_tokens": len(p) + len(c) + len(r)})
         if len(out) == n:
@@ -108,7 +112,10 @@ def run_trl(folder: str, pairs: list[dict], a) -> dict:
                          learning_rate=a.lr, lr_scheduler_type="constant", beta=a.beta, max_length=a.max_length,
                          logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
                          dataloader_drop_last=True, disable_tqdm=True, max_grad_norm=1.0, warmup_steps=0,
-                         optim="adamw_torch", weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8)
+                         optim="adamw_torch", weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+                         # float32 like entangle (TRL's default is bf16 autocast), and no activation
+                         # checkpointing (TRL's default recomputes the forward: slower, less memory)
+                         bf16=False, gradient_checkpointing=False)
         ds = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
         trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
         trainer._get_train_sampler = lambda *x, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
@@ -163,7 +170,8 @@ def main() -> None:
     ap.add_argument("--data", default=HH)
     ap.add_argument("--lengths", default="256,512")
     ap.add_argument("--batches", default="2,4")
-    ap.add_argument("--steps", type=int, default=4, help="optimiser steps per block (the first is not timed)")
+    ap.add_argument("--steps", type=int, default=3, help="optimiser steps per block (with 3 or more, the first is "
+                    "not timed)")
     ap.add_argument("--rounds", type=int, default=1, help="TRL/entangle blocks per setting, alternating")
     ap.add_argument("--lr", type=float, default=5e-6)
     ap.add_argument("--beta", type=float, default=0.1)
@@ -193,7 +201,8 @@ def main() -> None:
         for B in (int(x) for x in a.batches.split(",")):
             a.max_length, a.batch = L, B
             pairs = select_pairs(tok, a.data, L, B * a.steps)
-            tokens_per_step = statistics.mean(p["tokens"] for p in pairs) * B
+            tokens_per_step = statistics.mean(p["tokens"] for p in pairs) * B          # both responses with the prompt
+            packed_per_step = statistics.mean(p["packed_tokens"] for p in pairs) * B   # the prompt once
             res: dict[str, list[dict]] = {"TRL": [], "entangle": []}
             for _ in range(a.rounds):
                 # entangle first: after TRL's trainer has run in a process, a frozen reference and the
@@ -204,12 +213,14 @@ def main() -> None:
                     res[name].append(fn())
             med = {}
             for name, runs in res.items():
-                times = [t for r in runs for t in r["times"][1:]]       # the first step of a block warms up
+                times = [t for r in runs for t in (r["times"][1:] if a.steps >= 3 else r["times"])]
                 med[name] = statistics.median(times)
             for name, runs in res.items():
                 r, m = runs[0], med[name]
-                # model FLOPs: policy forward+backward (6N) and reference forward (2N) per sequence token
-                mfu = 8 * n_params * tokens_per_step / m / peak
+                # model FLOPs: policy forward+backward (6N) and reference forward (2N) per token the
+                # trainer runs through the model (entangle with prefix sharing runs the prompt once)
+                ran = packed_per_step if name == "entangle" and a.prefix_sharing else tokens_per_step
+                mfu = 8 * n_params * ran / m / peak
                 up = f"{med['TRL'] / m:.2f}x" if name == "entangle" else ""
                 print(f"| {L} | {B} | {name} | {m:.2f} | {B / m:.3f} | {tokens_per_step / m:.0f} | "
                       f"{max(x['rss'] for x in runs) / 2**30:.2f} | {r['loss1']:.6f} | "

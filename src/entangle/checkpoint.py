@@ -165,3 +165,10 @@ def load_checkpoint(folder: str, accelerator, model, optimizer, scheduler) -> di
 def load_extra(folder: str, name: str) -> dict | None:
     path = os.path.join(folder, f"{name}.safetensors")
     return load_file(path) if os.path.exists(path) else None
+
+
+def write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)

@@ -24,13 +24,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from entangle import __version__, losses, synthetic
 from entangle.checkpoint import (hf_model, list_checkpoints, load_checkpoint, load_extra, resolve_resume,
-                                 save_checkpoint, save_weights)
+                                 save_checkpoint, save_weights, write_json)
 from entangle.config import reference_type, trust_region
 from entangle.data import TokenizedPair, collate_pairs, read_examples, tokenize_pairs
 from entangle.errors import TrainingError
 from entangle.diagnostics.probe import EntanglementProbe
-from entangle.logps import Policy, sequence_logps, split_model
-from entangle.mitigations import PairwiseNormalizer, TokenMask
+from entangle.diagnostics.views import save_mask_views, save_position_views, save_token_views
+from entangle.logps import Policy
+from entangle.mitigations import PairwiseNormalizer, make_token_mask
 from entangle.models import LoraSettings, count_parameters, load_model
 from entangle.reference import TrustRegionReference, initial_policy, make_reference, precompute_reference
 from entangle.step import StepParts, eval_batch, finish_metrics, train_step
@@ -117,13 +118,6 @@ class JsonlLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-
-
-def write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------ train
@@ -379,66 +373,6 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
         acc.end_training()
     acc.wait_for_everyone()
     return RunResult(run_dir, summary, status, stop.reason, main)
-
-
-def save_token_views(run_dir: str, name: str, model, tokenizer, pairs: list[TokenizedPair]) -> None:
-    """`entanglement_tokens/NAME.json` (`step-N` in training): exact per-token gradient inner products
-    and cosines of `pairs`. `model` is a language model or a `Policy` (whose token mask, if any, is
-    written beside: `token_masks/NAME.json`)."""
-    from entangle.diagnostics.tokens import to_json, token_gradients
-
-    lm = model.model if isinstance(model, Policy) else model
-    views = [{"pair": p.index, **to_json(token_gradients(lm, p.prompt_ids, p.chosen_ids, p.rejected_ids,
-                                                          tokenizer))} for p in pairs]
-    folder = os.path.join(run_dir, "entanglement_tokens")
-    os.makedirs(folder, exist_ok=True)
-    write_json(os.path.join(folder, f"{name}.json"), views)
-    lm.zero_grad(set_to_none=True)
-    if isinstance(model, Policy) and model.token_mask is not None:
-        save_mask_views(run_dir, name, model, tokenizer, pairs, tokenizer.pad_token_id)
-
-
-@torch.no_grad()
-def save_mask_views(run_dir: str, name: str, policy: Policy, tokenizer, pairs: list[TokenizedPair],
-                    pad_id: int) -> None:
-    """`token_masks/NAME.json`: the learned token weights m_t of each pair's chosen and rejected tokens."""
-    batch = collate_pairs(pairs, pad_id).to(next(policy.parameters()).device)
-    weights = sequence_logps(policy, batch).weights.float().cpu()          # [2B, T]
-    B, resp = len(pairs), batch.response_mask.cpu()
-    views = []
-    for i, p in enumerate(pairs):
-        view = {"pair": p.index}
-        for side, row, ids in (("chosen", i, p.chosen_ids), ("rejected", B + i, p.rejected_ids)):
-            view[f"{side}_tokens"] = [tokenizer.decode([t]) for t in ids]
-            view[f"{side}_mask"] = [round(float(w), 4) for w in weights[row][resp[row]]]
-        views.append(view)
-    folder = os.path.join(run_dir, "token_masks")
-    os.makedirs(folder, exist_ok=True)
-    write_json(os.path.join(folder, f"{name}.json"), views)
-
-
-def make_token_mask(model, loss_cfg, device):
-    """The learned token mask of `loss.token_mask: sparse` (float32, on `device`), or None."""
-    if loss_cfg.token_mask != "sparse":
-        return None
-    parts = split_model(model)
-    if parts is None:
-        raise TrainingError(f"{type(model).__name__}: loss.token_mask=sparse needs a decoder/head layout entangle "
-                            "knows (transformers causal LMs without logit scaling)")
-    return TokenMask(parts[1].weight.shape[1], loss_cfg.mask_init).to(device)
-
-
-def save_position_views(run_dir: str, step: int, tokenizer, rows: list[dict], pair_rows: list[dict]) -> None:
-    """`entanglement_positions/step-N.json`: each position's share of its pair's <grad_w, grad_l>
-    (this process's pairs), with the decoded tokens."""
-    inner = {r["pair"]: r["inner"] for r in pair_rows}
-    views = [{"pair": r["pair"], "inner": inner.get(r["pair"]), "other": r["other"],
-              "chosen_tokens": [tokenizer.decode([t]) for t in r["chosen_ids"]], "chosen": r["chosen"],
-              "rejected_tokens": [tokenizer.decode([t]) for t in r["rejected_ids"]], "rejected": r["rejected"]}
-             for r in rows]
-    folder = os.path.join(run_dir, "entanglement_positions")
-    os.makedirs(folder, exist_ok=True)
-    write_json(os.path.join(folder, f"step-{step}.json"), views)
 
 
 def _in_main_thread() -> bool:

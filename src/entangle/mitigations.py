@@ -30,6 +30,8 @@ from entangle import losses
 from entangle.data import Batch
 from entangle.diagnostics.brute import row_gradients
 from entangle.diagnostics.ghost import GradientRecorder, Unsupported, row_layout
+from entangle.errors import ModelError
+from entangle.logps import split_model
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,17 @@ class TokenMask(torch.nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         h = hidden.detach().to(self.proj.weight.dtype)
         return torch.sigmoid(self.proj(h)).squeeze(-1)        # [K]
+
+
+def make_token_mask(model, loss_cfg, device):
+    """The learned token mask of `loss.token_mask: sparse` (float32, on `device`), or None."""
+    if loss_cfg.token_mask != "sparse":
+        return None
+    parts = split_model(model)
+    if parts is None:
+        raise ModelError(f"{type(model).__name__}: loss.token_mask=sparse needs a decoder/head layout entangle "
+                            "knows (transformers causal LMs without logit scaling)")
+    return TokenMask(parts[1].weight.shape[1], loss_cfg.mask_init).to(device)
 
 
 def mask_penalty(weights: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from statistics import mean
 
 from entangle import losses as loss_registry
 from entangle.errors import ConfigError
-from entangle.loop import write_json
+from entangle.checkpoint import write_json
 from entangle.studies import run_once, sentiment
 
 log = logging.getLogger(__name__)

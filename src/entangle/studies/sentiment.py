@@ -16,7 +16,7 @@ import os
 from statistics import mean
 
 from entangle import synthetic
-from entangle.loop import write_json
+from entangle.checkpoint import write_json
 from entangle.studies import run_once
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,8 @@ def mitigation_outcomes(results: dict, mitigated: dict) -> list[dict]:
 def token_views(run_dir: str, start_model: str, eval_source: str) -> None:
     """Exact per-token views of a few held-out pairs, before DPO (the SFT model) and after it."""
     from entangle import config
-    from entangle.loop import load_pairs, save_token_views
+    from entangle.diagnostics.views import save_token_views
+    from entangle.loop import load_pairs
     from entangle.models import load_model
 
     data_cfg = config.load(None, ["data.max_length=96"]).data

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 
-from entangle.loop import write_json
+from entangle.checkpoint import write_json
 from entangle.plots import plot_metrics
 from entangle.studies import run_once
 
