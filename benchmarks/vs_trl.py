@@ -115,7 +115,7 @@ def run_trl(folder: str, pairs: list[dict], a) -> dict:
                          optim="adamw_torch", weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
                          # float32 like entangle (TRL's default is bf16 autocast), and no activation
                          # checkpointing (TRL's default recomputes the forward: slower, less memory)
-                         bf16=False, gradient_checkpointing=False)
+                         bf16=False, gradient_checkpointing=a.checkpointing)
         ds = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
         trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
         trainer._get_train_sampler = lambda *x, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
@@ -143,6 +143,7 @@ def run_entangle(model: str, pairs: list[dict], a) -> dict:
                                  f"train.max_steps={a.steps}", "train.max_grad_norm=1.0", "tracking.progress=false",
                                  f"train.output_dir={out}/run", "train.save_every=0",
                                  f"train.prefix_sharing={str(a.prefix_sharing).lower()}",
+                                 f"train.activation_checkpointing={str(a.checkpointing).lower()}",
                                  "diagnostics.entanglement.every=0"])
         sequential(cfg)
         with PeakRSS() as rss:
@@ -176,6 +177,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-6)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--no-prefix-sharing", dest="prefix_sharing", action="store_false")
+    ap.add_argument("--checkpointing", action="store_true",
+                    help="activation checkpointing in both trainers (TRL's default; off by default here)")
     a = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     from entangle import models
@@ -193,6 +196,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(folder).parameters())
     peak = matmul_peak()
     print(f"# {time.strftime('%Y-%m-%d')} | {a.model} ({n_params / 1e6:.1f}M parameters) float32 | "
+          f"activation checkpointing {'on' if a.checkpointing else 'off'} | "
           f"{os.cpu_count()} CPU threads | float32 matmul peak {peak / 1e9:.1f} GFLOP/s | torch {torch.__version__}")
     print("| max_length | batch | trainer | median step s | pairs/s | tokens/s | peak RSS GiB | step-1 loss | "
           "step-1 logp chosen / rejected | step-2 loss | MFU | speed-up |")

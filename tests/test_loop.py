@@ -172,3 +172,23 @@ def test_prefix_sharing_trains_the_same_numbers_as_two_rows(tmp_path):
     for x, y in zip(a, b):
         for k in x:
             assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), k
+
+
+def test_activation_checkpointing_trains_the_same_numbers(tmp_path):
+    """Recomputing activations in the backward changes memory, not results; on diagnostic steps it is
+    off (the recorder reads the forward's activations), so the entanglement rows match as well."""
+    common = ["model.dtype=float64", "diagnostics.entanglement.every=2"]
+    train(cfg_for(tmp_path / "ckpt", "train.activation_checkpointing=true", *common))
+    train(cfg_for(tmp_path / "plain", *common))
+    a, b = rows(tmp_path / "ckpt"), rows(tmp_path / "plain")
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b):
+        for k in x:
+            assert x[k] == pytest.approx(y[k], rel=1e-9, abs=1e-12), k
+    from entangle import models
+
+    model, _ = models.load_model("tiny", dtype="float64")
+    models.set_activation_checkpointing(model, True)
+    assert model.is_activation_checkpointing
+    models.set_activation_checkpointing(model, False)
+    assert not model.is_activation_checkpointing

@@ -107,6 +107,8 @@ class TrainConfig:
     overwrite: bool = False      # allow a non-empty output_dir (its old run is replaced)
     resume: Optional[str] = None # latest | a checkpoint folder
     max_nonfinite: int = 3       # consecutive non-finite steps before the run stops
+    activation_checkpointing: bool = False  # recompute each layer in the backward: less memory, slower
+                                            # (off on steps that measure entanglement)
     prefix_sharing: bool = True  # each pair as one row [prompt, chosen, rejected] where the model allows it
                                  # (diagnostic steps, token masks and unknown architectures use two rows)
     device: str = "auto"         # auto | cpu | cuda

@@ -32,7 +32,7 @@ from entangle.diagnostics.probe import EntanglementProbe
 from entangle.diagnostics.views import save_mask_views, save_position_views, save_token_views
 from entangle.logps import Policy
 from entangle.mitigations import PairwiseNormalizer, make_token_mask
-from entangle.models import LoraSettings, count_parameters, load_model
+from entangle.models import LoraSettings, count_parameters, load_model, set_activation_checkpointing
 from entangle.reference import TrustRegionReference, initial_policy, make_reference, precompute_reference
 from entangle.step import StepParts, eval_batch, finish_metrics, train_step
 
@@ -301,6 +301,10 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
             mine = idx[acc.process_index * per_rank : (acc.process_index + 1) * per_rank]
             micro = [collate_pairs([train_pairs[i] for i in mine[k : k + tc.batch_size]], pad_id,
                                    tc.prefix_sharing).to(acc.device) for k in range(0, per_rank, tc.batch_size)]
+            if tc.activation_checkpointing:
+                # The recorder reads activations off the forward pass: no recompute on steps it watches.
+                watched = normalizer is not None or (probe is not None and probe.due(step + 1))
+                set_activation_checkpointing(hf_model(acc, model), not watched)
             sums, pair_rows = train_step(parts, micro, step + 1)
             if probe is not None and probe.due(step + 1):
                 for r in gather_object(pair_rows):
