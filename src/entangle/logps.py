@@ -22,6 +22,8 @@ from entangle.models import is_peft
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
+MASK_NEEDS_LAYOUT = ("loss.token_mask=sparse needs a decoder/head layout entangle knows (transformers causal "
+                     "LMs without logit scaling)")
 
 
 @dataclass
@@ -149,8 +151,7 @@ def _logps(model, ids, attn, resp, token_level: bool, token_mask=None) -> LogpsO
             RowMap.current = RowMap.positions = None
     else:
         if token_mask is not None:
-            raise ModelError(f"{type(model).__name__}: loss.token_mask needs a decoder/head layout entangle "
-                             "knows (transformers causal LMs without logit scaling)")
+            raise ModelError(f"{type(model).__name__}: {MASK_NEEDS_LAYOUT}")
         name = type(model).__name__
         if name not in _warned:
             _warned.add(name)

@@ -29,9 +29,9 @@ import torch
 from entangle import losses
 from entangle.data import Batch
 from entangle.diagnostics.brute import row_gradients
-from entangle.diagnostics.ghost import GradientRecorder, Unsupported, row_layout
+from entangle.diagnostics.ghost import GradientRecorder, Unsupported, row_layout, wide
 from entangle.errors import ModelError
-from entangle.logps import split_model
+from entangle.logps import MASK_NEEDS_LAYOUT, split_model
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,7 @@ def make_token_mask(model, loss_cfg, device):
         return None
     parts = split_model(model)
     if parts is None:
-        raise ModelError(f"{type(model).__name__}: loss.token_mask=sparse needs a decoder/head layout entangle "
-                            "knows (transformers causal LMs without logit scaling)")
+        raise ModelError(f"{type(model).__name__}: {MASK_NEEDS_LAYOUT}")
     return TokenMask(parts[1].weight.shape[1], loss_cfg.mask_init).to(device)
 
 
@@ -116,8 +115,7 @@ class PairwiseNormalizer:
         flat = (torch.where(ok, d / torch.where(ok, norms, 1.0), 0.0)[:, None] * g).sum(0)   # [P]
         out, k = {}, 0
         for p in self.params:
-            out[id(p)] = flat[k : k + p.numel()].view(p.shape).to(torch.float64 if p.dtype == torch.float64
-                                                                   else torch.float32)
+            out[id(p)] = flat[k : k + p.numel()].view(p.shape).to(wide(p.dtype))
             k += p.numel()
         return out
 

@@ -158,55 +158,58 @@ def plot_token_views(views: list[dict], path: str, title: str) -> str:
     return path
 
 
-def plot_position_views(views: list[dict], path: str, title: str, last: int = 40, pairs: int = 3) -> str:
-    """Per pair, bars of each position's share of <grad_w, grad_l>: chosen row above, rejected row below
-    (the last `last` positions of each row, where the responses are)."""
+def _pair_bars(views: list[dict], path: str, title: str, width: float, row_height: float, draw) -> str:
+    """One bar panel per response, the chosen above the rejected, for each pair; `draw(ax, view, side)`
+    fills a panel."""
     plt = _pyplot()
-    views = views[:pairs]
     fig, axes = plt.subplots(2 * len(views), 1, squeeze=False, layout="constrained",
-                             figsize=(max(6.4, 0.28 * last), 2.4 * 2 * len(views)))
+                             figsize=(width, row_height * 2 * len(views)))
     for k, v in enumerate(views):
         for j, side in enumerate(("chosen", "rejected")):
-            ax = axes[2 * k + j, 0]
-            vals, toks = v[side][-last:], v[f"{side}_tokens"][-last:]
-            ax.bar(range(len(vals)), vals, color=["#c62828" if x > 0 else "#1565c0" for x in vals])
-            ax.set_xticks(range(len(vals)), [_label(t) for t in toks], rotation=70, ha="right", fontsize=7)
-            ax.axhline(0, color="k", lw=0.6)
-            inner = v.get("inner")
-            ax.set_title(f"pair {v['pair']}, {side} row: share of <grad_w, grad_l> per position"
-                         + (f" (pair total {inner:.3g}; norms etc. {v['other']:.3g})" if inner is not None else ""),
-                         fontsize=8)
-            ax.grid(alpha=0.3, axis="y")
+            draw(axes[2 * k + j, 0], v, side)
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _token_bars(ax, vals: list[float], toks: list, colors: list) -> None:
+    ax.bar(range(len(vals)), vals, color=colors)
+    ax.set_xticks(range(len(vals)), [_label(t) for t in toks], rotation=70, ha="right", fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+
+
+def plot_position_views(views: list[dict], path: str, title: str, last: int = 40, pairs: int = 3) -> str:
+    """Per pair, bars of each position's share of <grad_w, grad_l>: chosen row above, rejected row below
+    (the last `last` positions of each row, where the responses are)."""
+    def draw(ax, v, side):
+        vals, toks = v[side][-last:], v[f"{side}_tokens"][-last:]
+        _token_bars(ax, vals, toks, ["#c62828" if x > 0 else "#1565c0" for x in vals])
+        ax.axhline(0, color="k", lw=0.6)
+        inner = v.get("inner")
+        ax.set_title(f"pair {v['pair']}, {side} row: share of <grad_w, grad_l> per position"
+                     + (f" (pair total {inner:.3g}; norms etc. {v['other']:.3g})" if inner is not None else ""),
+                     fontsize=8)
+
+    return _pair_bars(views[:pairs], path, title, max(6.4, 0.28 * last), 2.4, draw)
 
 
 def plot_token_masks(views: list[dict], path: str, title: str, pairs: int = 3) -> str:
     """Per pair, the learned token weights m_t of the chosen (above) and rejected (below) response."""
-    plt = _pyplot()
     views = views[:pairs]
     width = max(len(v[f"{side}_tokens"]) for v in views for side in ("chosen", "rejected"))
-    fig, axes = plt.subplots(2 * len(views), 1, squeeze=False, layout="constrained",
-                             figsize=(max(6.4, 0.3 * width + 1.5), 2.2 * 2 * len(views)))
-    cmap = plt.get_cmap("viridis")
-    for k, v in enumerate(views):
-        for j, side in enumerate(("chosen", "rejected")):
-            ax = axes[2 * k + j, 0]
-            vals, toks = v[f"{side}_mask"], v[f"{side}_tokens"]
-            ax.bar(range(len(vals)), vals, color=[cmap(x) for x in vals])
-            ax.set_xticks(range(len(vals)), [_label(t) for t in toks], rotation=70, ha="right", fontsize=7)
-            ax.set_ylim(0, 1.05)
-            ax.set_xlim(-0.6, width - 0.4)
-            ax.set_ylabel("m_t", fontsize=8)
-            ax.set_title(f"pair {v['pair']}, {side}: learned token weights (mean {sum(vals) / max(len(vals), 1):.2f})",
-                         fontsize=8)
-            ax.grid(alpha=0.3, axis="y")
-    fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    cmap = _pyplot().get_cmap("viridis")
+
+    def draw(ax, v, side):
+        vals = v[f"{side}_mask"]
+        _token_bars(ax, vals, v[f"{side}_tokens"], [cmap(x) for x in vals])
+        ax.set_ylim(0, 1.05)
+        ax.set_xlim(-0.6, width - 0.4)
+        ax.set_ylabel("m_t", fontsize=8)
+        ax.set_title(f"pair {v['pair']}, {side}: learned token weights (mean {sum(vals) / max(len(vals), 1):.2f})",
+                     fontsize=8)
+
+    return _pair_bars(views, path, title, max(6.4, 0.3 * width + 1.5), 2.2, draw)
 
 
 def _label(token) -> str:

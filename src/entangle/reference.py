@@ -41,6 +41,17 @@ class Reference:
         raise ConfigError(f"reference.type={self.kind} keeps sequence sums only; a token mask needs "
                           "reference.type=frozen or trust_region")
 
+
+
+class _ModelReference(Reference):
+    """A reference that runs a model (`self.model` under `self._context()`)."""
+
+    def logps(self, batch: Batch) -> torch.Tensor:
+        return self._forward(batch)
+
+    def token_logps(self, batch: Batch) -> torch.Tensor:
+        return self._forward(batch, token_level=True)
+
     def _forward(self, batch: Batch, token_level: bool = False, context=None):
         """Reference forward under inference mode; returns plain tensors usable as autograd constants."""
         with torch.inference_mode(), (context if context is not None else self._context()):
@@ -48,7 +59,7 @@ class Reference:
         return out.token_logps.clone() if token_level else out.logps.clone()
 
 
-class FrozenReference(Reference):
+class FrozenReference(_ModelReference):
     """A frozen copy of the initial policy; for PEFT models, the same model with adapters off."""
 
     kind = "frozen"
@@ -62,12 +73,6 @@ class FrozenReference(Reference):
 
     def _context(self):
         return self.model.disable_adapter() if self.shared else contextlib.nullcontext()
-
-    def logps(self, batch: Batch) -> torch.Tensor:
-        return self._forward(batch)
-
-    def token_logps(self, batch: Batch) -> torch.Tensor:
-        return self._forward(batch, token_level=True)
 
 
 class PrecomputedReference(Reference):
@@ -172,7 +177,7 @@ def initial_policy(reference: Reference, policy, pairs, pad_id: int, batch_size:
 # ------------------------------------------------------------------------------------ trust region
 
 
-class TrustRegionReference(Reference):
+class TrustRegionReference(_ModelReference):
     """A reference that moves: every `tau` optimiser steps, theta_ref <- alpha*theta + (1-alpha)*theta_ref.
 
     Blends happen in float32 whatever the model dtype (a float32 master copy is kept for lower
@@ -201,12 +206,6 @@ class TrustRegionReference(Reference):
         self.initial = self.state_tensors()
 
     # -- forward
-    def logps(self, batch: Batch) -> torch.Tensor:
-        return self._forward(batch)
-
-    def token_logps(self, batch: Batch) -> torch.Tensor:
-        return self._forward(batch, token_level=True)
-
     def _context(self, delta: dict | None = None):
         if not self.lora:
             return contextlib.nullcontext()

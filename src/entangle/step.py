@@ -79,8 +79,8 @@ def pair_forward(model, loss_fn: Loss, reference: Reference, batch: Batch, initi
         penalty = mask_penalty(out.weights, out.lengths)     # [B] mean token weight of each pair
         per_pair = per_pair + mask_l1 * penalty
         sums["mask/mean"] = penalty.detach().sum()
-        low = ((out.weights[:, 1:] < 0.1) & batch.response_mask[:, 1:]).float().sum(1)   # [2B]
-        sums["mask/below_0.1"] = (low.chunk(2)[0] + low.chunk(2)[1]).div((lc + lr).clamp_min(1)).sum()
+        low = (out.weights[:, 1:] < 0.1) & batch.response_mask[:, 1:]                     # [2B, T-1]
+        sums["mask/below_0.1"] = mask_penalty(low.float(), out.lengths).sum()
     if initial is not None:
         # KL(policy || initial) estimated on the batch's responses: mean of log pi - log pi_init.
         init = ref_full if initial is reference else initial.logps(batch)

@@ -33,6 +33,11 @@ class RowMap:
     positions: torch.Tensor | None = None   # [K]: the sequence position of each row of the head input
 
 
+def wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype gradient sums and updates are measured in: float64 stays, bf16/fp16/fp32 become float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def row_layout(batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Real tokens per row [N] and prompt length per pair [B] of a concatenated pair batch."""
     B = batch.n_rows // 2
@@ -284,7 +289,7 @@ class GradientRecorder:
         out: dict[int, torch.Tensor] = {}
         for pid, uses in usages.items():
             p = self.params[pid]
-            dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+            dt = wide(p.dtype)
             acc = torch.zeros(p.shape, dtype=dt, device=p.device)
             for u in uses:
                 acc += self._weighted(u, p, weights.to(device=p.device, dtype=dt), dt)

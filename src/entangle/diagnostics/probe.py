@@ -14,14 +14,9 @@ import torch
 from entangle import losses
 from entangle.data import Batch
 from entangle.diagnostics import brute_force_stats, classify, predicted_changes, with_cos
-from entangle.diagnostics.ghost import GradientRecorder, Unsupported, row_layout
+from entangle.diagnostics.ghost import GradientRecorder, Unsupported, row_layout, wide
 
 log = logging.getLogger(__name__)
-
-
-def _wide(p: torch.Tensor) -> torch.dtype:
-    """float64 stays float64; bf16/fp16/fp32 updates are measured in float32."""
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 class EntanglementProbe:
@@ -142,7 +137,7 @@ class EntanglementProbe:
         decay included): `step_dlogp_* = <grad log pi, theta_after - theta_before>` per pair."""
         if not (self.active and self.kept and self.before is not None):
             return
-        deltas = {pid: p.detach().to(_wide(p)) - self.before[pid].to(_wide(p))
+        deltas = {pid: p.detach().to(wide(p.dtype)) - self.before[pid].to(wide(p.dtype))
                   for pid, p in self.recorder.params.items()}
         for usages, coef, first in self.kept:
             change = self.recorder.directional(usages, deltas, coef)

@@ -41,16 +41,34 @@ def _status(run_dir: str) -> str | None:
         return None
 
 
+def saved_config(run_dir: str):
+    """The config a run saved (`RUN/config.yaml`) over today's defaults: keys added since that run keep
+    their defaults, which compute what the run computed."""
+    saved = OmegaConf.load(os.path.join(run_dir, "config.yaml"))
+    saved.pop("_run", None)
+    return OmegaConf.merge(OmegaConf.structured(config.Config), saved)
+
+
 def same_settings(run_dir: str, cfg) -> bool:
     """True when the config saved in `run_dir` computes the same thing as `cfg`."""
     try:
-        saved = OmegaConf.load(os.path.join(run_dir, "config.yaml"))
-        saved.pop("_run", None)
-        # Keys added since that run keep their defaults, which compute what the run computed.
-        saved = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(config.Config), saved), resolve=True)
+        saved = OmegaConf.to_container(saved_config(run_dir), resolve=True)
     except (OSError, ValueError, OmegaConfBaseException):
         return False
     return _settings(saved) == _settings(cfg)
+
+
+def write_summary(out: str, summary: dict, report: bool, title: str) -> dict:
+    """`OUT/summary.json`, then (if `report`) `OUT/report/report.html`, whose path joins the summary."""
+    from entangle.checkpoint import write_json
+
+    write_json(os.path.join(out, "summary.json"), summary)
+    if report:
+        from entangle.report import write_report
+
+        summary["report"] = os.path.relpath(write_report([out], os.path.join(out, "report"), title=title), out)
+        write_json(os.path.join(out, "summary.json"), summary)
+    return summary
 
 
 def run_once(overrides: list[str], run_dir: str) -> list[dict]:

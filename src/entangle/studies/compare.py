@@ -16,8 +16,7 @@ from statistics import mean
 
 from entangle import losses as loss_registry
 from entangle.errors import ConfigError
-from entangle.checkpoint import write_json
-from entangle.studies import run_once, sentiment
+from entangle.studies import run_once, sentiment, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +91,7 @@ def run(out: str = "runs/compare", losses: tuple[str, ...] = DEFAULT_LOSSES, qui
                "data": {"train": train_src, "eval": eval_src}, "params": per_loss,
                "runs": {n: n for n in results}, "results": results,
                "theory": theory_check({n: r for n, r in results.items() if n in names})}
-    write_json(os.path.join(out, "summary.json"), summary)
-    if report:
-        from entangle.report import write_report
-
-        summary["report"] = os.path.relpath(write_report([out], os.path.join(out, "report"),
-                                                         title=f"Loss comparison: {label}"), out)
-        write_json(os.path.join(out, "summary.json"), summary)
-    return summary
+    return write_summary(out, summary, report, f"Loss comparison: {label}")
 
 
 def _pair_rows(run_dir: str) -> list[dict]:

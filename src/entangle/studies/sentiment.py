@@ -11,13 +11,13 @@ it held, and `OUT/report/report.html`. The predictions are checked, never tuned 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from statistics import mean
 
 from entangle import synthetic
-from entangle.checkpoint import write_json
-from entangle.studies import run_once
+from entangle.studies import run_once, saved_config, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,10 @@ PRESETS = {
     "other": {"n_train": 1024, "n_test": 64, "batch": 32, "sft_steps": 50, "sft_lr": 2e-5,
               "steps": 60, "lr": 5e-6, "beta": 0.1},
 }
-TOKEN_PAIRS = 3
+TOKEN_PAIRS = 3  # held-out pairs of the long-suffix configuration in the token view
 # The paper's mitigations (spec sec. 5), each as config overrides of the long-suffix DPO run.
 MITIGATION_OVERRIDES = {"pairwise": ["optimizer.pairwise_normalized=true"], "sparse": ["loss.token_mask=sparse"]}
-MITIGATIONS = tuple(MITIGATION_OVERRIDES)  # held-out pairs of the long-suffix configuration in the token view
+MITIGATIONS = tuple(MITIGATION_OVERRIDES)
 
 
 def settings(model: str, **overrides) -> dict:
@@ -100,14 +100,7 @@ def run(out: str = "runs/sentiment", model: str = "tiny", configs: tuple[str, ..
                "responses": {c: list(synthetic.RESPONSES[c]) for c in configs},
                "runs": {c: c for c in [*configs, *mitigated]}, "results": {**results, **mitigated},
                "predictions": predictions(results), "mitigations": mitigation_outcomes(results, mitigated)}
-    write_json(os.path.join(out, "summary.json"), summary)
-    if report:
-        from entangle.report import write_report
-
-        summary["report"] = os.path.relpath(write_report([out], os.path.join(out, "report"),
-                                                         title=f"Sentiment study: {model}"), out)
-        write_json(os.path.join(out, "summary.json"), summary)
-    return summary
+    return write_summary(out, summary, report, f"Sentiment study: {model}")
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -202,6 +195,31 @@ def token_changes(start_model: str, run_dir: str) -> dict:
     """Where the held-out log-probs of `run_dir` (its eval pairs) moved from `start_model`: each
     response's change split into the tokens where chosen and rejected differ (the sentiment word) and
     the tokens they share (suffix, EOS); means over pairs."""
+    d = saved_config(run_dir).data
+    key = (d.eval, d.eval_split, d.max_eval_examples, d.max_length, d.max_prompt_length)
+    pairs, batch, start = _heldout_token_logps(start_model, _stamp(start_model), *key)
+    end_model = os.path.join(run_dir, "final")
+    _, _, end = _heldout_token_logps(end_model, _stamp(end_model), *key)
+    change, resp, B = end - start, batch.response_mask, len(pairs)                       # [2B, T]
+    sums = {f"{side}_{kind}": 0.0 for side in ("chosen", "rejected") for kind in ("differing", "shared")}
+    for i, p in enumerate(pairs):
+        for side, row, own, other in (("chosen", i, p.chosen_ids, p.rejected_ids),
+                                      ("rejected", B + i, p.rejected_ids, p.chosen_ids)):
+            for k, d in enumerate(change[row][resp[row]].tolist()):
+                shared = k < len(other) and own[k] == other[k]
+                sums[f"{side}_{'shared' if shared else 'differing'}"] += d / B
+    return sums
+
+
+def _stamp(folder: str) -> float:
+    """Newest modification time in a model folder: a retrained model is never served from the cache."""
+    return max(os.path.getmtime(os.path.join(folder, f)) for f in os.listdir(folder))
+
+
+@functools.lru_cache(maxsize=4)   # the SFT model's view serves the plain run and each mitigation
+def _heldout_token_logps(model_path: str, stamp: float, source: str, split: str, limit, max_length,
+                         max_prompt_length):
+    """(pairs, concatenated batch, per-token log-probs [2B, T]) of a model on held-out pairs."""
     import torch
 
     from entangle import config
@@ -210,28 +228,13 @@ def token_changes(start_model: str, run_dir: str) -> dict:
     from entangle.loop import load_pairs
     from entangle.models import load_model
 
-    from omegaconf import OmegaConf
-
-    saved = OmegaConf.load(os.path.join(run_dir, "config.yaml"))
-    saved.pop("_run", None)
-    data_cfg = OmegaConf.merge(OmegaConf.structured(config.Config), saved).data
-    logps = {}
-    for label, path in (("start", start_model), ("end", os.path.join(run_dir, "final"))):
-        model, tok = load_model(path, dtype="float32")
-        pairs, _ = load_pairs(data_cfg.eval, tok, data_cfg, data_cfg.eval_split, data_cfg.max_eval_examples)
-        batch = collate_pairs(pairs, tok.pad_token_id)
-        with torch.no_grad():
-            logps[label] = sequence_logps(model, batch, token_level=True).token_logps
-    change, resp, B = logps["end"] - logps["start"], batch.response_mask, len(pairs)   # [2B, T]
-    sums = {f"{side}_{kind}": 0.0 for side in ("chosen", "rejected") for kind in ("differing", "shared")}
-    for i, p in enumerate(pairs):
-        for side, row, own, other in (("chosen", i, p.chosen_ids, p.rejected_ids),
-                                      ("rejected", B + i, p.rejected_ids, p.chosen_ids)):
-            per_token = change[row][resp[row]].tolist()
-            for k, d in enumerate(per_token):
-                shared = k < len(other) and own[k] == other[k]
-                sums[f"{side}_{'shared' if shared else 'differing'}"] += d / B
-    return sums
+    model, tok = load_model(model_path, dtype="float32")
+    data_cfg = config.load().data
+    data_cfg.max_length, data_cfg.max_prompt_length = max_length, max_prompt_length
+    pairs, _ = load_pairs(source, tok, data_cfg, split, limit)
+    batch = collate_pairs(pairs, tok.pad_token_id)
+    with torch.no_grad():
+        return pairs, batch, sequence_logps(model, batch, token_level=True).token_logps
 
 
 def format_table(summary: dict) -> str:

@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 import os
 
-from entangle.checkpoint import write_json
 from entangle.plots import plot_metrics
-from entangle.studies import run_once
+from entangle.studies import run_once, write_summary
 
 PRESETS = {
     "tiny": {"data": "synthetic:sentiment?config=long&n=256&split=train",
@@ -59,13 +58,7 @@ def run(out: str, model: str = "tiny", data: str | None = None, eval_data: str |
     summary = {"study": "trust-region", "model": model, "loss": loss, "steps": steps,
                "variants": {k: " ".join(v) for k, v in variants(steps, soft_alpha, hard_tau).items()},
                "runs": {k: k for k in runs}, "results": table, "plot": os.path.basename(plot)}
-    write_json(os.path.join(out, "summary.json"), summary)
-    from entangle.report import write_report
-
-    summary["report"] = os.path.relpath(write_report([out], os.path.join(out, "report"),
-                                                     title=f"Trust-region study: {model}, {loss}"), out)
-    write_json(os.path.join(out, "summary.json"), summary)
-    return summary
+    return write_summary(out, summary, True, f"Trust-region study: {model}, {loss}")
 
 
 def _summarise(rows: list[dict]) -> dict:
