@@ -48,7 +48,7 @@ def test_lora_reference_is_base_plus_dense_blended_delta(tok):
     deltas = []
     for i in range(3):
         perturb(model, 0.2, seed=10 + i)
-        deltas.append({n: reference._lora_delta(m).clone() for n, m in reference._lora_layers(model)})
+        deltas.append(reference.lora_deltas(model))
         ref.update(model)
     name = next(iter(deltas[0]))
     expected = sum(a * (1 - a) ** (3 - i) * deltas[i - 1][name] for i in range(1, 4))

@@ -20,8 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from entangle.data import Batch, TokenizedPair, collate_pairs
 from entangle.errors import ConfigError
-from entangle.logps import sequence_logps
+from entangle.logps import Policy, sequence_logps
 from entangle.models import cache_dir, is_peft
+from entangle.sharding import clean_name, full_parameters, inner
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,19 @@ class _ModelReference(Reference):
     def token_logps(self, batch: Batch) -> torch.Tensor:
         return self._forward(batch, token_level=True)
 
+    shared = False      # True when the reference is the policy itself (LoRA: adapters off)
+    runner = None       # what the forward calls when not `self.model` (see `attach`)
+
+    def attach(self, prepared) -> None:
+        """Run a shared reference's forwards through the prepared policy: under FSDP the wrapper's
+        forward is what gathers the parameters its root unit owns (embeddings, head)."""
+        if self.shared:
+            self.runner = prepared
+
     def _forward(self, batch: Batch, token_level: bool = False, context=None):
         """Reference forward under inference mode; returns plain tensors usable as autograd constants."""
         with torch.inference_mode(), (context if context is not None else self._context()):
-            out = sequence_logps(self.model, batch, token_level)
+            out = sequence_logps(self.runner if self.runner is not None else self.model, batch, token_level)
         return out.token_logps.clone() if token_level else out.logps.clone()
 
 
@@ -191,14 +201,12 @@ class TrustRegionReference(_ModelReference):
         if not 0.0 <= alpha <= 1.0 or tau < 1:
             raise ValueError(f"trust-region reference needs 0 <= alpha <= 1 and tau >= 1 (got {alpha}, {tau})")
         self.alpha, self.tau, self.updates = float(alpha), int(tau), 0
-        self.lora = is_peft(policy)
+        self.lora = self.shared = is_peft(policy)
         if self.lora:
+            check_lora_layers(policy)
             self.model = policy
-            self.delta: dict[str, torch.Tensor] = {}
-            for name, layer in _lora_layers(policy):
-                d = _lora_delta(layer)
-                if bool(d.any()):  # adapters that start non-zero: the initial policy is W0 + BA
-                    self.delta[name] = d
+            # adapters that start non-zero: the initial policy is W0 + BA
+            self.delta = {n: d for n, d in lora_deltas(policy).items() if bool(d.any())}
         else:
             self.model = copy.deepcopy(policy).eval().requires_grad_(False)
             self.master = {n: p.detach().float().clone() if p.dtype in (torch.bfloat16, torch.float16) else None
@@ -228,24 +236,31 @@ class TrustRegionReference(_ModelReference):
 
     @torch.no_grad()
     def update(self, policy) -> None:
-        """Blend the current policy into the reference (float32), pairing parameters by name."""
+        """Blend the current policy into the reference (float32), pairing parameters by name.
+
+        `policy` may be sharded (FSDP, FSDP2, ZeRO-3): its parameters are then gathered one piece at a
+        time (`sharding.full_parameters`), never the whole model; every process must call this."""
         a = self.alpha
         if self.lora:
-            for name, layer in _lora_layers(policy):
-                d = _lora_delta(layer)
+            for name, d in lora_deltas(policy).items():
                 old = self.delta.get(name)
                 self.delta[name] = a * d if old is None else a * d + (1 - a) * old
         else:
-            theirs = dict(policy.named_parameters())
-            for n, p in self.model.named_parameters():
-                if n not in theirs:
-                    raise KeyError(f"trust-region update: policy has no parameter {n!r}")
-                src = theirs[n].detach()
+            mine = dict(self.model.named_parameters())
+            seen = set()
+            for n, src in full_parameters(policy, prefix=_lm_prefix(policy)):
+                p = mine.get(n)
+                if p is None:
+                    raise KeyError(f"trust-region update: the reference has no parameter {n!r}")
                 if self.master[n] is None:          # float32/float64 reference: blend in place
-                    p.mul_(1 - a).add_(src, alpha=a)
+                    p.mul_(1 - a).add_(src.to(p.dtype), alpha=a)
                 else:                               # lower precision: blend the float32 master, then round
                     self.master[n].mul_(1 - a).add_(src.float(), alpha=a)
                     p.copy_(self.master[n])
+                seen.add(n)
+            if len(seen) != len(mine):
+                missing = sorted(set(mine) - seen)[:3]
+                raise KeyError(f"trust-region update: policy has no parameter {missing}")
         self.updates += 1
 
     # -- state
@@ -285,17 +300,53 @@ def _lora_layers(model):
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model() if is_peft(model) else model
-    return [(n, m) for n, m in base.named_modules() if isinstance(m, LoraLayer)]
+    return [(clean_name(n), m) for n, m in base.named_modules() if isinstance(m, LoraLayer)]
 
 
-def _lora_delta(layer) -> torch.Tensor:
-    """scaling * B @ A of the active adapter(s), float32, in the base weight's layout."""
-    total = None
-    for name in layer.active_adapters:
-        if name in getattr(layer, "lora_A", {}):
-            d = layer.get_delta_weight(name).detach().float()
+PEFT_PREFIX = "base_model.model."
+
+
+def check_lora_layers(model) -> None:
+    """A trust region over LoRA needs plain low-rank matrices (Linear/Conv1D adapters, no DoRA)."""
+    for name, layer in _lora_layers(model):
+        for a in layer.active_adapters:
+            if a not in getattr(layer, "lora_A", {}) or layer.lora_A[a].weight.ndim != 2:
+                raise ConfigError(f"model.lora: {name} is a {type(layer).__name__} adapter; a trust-region "
+                                  "reference supports Linear/Conv1D adapters only (set model.lora.target_modules)")
+            if getattr(layer, "use_dora", {}).get(a):
+                raise ConfigError(f"model.lora: {name} uses DoRA; a trust-region reference supports plain LoRA only")
+
+
+def _lm_prefix(model) -> str:
+    """Where the language model's parameters sit in `model` (a prepared `Policy` holds it as `model.`)."""
+    return "model." if isinstance(inner(model), Policy) else ""
+
+
+def lora_deltas(model) -> dict[str, torch.Tensor]:
+    """scaling * B @ A of the active adapter(s) of every adapted module, float32, in the base weight's layout,
+    keyed by module name under the base model. `model` is a PEFT model or a prepared `Policy` holding one.
+    The adapter matrices are read through `full_parameters`, so a sharded model is gathered one piece at
+    a time (and only its adapters)."""
+    ab = {n.removeprefix(PEFT_PREFIX): t.float().clone()
+          for n, t in full_parameters(model, keep=lambda n: ".lora_A." in n or ".lora_B." in n,
+                                      prefix=_lm_prefix(model))}
+    lm = inner(model)
+    out = {}
+    for name, layer in _lora_layers(lm.model if isinstance(lm, Policy) else lm):
+        flip = getattr(layer, "fan_in_fan_out", False)   # GPT-2 Conv1D stores [in, out]
+        total = None
+        for a in layer.active_adapters:
+            if f"{name}.lora_A.{a}.weight" not in ab:
+                continue
+            d = ab[f"{name}.lora_B.{a}.weight"] @ ab[f"{name}.lora_A.{a}.weight"]     # [out, in]
+            d = (d.T if flip else d) * layer.scaling[a]
             total = d if total is None else total + d
-    return total if total is not None else torch.zeros_like(layer.get_base_layer().weight, dtype=torch.float32)
+        if total is None:
+            shape = (layer.in_features, layer.out_features) if flip else (layer.out_features, layer.in_features)
+            device = next(iter(ab.values())).device if ab else None
+            total = torch.zeros(shape, dtype=torch.float32, device=device)
+        out[name] = total
+    return out
 
 
 @contextlib.contextmanager
