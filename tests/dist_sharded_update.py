@@ -1,8 +1,10 @@
 """Run under `torch.distributed.run --nproc_per_node 2` (gloo, CPU): a trust-region update from a sharded
 policy equals the closed-form blend computed from the unsharded one, on every rank, gathering one piece
-at a time. Usage: dist_sharded_update.py fsdp|fsdp-flat|fsdp2|zero3"""
+at a time. Usage: dist_sharded_update.py MODE... with MODE in fsdp, fsdp-flat (no original parameters),
+fsdp2, zero3."""
 
 import contextlib
+import os
 import sys
 
 import torch
@@ -10,7 +12,6 @@ import torch.distributed as dist
 
 from entangle import models, reference, sharding
 
-MODE = sys.argv[1]
 ALPHA = 0.3
 gathers = []      # numel of each gather, as it happens
 active = [0, 0]   # [now, most at once]
@@ -35,53 +36,54 @@ def counted(numel):
         active[0] -= 1
 
 
-def instrument():
-    if MODE.startswith("fsdp") and MODE != "fsdp2":
+def instrument(modes):
+    """Count every gather and how many are held at once."""
+    if {"fsdp", "fsdp-flat"} & set(modes):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        real = FSDP.summon_full_params
+        real_summon = FSDP.summon_full_params
 
         @contextlib.contextmanager
         def summon(module, *a, **k):
             assert k.get("recurse") is False, "a recursive gather would hold nested units at once"
             handle = module._handle
             with counted(handle.flat_param._unpadded_unsharded_size.numel() if handle else 0), \
-                    real(module, *a, **k):
+                    real_summon(module, *a, **k):
                 yield
 
         FSDP.summon_full_params = staticmethod(summon)
-    elif MODE == "fsdp2":
+    if "fsdp2" in modes:
         from torch.distributed.tensor import DTensor
 
-        real = DTensor.full_tensor
+        real_full = DTensor.full_tensor
 
         def full_tensor(self, *a, **k):
             with counted(self.numel()):
-                return real(self, *a, **k)
+                return real_full(self, *a, **k)
 
         DTensor.full_tensor = full_tensor
-    else:
+    if "zero3" in modes:
         import deepspeed
 
-        real = deepspeed.zero.GatheredParameters
+        real_gathered = deepspeed.zero.GatheredParameters
 
         @contextlib.contextmanager
         def gathered(params, *a, **k):
-            with counted(sum(p.ds_numel for p in params)), real(params, *a, **k):
+            with counted(sum(p.ds_numel for p in params)), real_gathered(params, *a, **k):
                 yield
 
         deepspeed.zero.GatheredParameters = gathered
 
 
-def shard(model):
-    if MODE in ("fsdp", "fsdp-flat"):
+def shard(model, mode):
+    if mode in ("fsdp", "fsdp-flat"):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
         return FSDP(model, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}), device_id=torch.device("cpu"),
-                    use_orig_params=MODE == "fsdp")
-    if MODE == "fsdp2":
+                    use_orig_params=mode == "fsdp")
+    if mode == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
         base = model.get_base_model() if models.is_peft(model) else model
@@ -96,7 +98,7 @@ def shard(model):
     return model
 
 
-def check(lora: bool):
+def check(mode: str, lora: bool):
     tok = models.byte_tokenizer()
     settings = models.LoraSettings(r=2, alpha=4, target_modules=["q_proj", "v_proj"]) if lora else None
     torch.manual_seed(0)  # the LoRA A init draws from the global generator: the same on every rank
@@ -107,12 +109,12 @@ def check(lora: bool):
     after = reference.lora_deltas(policy) if lora else {n: p.detach().clone() for n, p in policy.named_parameters()}
     total = sum(p.numel() for p in policy.parameters())
     start = len(gathers)
-    ref.update(shard(policy))
+    ref.update(shard(policy, mode))
     got = ref.state_tensors()
     assert set(got) == set(after), sorted(set(got) ^ set(after))[:4]
     for n, want in after.items():
         expected = (1 - ALPHA) * before.get(n, torch.zeros_like(want)) + ALPHA * want.float()
-        torch.testing.assert_close(got[n], expected, rtol=1e-6, atol=1e-6, msg=lambda m: f"{MODE} {n}: {m}")
+        torch.testing.assert_close(got[n], expected, rtol=1e-6, atol=1e-6, msg=lambda m: f"{mode} {n}: {m}")
     mine = gathers[start:]
     assert mine, "nothing was gathered"
     assert active[1] == 1, f"{active[1]} pieces gathered at once"
@@ -127,12 +129,15 @@ def check(lora: bool):
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")
-    instrument()
-    full = check(lora=False)
-    # FSDP1 without original parameters cannot wrap a unit that mixes frozen and trainable weights
-    lora = check(lora=True) if MODE != "fsdp-flat" else ("-", "-", "-")
+    instrument(sys.argv[1:])
     assert sharding.sharding(torch.nn.Linear(2, 2)) == "none"
-    if dist.get_rank() == 0:
-        print(f"OK {MODE} full gathers={full[0]} largest={full[1]}/{full[2]} lora gathers={lora[0]} "
-              f"largest={lora[1]}/{lora[2]}")
-    dist.destroy_process_group()
+    for mode in sys.argv[1:]:
+        full = check(mode, lora=False)
+        # FSDP1 without original parameters cannot wrap a unit that mixes frozen and trainable weights
+        lora = check(mode, lora=True) if mode != "fsdp-flat" else ("-", "-", "-")
+        if dist.get_rank() == 0:
+            print(f"OK {mode} full gathers={full[0]} largest={full[1]}/{full[2]} lora gathers={lora[0]} "
+                  f"largest={lora[1]}/{lora[2]}")
+    dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter teardown: gloo/DeepSpeed threads at exit sometimes abort the process

@@ -139,16 +139,43 @@ def test_trust_region_config_errors():
     assert config.trust_region(config.load(None, ["reference.type=soft"])) == (0.6, 1)
 
 
-def test_two_processes_hold_the_same_moving_reference(tmp_path):
-    common = ["reference.type=soft", "reference.alpha=0.3", "train.device=cpu", "train.max_steps=4"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+LAUNCH = {"ddp": ["-m", "entangle.cli"],                                   # Accelerate's multi-CPU (DDP)
+          "fsdp2": [os.path.join(HERE, "launch_sharded.py"), "fsdp2"]}     # FSDP2 over gloo (see that file)
+
+
+@pytest.mark.parametrize("launcher,extra", [("ddp", []), ("fsdp2", []), ("fsdp2", ["model.lora.r=4"])],
+                         ids=["ddp", "fsdp2-full", "fsdp2-lora"])
+def test_two_processes_hold_the_same_moving_reference(tmp_path, launcher, extra):
+    """Two processes of batch 2 (DDP, or FSDP2 with the update gathered piece by piece) log what one
+    process of batch 4 logs: a rank with a different reference would change the reduced loss."""
+    common = ["reference.type=soft", "reference.alpha=0.3", "train.device=cpu", "train.max_steps=4", *extra]
     one = rows(train(tr_cfg(tmp_path / "one", "train.batch_size=4", *common)).run_dir)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "entangle.cli", "-q",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *LAUNCH[launcher], "-q",
            "train", "model.name=tiny", "data.train=synthetic:sentiment?config=short&n=64", "data.max_length=64",
            "optimizer.lr=3e-3", "train.batch_size=2", "tracking.progress=false",
            f"train.output_dir={tmp_path / 'two'}", *common]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     two = rows(tmp_path / "two")
-    for x, y in zip(one, two):  # a rank with a different reference would change the reduced loss
+    assert len(two) == len(one) == 4
+    for x, y in zip(one, two):
         for k in ("loss", "rewards/margins", "ref/drift", "ref/kl_to_init"):
             assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), (x["step"], k)
+        assert y["ref/updates"] == x["step"]
+    final = load_file(tmp_path / "two" / "final" / ("adapter_model.safetensors" if extra else "model.safetensors"))
+    assert final and all(not isinstance(t, torch.distributed.tensor.DTensor) for t in final.values())
+
+
+def test_sharded_update_gathers_one_piece_at_a_time():
+    """FSDP (with and without original parameters), FSDP2 and ZeRO-3 over two gloo processes: the
+    update equals the closed-form blend on both ranks, for full and LoRA policies, and no gather ever
+    holds the whole model (tests/dist_sharded_update.py counts them)."""
+    import importlib.util
+
+    modes = ["fsdp", "fsdp-flat", "fsdp2"] + (["zero3"] if importlib.util.find_spec("deepspeed") else [])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(HERE, "dist_sharded_update.py"), *modes]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("OK ")] == modes

@@ -189,9 +189,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
         alpha, tau = trust_region(cfg) if ref_kind == "trust_region" else (0.0, 1)
         train_ref = eval_ref = make_reference(ref_kind, model, alpha, tau)
     moving = train_ref if isinstance(train_ref, TrustRegionReference) else None
-    if moving is not None and acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
-        raise TrainingError(f"a moving reference under {acc.distributed_type.name} is not supported yet (its "
-                            "sharded parameters would need a per-module gather); use DDP or a static reference")
+    sharded = acc.distributed_type.name in ("FSDP", "DEEPSPEED")   # forwards are collectives
     initial = eval_initial = None
     if cfg.reference.kl_to_init:
         initial = initial_policy(train_ref, model, train_pairs, pad_id, tc.eval_batch_size, main, barrier)
@@ -221,6 +219,9 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
     sched_name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.schedule.decay]
     scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     model, optimizer = acc.prepare(Policy(model, token_mask), optimizer)
+    if acc.distributed_type.name == "FSDP":  # a LoRA reference is the policy: run it through the wrapper
+        for ref in {id(r): r for r in (train_ref, eval_ref, initial, eval_initial) if r is not None}.values():
+            getattr(ref, "attach", lambda m: None)(model)
     ec = cfg.diagnostics.entanglement
     # Diagnostics and the normalised update see the language model's parameters (not the mask head's).
     probe = EntanglementProbe(hf_model(acc, model), ec.every, ec.realised, ec.method, ec.step_changes,
@@ -277,9 +278,14 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
         model.eval()
         sums: dict = {}
         mine = eval_pairs[acc.process_index :: world]
-        for s in range(0, len(mine), tc.eval_batch_size):
-            batch = collate_pairs(mine[s : s + tc.eval_batch_size], pad_id, tc.prefix_sharing).to(acc.device)
-            for k, v in eval_batch(model, loss_fn, eval_ref, batch, eval_initial, mask_l1).items():
+        for s in range(0, math.ceil(len(eval_pairs) / world), tc.eval_batch_size):
+            chunk = mine[s : s + tc.eval_batch_size]
+            if not chunk and not sharded:
+                break
+            # Sharded models gather inside each forward: a process out of pairs still joins (result dropped).
+            batch = collate_pairs(chunk or eval_pairs[:1], pad_id, tc.prefix_sharing).to(acc.device)
+            got = eval_batch(model, loss_fn, eval_ref, batch, eval_initial, mask_l1)
+            for k, v in got.items() if chunk else ():
                 sums[k] = sums.get(k, 0) + v
         model.train()
         if not sums:  # more processes than eval pairs: still join the reduction
@@ -320,7 +326,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
             if moving is not None:
                 # Trust region: every tau optimiser steps (not micro-batches), blend the policy in.
                 if not m["skipped"] and moving.due(step + 1):
-                    moving.update(hf_model(acc, model))
+                    moving.update(model)  # sharded policies are gathered one piece at a time
                     ref_drift = moving.drift()
                 m["ref/updates"], m["ref/drift"] = float(moving.updates), ref_drift
             row = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4),

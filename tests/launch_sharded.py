@@ -1,0 +1,38 @@
+"""`entangle` under a sharded Accelerate set-up on CPU processes, for tests.
+
+Accelerate offers FSDP and DeepSpeed only on accelerators; torch's FSDP2 and DeepSpeed's ZeRO-3 both run
+on CPU with gloo, so this harness builds the same state Accelerate builds on GPUs and runs the CLI:
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/launch_sharded.py fsdp2|zero3 train ARGS...
+"""
+
+import sys
+
+import accelerate
+from accelerate.state import AcceleratorState
+from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
+
+from entangle import cli
+
+MODE = sys.argv.pop(1)
+_init = accelerate.Accelerator.__init__
+
+
+def forced(self, *args, **kwargs):
+    if MODE == "zero3":
+        kwargs.update(cpu=False, deepspeed_plugin=DeepSpeedPlugin(zero_stage=3))
+        import os
+
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        _init(self, *args, **kwargs)
+        return
+    _init(self, *args, **kwargs)
+    # Accelerate re-derives the type from the device later on; pin it for this process.
+    AcceleratorState.distributed_type = property(lambda s: DistributedType.FSDP, lambda s, v: None)
+    self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
+        cpu_ram_efficient_loading=False, state_dict_type="FULL_STATE_DICT")
+
+
+accelerate.Accelerator.__init__ = forced
+sys.exit(cli.main(sys.argv[1:]))
