@@ -19,19 +19,21 @@ _init = accelerate.Accelerator.__init__
 
 
 def forced(self, *args, **kwargs):
-    if MODE == "zero3":
-        kwargs.update(cpu=False, deepspeed_plugin=DeepSpeedPlugin(zero_stage=3))
-        import os
-
-        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-        _init(self, *args, **kwargs)
-        return
-    _init(self, *args, **kwargs)
+    _init(self, *args, **kwargs)   # train.device=cpu: Accelerate's multi-CPU state (gloo, one process per rank)
     # Accelerate re-derives the type from the device later on; pin it for this process.
-    AcceleratorState.distributed_type = property(lambda s: DistributedType.FSDP, lambda s, v: None)
-    self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
-        cpu_ram_efficient_loading=False, state_dict_type="FULL_STATE_DICT")
+    kind = DistributedType.DEEPSPEED if MODE == "zero3" else DistributedType.FSDP
+    AcceleratorState.distributed_type = property(lambda s: kind, lambda s, v: None)
+    if MODE == "zero3":
+        plugin = DeepSpeedPlugin(zero_stage=3)
+        plugin.set_mixed_precision("no")
+        plugin.select(_from_accelerator_state=True)
+        self.state.deepspeed_plugins = plugin
+        self.deepspeed_engine_wrapped = None
+    else:
+        self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=["LlamaDecoderLayer"], cpu_ram_efficient_loading=False,
+            state_dict_type="FULL_STATE_DICT")
 
 
 accelerate.Accelerator.__init__ = forced

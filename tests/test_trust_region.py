@@ -1,5 +1,6 @@
 """Trust-region references (TR-DPO and friends): closed-form blends, LoRA exactness, schedule, dtype."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -141,20 +142,26 @@ def test_trust_region_config_errors():
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LAUNCH = {"ddp": ["-m", "entangle.cli"],                                   # Accelerate's multi-CPU (DDP)
-          "fsdp2": [os.path.join(HERE, "launch_sharded.py"), "fsdp2"]}     # FSDP2 over gloo (see that file)
+          "fsdp2": [os.path.join(HERE, "launch_sharded.py"), "fsdp2"],     # FSDP2 over gloo (see that file)
+          "zero3": [os.path.join(HERE, "launch_sharded.py"), "zero3"]}     # DeepSpeed ZeRO-3 over gloo
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+ACCUM = ["train.batch_size=1", "train.grad_accum=2"]   # two processes x 1 pair x 2 micro-batches
 
 
-@pytest.mark.parametrize("launcher,extra", [("ddp", []), ("fsdp2", []), ("fsdp2", ["model.lora.r=4"])],
-                         ids=["ddp", "fsdp2-full", "fsdp2-lora"])
-def test_two_processes_hold_the_same_moving_reference(tmp_path, launcher, extra):
-    """Two processes of batch 2 (DDP, or FSDP2 with the update gathered piece by piece) log what one
-    process of batch 4 logs: a rank with a different reference would change the reduced loss."""
+@pytest.mark.parametrize("launcher,extra,two_only", [
+    ("ddp", [], []), ("fsdp2", [], []), ("fsdp2", ["model.lora.r=4"], []),
+    pytest.param("zero3", [], ACCUM, marks=needs_deepspeed),
+    pytest.param("zero3", ["model.lora.r=4"], [], marks=needs_deepspeed)],
+    ids=["ddp", "fsdp2-full", "fsdp2-lora", "zero3-full-accum", "zero3-lora"])
+def test_two_processes_hold_the_same_moving_reference(tmp_path, launcher, extra, two_only):
+    """Two processes of batch 2 (DDP; FSDP2 or ZeRO-3 with the update gathered piece by piece) log what
+    one process of batch 4 logs: a rank with a different reference would change the reduced loss."""
     common = ["reference.type=soft", "reference.alpha=0.3", "train.device=cpu", "train.max_steps=4", *extra]
     one = rows(train(tr_cfg(tmp_path / "one", "train.batch_size=4", *common)).run_dir)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *LAUNCH[launcher], "-q",
-           "train", "model.name=tiny", "data.train=synthetic:sentiment?config=short&n=64", "data.max_length=64",
-           "optimizer.lr=3e-3", "train.batch_size=2", "tracking.progress=false",
-           f"train.output_dir={tmp_path / 'two'}", *common]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *LAUNCH[launcher], "-q", "train", "model.name=tiny", "data.train=synthetic:sentiment?config=short&n=64",
+           "data.max_length=64", "optimizer.lr=3e-3", "train.batch_size=2", "tracking.progress=false",
+           f"train.output_dir={tmp_path / 'two'}", *common, *two_only]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     two = rows(tmp_path / "two")
@@ -171,8 +178,6 @@ def test_sharded_update_gathers_one_piece_at_a_time():
     """FSDP (with and without original parameters), FSDP2 and ZeRO-3 over two gloo processes: the
     update equals the closed-form blend on both ranks, for full and LoRA policies, and no gather ever
     holds the whole model (tests/dist_sharded_update.py counts them)."""
-    import importlib.util
-
     modes = ["fsdp", "fsdp-flat", "fsdp2"] + (["zero3"] if importlib.util.find_spec("deepspeed") else [])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(HERE, "dist_sharded_update.py"), *modes]

@@ -145,7 +145,27 @@ def _accelerator(cfg: DictConfig):
     for t in trackers:
         if importlib.util.find_spec(t) is None and not (t == "tensorboard" and importlib.util.find_spec("tensorboardX")):
             raise TrainingError(f"tracking.report_to={t} needs the {t} package: pip install {t}")
-    return Accelerator(cpu=cpu, log_with=trackers or None, project_dir=cfg.train.output_dir)
+    acc = Accelerator(cpu=cpu, log_with=trackers or None, project_dir=cfg.train.output_dir)
+    if acc.distributed_type.name == "DEEPSPEED":
+        _deepspeed_settings(acc, cfg.train)
+    return acc
+
+
+def _deepspeed_settings(acc, tc) -> None:
+    """DeepSpeed's engine takes the batch geometry and clipping from its config; entangle's train.* set
+    them (an explicit, different value in the user's DeepSpeed config is an error, not overridden)."""
+    ds = acc.state.deepspeed_plugin.deepspeed_config
+    ours = {"train_micro_batch_size_per_gpu": tc.batch_size, "gradient_accumulation_steps": tc.grad_accum,
+            "train_batch_size": tc.batch_size * tc.grad_accum * acc.num_processes,
+            "gradient_clipping": float(tc.max_grad_norm or 0.0)}
+    for key, value in ours.items():
+        theirs = ds.get(key, "auto")
+        if theirs not in ("auto", value) and not (key == "gradient_accumulation_steps" and theirs == 1):
+            raise TrainingError(f"DeepSpeed config {key}={theirs}, but train.* gives {value}: set it to \"auto\"")
+        ds[key] = value
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:  # final/ and checkpoints hold the gathered weights
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
 
 
 def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]] = ()) -> RunResult:

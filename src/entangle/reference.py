@@ -22,7 +22,7 @@ from entangle.data import Batch, TokenizedPair, collate_pairs
 from entangle.errors import ConfigError
 from entangle.logps import Policy, sequence_logps
 from entangle.models import cache_dir, is_peft
-from entangle.sharding import clean_name, full_parameters, inner
+from entangle.sharding import clean_name, full_parameters, inner, sharding
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,15 @@ class _ModelReference(Reference):
         if self.shared:
             self.runner = prepared
 
+    def _no_grad(self):
+        """Inference mode, except for a policy partitioned by ZeRO-3: the parameters it gathers there would
+        become inference tensors that its next training backward cannot use."""
+        zero3 = self.shared and sharding(self.model) == "zero3"   # a scan of module types: cheap next to a forward
+        return torch.no_grad() if zero3 else torch.inference_mode()
+
     def _forward(self, batch: Batch, token_level: bool = False, context=None):
-        """Reference forward under inference mode; returns plain tensors usable as autograd constants."""
-        with torch.inference_mode(), (context if context is not None else self._context()):
+        """Reference forward without autograd; returns plain tensors usable as autograd constants."""
+        with self._no_grad(), (context if context is not None else self._context()):
             out = sequence_logps(self.runner if self.runner is not None else self.model, batch, token_level)
         return out.token_logps.clone() if token_level else out.logps.clone()
 

@@ -100,6 +100,22 @@ def _add(acc: dict, sums: dict) -> None:
         acc[k] = acc[k] + v if k in acc else v
 
 
+@contextlib.contextmanager
+def _accumulating(acc, model, last: bool):
+    """Gradients synchronise (DeepSpeed: the engine steps) only on a step's last micro-batch."""
+    if last:
+        yield
+    elif acc.distributed_type.name == "DEEPSPEED":   # ZeRO-2/3 engines have no no_sync; Accelerate's flag does it
+        acc.gradient_state._set_sync_gradients(False)
+        try:
+            yield
+        finally:
+            acc.gradient_state._set_sync_gradients(True)
+    else:
+        with acc.no_sync(model):
+            yield
+
+
 def train_step(parts: StepParts, micro_batches: Sequence[Batch], step: int = 0) -> tuple[dict, list[dict]]:
     """Forward/backward over the micro-batches, clip, step (`step` is 1-based).
 
@@ -114,11 +130,12 @@ def train_step(parts: StepParts, micro_batches: Sequence[Batch], step: int = 0) 
     n_pairs = sum(b.n_rows // 2 for b in micro_batches)
     # The recorder reads per-row statistics off the concatenated rows: no prefix sharing on such steps.
     watched = probe is not None or parts.normalizer is not None
+    deepspeed = acc.distributed_type.name == "DEEPSPEED"
     sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro_batches):
         # 2. Gradients synchronise across processes only on the last micro-batch.
         last = i == len(micro_batches) - 1
-        with contextlib.nullcontext() if last else acc.no_sync(model):
+        with _accumulating(acc, model, last):
             # 3. Policy forward, reference log-probs, per-pair loss.
             if probe is not None:
                 probe.begin(batch)
@@ -127,8 +144,10 @@ def train_step(parts: StepParts, micro_batches: Sequence[Batch], step: int = 0) 
             per_pair, batch_sums, inputs = pair_forward(model, parts.loss_fn, parts.reference, batch,
                                                         parts.initial, probe, parts.normalizer,
                                                         mask_l1=parts.mask_l1, pack=not watched)
-            # 4. Backward of this micro-batch's share of the step's mean loss.
-            acc.backward(per_pair.sum() / n_pairs)
+            # 4. Backward of this micro-batch's share of the step's mean loss (DeepSpeed's engine divides
+            #    by its accumulation count itself, and steps inside the last backward).
+            scale = len(micro_batches) if deepspeed else 1
+            acc.backward(per_pair.sum() * scale / n_pairs)
         # 5. Diagnostics (read-only): per-pair gradient inner products from that backward.
         if probe is not None:
             probe.end(batch, inputs, parts.loss_fn, lr)
