@@ -6,6 +6,7 @@ on CPU with gloo, so this harness builds the same state Accelerate builds on GPU
     python -m torch.distributed.run --nproc_per_node 2 tests/launch_sharded.py fsdp2|zero3 train ARGS...
 """
 
+import os
 import sys
 
 import accelerate
@@ -37,4 +38,7 @@ def forced(self, *args, **kwargs):
 
 
 accelerate.Accelerator.__init__ = forced
-sys.exit(cli.main(sys.argv[1:]))
+rc = cli.main(sys.argv[1:])
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(rc)  # skip interpreter teardown: gloo/DeepSpeed threads at exit sometimes abort a CPU process

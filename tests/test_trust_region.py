@@ -184,3 +184,36 @@ def test_sharded_update_gathers_one_piece_at_a_time():
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("OK ")] == modes
+
+
+def launch(launcher, out, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *LAUNCH[launcher], "-q", "train", "model.name=tiny", "data.train=synthetic:sentiment?config=short&n=64",
+           "data.max_length=64", "optimizer.lr=3e-3", "train.batch_size=2", "tracking.progress=false",
+           "train.device=cpu", f"train.output_dir={out}", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("launcher,extra", [
+    ("fsdp2", ["model.lora.r=4"]), pytest.param("zero3", [], marks=needs_deepspeed)], ids=["fsdp2-lora", "zero3-full"])
+def test_sharded_resumed_trust_region_run_equals_uninterrupted(tmp_path, launcher, extra):
+    """A sharded run stopped after its step-2 checkpoint (weights and optimiser state per process,
+    the reference beside them) and resumed logs what the uninterrupted run logged."""
+    import shutil
+
+    common = ["reference.type=soft", "reference.alpha=0.3", "train.max_steps=4", "train.save_every=2", *extra]
+    launch(launcher, tmp_path / "a", *common)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-4", ignore_errors=True)   # as if stopped after step 2
+    shutil.rmtree(tmp_path / "b" / "final")
+    os.remove(tmp_path / "b" / "summary.json")
+    assert (tmp_path / "b" / "checkpoints" / "step-2" / "sharded_state").is_dir()
+    log = tmp_path / "b" / "metrics.jsonl"
+    kept = [json.loads(x) for x in log.read_text().splitlines()[:2]]
+    log.write_text("".join(json.dumps({**r, "before_stop": True}) + "\n" for r in kept))  # a fresh start drops these
+    launch(launcher, tmp_path / "b", *common, "train.resume=latest")
+    a, b = rows(tmp_path / "a"), rows(tmp_path / "b")
+    assert [r.pop("before_stop", False) for r in b] == [True, True, False, False]
+    for x, y in zip(a, b):
+        assert x == pytest.approx(y, rel=1e-9, abs=1e-12), x["step"]

@@ -45,6 +45,14 @@ def resolve_resume(run_dir: str, resume: str) -> str | None:
 MASK_FILE = "token_mask.safetensors"
 
 
+SHARDED_STATE = "sharded_state"   # FSDP/DeepSpeed checkpoints: Accelerate's per-process state folder
+
+
+def is_sharded(accelerator) -> bool:
+    """FSDP or DeepSpeed: weights and optimiser state live in shards across processes."""
+    return accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
+
+
 def hf_model(accelerator, policy):
     """The transformers/peft model inside a prepared `Policy`."""
     return accelerator.unwrap_model(policy).model
@@ -125,8 +133,11 @@ def save_checkpoint(run_dir: str, step: int, accelerator, model, optimizer, sche
     accelerator.wait_for_everyone()
     save_weights(accelerator, model, os.path.join(tmp, "model"))
     torch.save(_rng_to_saveable(rng_state()), os.path.join(tmp, f"rng-{accelerator.process_index}.pt"))
+    if is_sharded(accelerator):  # each process's shard of the weights and optimiser state, Accelerate's layout
+        accelerator.save_state(os.path.join(tmp, SHARDED_STATE))
     if accelerator.is_main_process:
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        if not is_sharded(accelerator):
+            torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         for name, tensors in (extra_tensors or {}).items():
             save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(tmp, f"{name}.safetensors"))
@@ -146,14 +157,23 @@ def save_checkpoint(run_dir: str, step: int, accelerator, model, optimizer, sche
 
 def load_checkpoint(folder: str, accelerator, model, optimizer, scheduler) -> dict:
     """Restore weights, optimiser, scheduler and this process's RNG; returns the trainer state."""
-    load_weights(hf_model(accelerator, model), os.path.join(folder, "model"))
-    mask = accelerator.unwrap_model(model).token_mask
-    if mask is not None:
-        path = os.path.join(folder, "model", MASK_FILE)
-        if not os.path.exists(path):
-            raise TrainingError(f"{folder}: no {MASK_FILE} (the checkpoint was not trained with loss.token_mask)")
-        mask.load_state_dict(load_file(path))
-    optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
+    if is_sharded(accelerator):
+        if not os.path.isdir(os.path.join(folder, SHARDED_STATE)):
+            raise TrainingError(f"{folder}: no {SHARDED_STATE}/ (saved by a run that was not sharded); resume it "
+                                "with the same launch set-up")
+        accelerator.load_state(os.path.join(folder, SHARDED_STATE))
+    else:
+        load_weights(hf_model(accelerator, model), os.path.join(folder, "model"))
+        mask = accelerator.unwrap_model(model).token_mask
+        if mask is not None:
+            path = os.path.join(folder, "model", MASK_FILE)
+            if not os.path.exists(path):
+                raise TrainingError(f"{folder}: no {MASK_FILE} (the checkpoint was not trained with loss.token_mask)")
+            mask.load_state_dict(load_file(path))
+        if not os.path.exists(os.path.join(folder, "optimizer.pt")):
+            raise TrainingError(f"{folder}: no optimizer.pt (saved by a sharded run); resume it with the same "
+                                "launch set-up")
+        optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
     scheduler.load_state_dict(torch.load(os.path.join(folder, "scheduler.pt"), weights_only=True))
     rng_file = os.path.join(folder, f"rng-{accelerator.process_index}.pt")
     if os.path.exists(rng_file):

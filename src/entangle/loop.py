@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from entangle import __version__, losses, synthetic
-from entangle.checkpoint import (hf_model, list_checkpoints, load_checkpoint, load_extra, resolve_resume,
+from entangle.checkpoint import (hf_model, is_sharded, list_checkpoints, load_checkpoint, load_extra, resolve_resume,
                                  save_checkpoint, save_weights, write_json)
 from entangle.config import reference_type, trust_region
 from entangle.data import TokenizedPair, collate_pairs, read_examples, tokenize_pairs
@@ -209,7 +209,10 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
         alpha, tau = trust_region(cfg) if ref_kind == "trust_region" else (0.0, 1)
         train_ref = eval_ref = make_reference(ref_kind, model, alpha, tau)
     moving = train_ref if isinstance(train_ref, TrustRegionReference) else None
-    sharded = acc.distributed_type.name in ("FSDP", "DEEPSPEED")   # forwards are collectives
+    sharded = is_sharded(acc)   # forwards are collectives
+    if sharded and (cfg.diagnostics.entanglement.every or cfg.optimizer.pairwise_normalized):
+        raise TrainingError(f"diagnostics.entanglement.every and optimizer.pairwise_normalized read whole per-row "
+                            f"gradients, which {acc.distributed_type.name} shards; run them with DDP or one process")
     initial = eval_initial = None
     if cfg.reference.kl_to_init:
         initial = initial_policy(train_ref, model, train_pairs, pad_id, tc.eval_batch_size, main, barrier)
@@ -391,9 +394,9 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
         save_weights(acc, model, os.path.join(run_dir, "final"))
         if main:
             tokenizer.save_pretrained(os.path.join(run_dir, "final"))
-            if token_mask is not None:  # the learned weights on a few held-out (else training) pairs
-                save_mask_views(run_dir, "final", acc.unwrap_model(model), tokenizer,
-                                (eval_pairs or train_pairs)[: max(ec.tokens, 8)], pad_id)
+        if token_mask is not None:  # the learned weights on a few held-out (else training) pairs; every
+            save_mask_views(run_dir, "final", model, tokenizer,  # process joins the forward, one writes
+                            (eval_pairs or train_pairs)[: max(ec.tokens, 8)], pad_id, acc.device, write=main)
     summary = {"status": status, "stop_reason": stop.reason, "steps": last.get("step", start_step), "total_steps": total_steps,
                "runtime_s": round(time.time() - t0, 2), **info,
                "final": {k: v for k, v in last.items() if not k.startswith("eval/")}, "eval": last_eval}

@@ -35,10 +35,15 @@ def save_token_views(run_dir: str, name: str, model, tokenizer, pairs: list[Toke
 
 @torch.no_grad()
 def save_mask_views(run_dir: str, name: str, policy: Policy, tokenizer, pairs: list[TokenizedPair],
-                    pad_id: int) -> None:
-    """`token_masks/NAME.json`: the learned token weights m_t of each pair's chosen and rejected tokens."""
-    batch = collate_pairs(pairs, pad_id).to(next(policy.parameters()).device)
-    weights = sequence_logps(policy, batch).weights.float().cpu()          # [2B, T]
+                    pad_id: int, device=None, write: bool = True) -> None:
+    """`token_masks/NAME.json`: the learned token weights m_t of each pair's chosen and rejected tokens.
+    `policy` may be the prepared wrapper; in a sharded run every process calls this (the forward gathers)
+    and one writes."""
+    batch = collate_pairs(pairs, pad_id).to(device or next(policy.parameters()).device)
+    with torch.no_grad():
+        weights = sequence_logps(policy, batch).weights.float().cpu()      # [2B, T]
+    if not write:
+        return
     B, resp = len(pairs), batch.response_mask.cpu()
     views = []
     for i, p in enumerate(pairs):
