@@ -76,18 +76,18 @@ def instrument(modes):
 
 
 def shard(model, mode):
+    base = model.get_base_model() if models.is_peft(model) else model
+    blocks = [m for m in base.modules() if type(m).__name__ in base._no_split_modules]  # decoder layers
     if mode in ("fsdp", "fsdp-flat"):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-        return FSDP(model, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}), device_id=torch.device("cpu"),
+        return FSDP(model, auto_wrap_policy=ModuleWrapPolicy({type(blocks[0])}), device_id=torch.device("cpu"),
                     use_orig_params=mode == "fsdp")
     if mode == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
-        base = model.get_base_model() if models.is_peft(model) else model
-        for layer in base.model.layers:
+        for layer in blocks:
             fully_shard(layer)
         fully_shard(model)
         return model
@@ -98,11 +98,11 @@ def shard(model, mode):
     return model
 
 
-def check(mode: str, lora: bool):
+def check(mode: str, lora: bool, name: str = "tiny"):
     tok = models.byte_tokenizer()
     settings = models.LoraSettings(r=2, alpha=4, target_modules=["q_proj", "v_proj"]) if lora else None
     torch.manual_seed(0)  # the LoRA A init draws from the global generator: the same on every rank
-    policy, _ = models.load_model("tiny", dtype="float32", tokenizer=tok, lora=settings)
+    policy, _ = models.load_model(name, dtype="float32", tokenizer=tok, lora=settings)
     ref = reference.TrustRegionReference(policy, alpha=ALPHA, tau=1)
     before = ref.state_tensors()
     perturb(policy, seed=7)
@@ -133,6 +133,7 @@ if __name__ == "__main__":
     assert sharding.sharding(torch.nn.Linear(2, 2)) == "none"
     for mode in sys.argv[1:]:
         full = check(mode, lora=False)
+        check(mode, lora=False, name="tiny-gpt2")   # tied embeddings and head: one parameter, read once
         # FSDP1 without original parameters cannot wrap a unit that mixes frozen and trainable weights
         lora = check(mode, lora=True) if mode != "fsdp-flat" else ("-", "-", "-")
         if dist.get_rank() == 0:

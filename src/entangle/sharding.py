@@ -89,6 +89,14 @@ def _owned(module, prefix: str, stop: Callable[[torch.nn.Module], bool]):
             yield from _owned(child, f"{prefix}{name}.", stop)
 
 
+def _first_time(pieces, seen: set):
+    """Tied parameters (embeddings and head) once, under their first name, as `named_parameters` does."""
+    for name, p in pieces:
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield name, p
+
+
 def _fsdp_units(model, keep):
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -102,6 +110,9 @@ def _fsdp_units(model, keep):
             return [(clean_name(prefix + n), p) for n, p in _owned(unit, "", lambda m: isinstance(m, FSDP))
                     if "flat_param" not in n]
 
+        def fresh():  # inside the gather: the unit's original parameters at full size. FSDP keeps tied
+            return _first_time(((n, p) for n, p in owned() if keep(n)), set())  # parameters in one unit
+
         with torch.no_grad():
             names = [n for n, _ in owned()]
             if names and not any(keep(n) for n in names):  # orig-params units: names known without gathering
@@ -109,18 +120,17 @@ def _fsdp_units(model, keep):
             ctx = FSDP.summon_full_params(unit, recurse=False, writeback=False) if isinstance(unit, FSDP) \
                 else torch.no_grad()
             with ctx:
-                for name, p in owned():  # inside: the unit's original parameters at full size
-                    if keep(name):
-                        yield name, p
+                yield from fresh()
 
 
 def _zero3_modules(model, keep):
     import deepspeed
 
+    seen: set = set()
     for mod_name, module in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
         mine = [(clean_name(prefix + n), p) for n, p in module.named_parameters(recurse=False)]
-        mine = [(n, p) for n, p in mine if keep(n)]
+        mine = list(_first_time([(n, p) for n, p in mine if keep(n)], seen))
         if not mine:
             continue
         with deepspeed.zero.GatheredParameters([p for _, p in mine], modifier_rank=None):
