@@ -303,16 +303,12 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
         mine = eval_pairs[acc.process_index :: world]
         for s in range(0, math.ceil(len(eval_pairs) / world), tc.eval_batch_size):
             chunk = mine[s : s + tc.eval_batch_size]
-            if not chunk and not sharded:
-                break
-            # Sharded models gather inside each forward: a process out of pairs still joins (result dropped).
+            # A process out of pairs still runs a batch (sharded forwards gather across processes) and adds
+            # zeros, so that every process reduces the same metrics.
             batch = collate_pairs(chunk or eval_pairs[:1], pad_id, tc.prefix_sharing).to(acc.device)
-            got = eval_batch(model, loss_fn, eval_ref, batch, eval_initial, mask_l1)
-            for k, v in got.items() if chunk else ():
-                sums[k] = sums.get(k, 0) + v
+            for k, v in eval_batch(model, loss_fn, eval_ref, batch, eval_initial, mask_l1).items():
+                sums[k] = sums.get(k, 0) + (v if chunk else torch.zeros_like(v))
         model.train()
-        if not sums:  # more processes than eval pairs: still join the reduction
-            sums = {k: torch.tensor(0.0) for k in ("loss", "n_pairs", "n_tokens")}
         m = finish_metrics(acc, sums)
         return {f"eval/{k}": v for k, v in m.items() if k not in ("n_pairs", "n_tokens")}
 
