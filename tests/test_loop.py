@@ -138,7 +138,7 @@ def test_lora_final_is_a_peft_adapter(tmp_path):
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     common = ["data.eval=null", "train.max_steps=4", "train.device=cpu", "diagnostics.entanglement.every=2"]
     one = rows(train(cfg_for(tmp_path / "one", "train.batch_size=4", *common)).run_dir)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "entangle.cli", "-q",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "entangle.cli", "-q",
            "train", "model.name=tiny", "data.train=synthetic:sentiment?config=short&n=64", "data.max_length=64",
            "optimizer.lr=3e-3", "train.batch_size=2", "tracking.progress=false",
            f"train.output_dir={tmp_path / 'two'}", *common]
