@@ -160,6 +160,7 @@ def _deepspeed_settings(acc, tc) -> None:
             "gradient_clipping": float(tc.max_grad_norm or 0.0)}
     for key, value in ours.items():
         theirs = ds.get(key, "auto")
+        # Accelerate's plugin writes gradient_accumulation_steps=1 when the user set nothing
         if theirs not in ("auto", value) and not (key == "gradient_accumulation_steps" and theirs == 1):
             raise TrainingError(f"DeepSpeed config {key}={theirs}, but train.* gives {value}: set it to \"auto\"")
         ds[key] = value
@@ -242,9 +243,10 @@ def train(cfg: DictConfig, callbacks: Sequence[Callable[[dict, StopFlag], None]]
     sched_name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.schedule.decay]
     scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     model, optimizer = acc.prepare(Policy(model, token_mask), optimizer)
-    if acc.distributed_type.name == "FSDP":  # a LoRA reference is the policy: run it through the wrapper
-        for ref in {id(r): r for r in (train_ref, eval_ref, initial, eval_initial) if r is not None}.values():
-            getattr(ref, "attach", lambda m: None)(model)
+    if sharded:  # a LoRA reference is the policy itself: it runs the way the prepared policy runs
+        for ref in (train_ref, eval_ref, initial, eval_initial):
+            if ref is not None:
+                ref.attach(model)
     ec = cfg.diagnostics.entanglement
     # Diagnostics and the normalised update see the language model's parameters (not the mask head's).
     probe = EntanglementProbe(hf_model(acc, model), ec.every, ec.realised, ec.method, ec.step_changes,

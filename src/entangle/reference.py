@@ -42,6 +42,9 @@ class Reference:
         raise ConfigError(f"reference.type={self.kind} keeps sequence sums only; a token mask needs "
                           "reference.type=frozen or trust_region")
 
+    def attach(self, prepared) -> None:
+        """Called once the policy is prepared under FSDP/DeepSpeed (only references that run the policy act)."""
+
 
 
 class _ModelReference(Reference):
@@ -53,24 +56,25 @@ class _ModelReference(Reference):
     def token_logps(self, batch: Batch) -> torch.Tensor:
         return self._forward(batch, token_level=True)
 
-    shared = False      # True when the reference is the policy itself (LoRA: adapters off)
-    runner = None       # what the forward calls when not `self.model` (see `attach`)
+    shared = False                   # True when the reference is the policy itself (LoRA: adapters off)
+    runner = None                    # what the forward calls when not `self.model` (see `attach`)
+    no_grad = torch.inference_mode   # how the forward turns autograd off
 
     def attach(self, prepared) -> None:
-        """Run a shared reference's forwards through the prepared policy: under FSDP the wrapper's
-        forward is what gathers the parameters its root unit owns (embeddings, head)."""
-        if self.shared:
+        """A shared reference under sharding: under FSDP run through the prepared wrapper, whose forward
+        gathers the parameters its root unit owns (embeddings, head); under ZeRO-3 use no_grad, since the
+        parameters it gathers in inference mode would become inference tensors the next backward cannot use."""
+        if not self.shared:
+            return
+        kind = sharding(self.model)
+        if kind in ("fsdp", "fsdp2"):
             self.runner = prepared
-
-    def _no_grad(self):
-        """Inference mode, except for a policy partitioned by ZeRO-3: the parameters it gathers there would
-        become inference tensors that its next training backward cannot use."""
-        zero3 = self.shared and sharding(self.model) == "zero3"   # a scan of module types: cheap next to a forward
-        return torch.no_grad() if zero3 else torch.inference_mode()
+        elif kind == "zero3":
+            self.no_grad = torch.no_grad
 
     def _forward(self, batch: Batch, token_level: bool = False, context=None):
         """Reference forward without autograd; returns plain tensors usable as autograd constants."""
-        with self._no_grad(), (context if context is not None else self._context()):
+        with self.no_grad(), (context if context is not None else self._context()):
             out = sequence_logps(self.runner if self.runner is not None else self.model, batch, token_level)
         return out.token_logps.clone() if token_level else out.logps.clone()
 

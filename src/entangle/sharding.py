@@ -11,6 +11,7 @@ model is never materialised. FSDP2 gathers the float32 shards, not the mixed-pre
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterator
 
 import torch
@@ -118,7 +119,7 @@ def _fsdp_units(model, keep):
             if names and not any(keep(n) for n in names):  # orig-params units: names known without gathering
                 continue
             ctx = FSDP.summon_full_params(unit, recurse=False, writeback=False) if isinstance(unit, FSDP) \
-                else torch.no_grad()
+                else contextlib.nullcontext()
             with ctx:
                 yield from fresh()
 

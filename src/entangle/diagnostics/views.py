@@ -40,8 +40,7 @@ def save_mask_views(run_dir: str, name: str, policy: Policy, tokenizer, pairs: l
     `policy` may be the prepared wrapper; in a sharded run every process calls this (the forward gathers)
     and one writes."""
     batch = collate_pairs(pairs, pad_id).to(device or next(policy.parameters()).device)
-    with torch.no_grad():
-        weights = sequence_logps(policy, batch).weights.float().cpu()      # [2B, T]
+    weights = sequence_logps(policy, batch).weights.float().cpu()          # [2B, T]
     if not write:
         return
     B, resp = len(pairs), batch.response_mask.cpu()
