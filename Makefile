@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.entangle-installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	@if [ ! -x $(PY) ]; then \
@@ -25,6 +25,10 @@ demo: setup
 
 test: setup lint
 	$(PY) -m pytest -q
+
+# everything but multi-process launches, whole studies and the real model: the tier to run on each change
+test-fast: setup lint
+	$(PY) -m pytest -q -m "not slow and not distributed and not study"
 
 lint: setup
 	$(PY) -m ruff check --select F src tests benchmarks

@@ -11,48 +11,46 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
+import tempfile
 
 import torch
+import time
 
-from entangle import config, losses
+from entangle import config
+from entangle.checkpoint import hf_model
 from entangle.data import collate_pairs
 from entangle.diagnostics.probe import EntanglementProbe
-from entangle.logps import Policy
-from entangle.loop import load_pairs
-from entangle.models import LoraSettings, load_model
-from entangle.reference import make_reference
-from entangle.step import StepParts, train_step
+from entangle.step import train_step
 
 HH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hh-rlhf", "helpful-base.train.jsonl")
 
 
-def build(model_name: str, lora: bool, data: str, batch: int, max_length: int):
-    from accelerate import Accelerator
+def build_parts(model_name: str, lora: bool, data: str, batch: int, max_length: int):
+    """The run entangle's own assembly makes (`entangle.build`), with the probe variants to swap in."""
+    from entangle.build import build
 
-    acc = Accelerator(cpu=True)
-    model, tok = load_model(model_name, lora=LoraSettings(r=16, alpha=32) if lora else None)
-    cfg = config.load(None, [f"data.train={data}", f"data.max_length={max_length}"])
-    pairs, _ = load_pairs(cfg.data.train, tok, cfg.data, "train", 64)
-    policy = Policy(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-7)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    ref = make_reference("frozen", model)
-    parts = StepParts(acc, policy, opt, sched, losses.get("dpo"), ref, 1.0)
-    probes = {"off": None, "fast": EntanglementProbe(policy, 1, method="fast", update=False, batch_mean=False),
-              "fast+": EntanglementProbe(policy, 1, method="fast"),
-              "exact": EntanglementProbe(policy, 1, method="exact", update=False, batch_mean=False)}
-    batches = [collate_pairs(pairs[i : i + batch], tok.pad_token_id) for i in range(0, len(pairs) - batch + 1, batch)]
-    return parts, probes, batches
+    lora_keys = ["model.lora.r=16", "model.lora.alpha=32"] if lora else []
+    cfg = config.load(None, [f"model.name={model_name}", f"data.train={data}", f"data.max_length={max_length}",
+                             "data.max_train_examples=64", "optimizer.lr=1e-7", "schedule.decay=constant",
+                             f"train.batch_size={batch}", "train.output_dir=" + tempfile.mkdtemp(), *lora_keys])
+    run = build(cfg)
+    lm = hf_model(run.accelerator, run.policy)
+    probes = {"off": None, "fast": EntanglementProbe(lm, 1, method="fast", update=False, batch_mean=False),
+              "fast+": EntanglementProbe(lm, 1, method="fast"),
+              "exact": EntanglementProbe(lm, 1, method="exact", update=False, batch_mean=False)}
+    pairs = run.train_pairs
+    batches = [collate_pairs(pairs[i : i + batch], run.tokenizer.pad_token_id)
+               for i in range(0, len(pairs) - batch + 1, batch)]
+    return run.step_parts, probes, batches
 
 
 def measure(model_name, lora, data, batch, max_length, steps):
-    parts, probes, batches = build(model_name, lora, data, batch, max_length)
+    parts, probes, batches = build_parts(model_name, lora, data, batch, max_length)
     times = {k: [] for k in probes}
     train_step(parts, [batches[0]], 1)  # warm-up
     for i in range(steps):
         for mode, probe in probes.items():
-            parts.probe = probe
+            parts.hooks = [probe] if probe is not None else []
             t = time.perf_counter()
             train_step(parts, [batches[(i + 1) % len(batches)]], i + 1)
             times[mode].append(time.perf_counter() - t)

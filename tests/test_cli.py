@@ -45,6 +45,7 @@ def test_bad_data_names_file_line_and_field(tmp_path):
     assert "pairs.jsonl:2: field 'rejected' is missing" in p.stderr
 
 
+@pytest.mark.slow   # a real signal to a real process: several seconds
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
     out = tmp_path / "run"
     args = ["-q", "train", "configs/tiny-dpo.yaml", f"train.output_dir={out}", "train.max_steps=100000",

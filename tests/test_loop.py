@@ -135,6 +135,7 @@ def test_lora_final_is_a_peft_adapter(tmp_path):
     assert any("lora_A" in n for n, _ in model.named_parameters())
 
 
+@pytest.mark.distributed
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     common = ["data.eval=null", "train.max_steps=4", "train.device=cpu", "diagnostics.entanglement.every=2"]
     one = rows(train(cfg_for(tmp_path / "one", "train.batch_size=4", *common)).run_dir)

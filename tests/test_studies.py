@@ -7,6 +7,8 @@ import pytest
 
 from entangle.studies import sentiment, trust_region
 
+pytestmark = pytest.mark.study   # whole studies: the slow tier
+
 
 def test_trust_region_study_on_tiny(tmp_path):
     out = tmp_path / "study"

@@ -151,6 +151,7 @@ UNEVEN_EVAL = ["data.eval=synthetic:sentiment?config=short&n=5&seed=3", "train.e
 ONE_EVAL_PAIR = ["data.eval=synthetic:sentiment?config=short&n=5"]   # the second process has no held-out pair
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("launcher,extra,two_only", [
     ("ddp", ONE_EVAL_PAIR, []), ("fsdp2", [], []), ("fsdp2", ["model.lora.r=4", *UNEVEN_EVAL], []),
     pytest.param("zero3", [], ACCUM, marks=needs_deepspeed),
@@ -172,13 +173,16 @@ def test_two_processes_hold_the_same_moving_reference(tmp_path, launcher, extra,
     for x, y in zip(one, two):
         for k in ("loss", "rewards/margins", "ref/drift", "ref/kl_to_init", "eval/loss", "eval/rewards/margins"):
             assert (k in x) == (k in y), (x["step"], k)
-            assert k not in x or x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), (x["step"], k)
+            # kl_to_init is a difference of float32 log-prob sums of size ~60, whose ulp is ~4e-6
+            tol = 2e-5 if k == "ref/kl_to_init" else 1e-6
+            assert k not in x or x[k] == pytest.approx(y[k], rel=1e-4, abs=tol), (x["step"], k)
         assert y["ref/updates"] == x["step"]
     assert ("eval/loss" in one[-1]) == any(x.startswith("data.eval=") for x in extra)
     final = load_file(tmp_path / "two" / "final" / ("adapter_model.safetensors" if "model.lora.r=4" in extra else "model.safetensors"))
     assert final and all(not isinstance(t, torch.distributed.tensor.DTensor) for t in final.values())
 
 
+@pytest.mark.distributed
 def test_sharded_update_gathers_one_piece_at_a_time():
     """FSDP (with and without original parameters), FSDP2 and ZeRO-3 over two gloo processes: the
     update equals the closed-form blend on both ranks, for full and LoRA policies, and no gather ever
@@ -200,6 +204,7 @@ def launch(launcher, out, *extra):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("launcher,extra", [
     ("fsdp2", ["model.lora.r=4"]), pytest.param("zero3", [], marks=needs_deepspeed)], ids=["fsdp2-lora", "zero3-full"])
 def test_sharded_resumed_trust_region_run_equals_uninterrupted(tmp_path, launcher, extra):

@@ -470,3 +470,27 @@ def collate_unpaired(items: Sequence[TokenizedCompletion], pad_id: int) -> Batch
     ids, attn, resp = pad_sequences(rows, pad_id)
     labels = torch.tensor([c.label for c in items], dtype=torch.bool)
     return Batch(ids, attn, resp, torch.tensor([c.index for c in items], dtype=torch.long), {"labels": labels})
+
+
+# ------------------------------------------------------------------------------------ sampling
+
+
+def batch_indices(n: int, step: int, global_batch: int, seed: int) -> list[int]:
+    """The example indices of optimiser step `step` (0-based): a seeded permutation per epoch."""
+    per_epoch = n // global_batch
+    epoch, j = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    return perm[j * global_batch : (j + 1) * global_batch].tolist()
+
+
+def process_share(indices: Sequence[int], process_index: int, per_process: int) -> list[int]:
+    """This process's contiguous share of a step's global batch (every process the same size)."""
+    return list(indices[process_index * per_process : (process_index + 1) * per_process])
+
+
+def micro_batches(pairs: Sequence[TokenizedPair], indices: Sequence[int], batch_size: int, pad_id: int,
+                  pack: bool, device) -> list[Batch]:
+    """Collated micro-batches of `batch_size` pairs over `indices`, on `device`."""
+    return [collate_pairs([pairs[i] for i in indices[k : k + batch_size]], pad_id, pack).to(device)
+            for k in range(0, len(indices), batch_size)]

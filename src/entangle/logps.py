@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from entangle.data import Batch
-from entangle.diagnostics.ghost import RowMap
 from entangle.errors import ModelError
 from entangle.models import is_peft
 
@@ -24,6 +23,47 @@ log = logging.getLogger(__name__)
 _warned: set[str] = set()
 MASK_NEEDS_LAYOUT = ("loss.token_mask=sparse needs a decoder/head layout entangle knows (transformers causal "
                      "LMs without logit scaling)")
+
+
+class HeadRows:
+    """The row layout of the response-only LM head input `[K, d]`, published by `_logps` while a
+    gradient recorder listens (the recorder splits that input by row and position); otherwise unset."""
+
+    listeners = 0                            # live recorders (diagnostics.ghost.GradientRecorder)
+    rows: torch.Tensor | None = None         # [K]: the batch row of each head input
+    positions: torch.Tensor | None = None    # [K]: the sequence position of each head input
+
+
+@dataclass
+class PairLogps:
+    """Everything a paired loss reads, for B pairs: `(B,)` tensors, reference ones None without a reference.
+
+    `policy_*_logps` are what the margin uses (the masked sums under `loss.token_mask`), the `*_lengths`
+    the scored response tokens of each side (length-normalised losses divide by them)."""
+
+    policy_chosen_logps: torch.Tensor
+    policy_rejected_logps: torch.Tensor
+    reference_chosen_logps: torch.Tensor | None
+    reference_rejected_logps: torch.Tensor | None
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+    token_weights: torch.Tensor | None = None   # [2B, T] learned token weights (loss.token_mask), detached
+    unmasked_logps: torch.Tensor | None = None  # [2B] plain response log-prob sums under a token mask, detached
+
+    def unmasked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The plain (unmasked) chosen and rejected log-prob sums [B], [B]: what `logps/*` report."""
+        if self.unmasked_logps is None:
+            return self.policy_chosen_logps, self.policy_rejected_logps
+        return self.unmasked_logps.chunk(2)
+
+    def args(self) -> tuple:
+        """The positional arguments of `losses.Loss`: (pc, pr, rc, rr, lc, lr)."""
+        return (self.policy_chosen_logps, self.policy_rejected_logps, self.reference_chosen_logps,
+                self.reference_rejected_logps, self.chosen_lengths, self.rejected_lengths)
+
+    @property
+    def n_pairs(self) -> int:
+        return self.policy_chosen_logps.numel()
 
 
 @dataclass
@@ -76,6 +116,7 @@ class Policy(torch.nn.Module):
         self._no_split_modules = getattr(model, "_no_split_modules", None)  # FSDP auto-wrap reads it
 
     def forward(self, input_ids, attention_mask, response_mask, token_level: bool = False, packed=None):
+        # A plain tuple, not a LogpsOut: DDP/FSDP/DeepSpeed wrappers find output tensors in tuples.
         if packed is not None and self.token_mask is None:
             return (*_packed_logps(self.model, packed, input_ids.shape[0]), None, None, None)
         out = _logps(self.model, input_ids, attention_mask, response_mask, token_level, self.token_mask)
@@ -142,13 +183,14 @@ def _logps(model, ids, attn, resp, token_level: bool, token_mask=None) -> LogpsO
     if parts is not None:
         decoder, head, cfg = parts
         hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state  # [N, T, d]
-        RowMap.current = rows                 # lets the entanglement recorder split the [K, d] head input by row
-        RowMap.positions = torch.arange(T - 1, device=ids.device)[None].expand(N, T - 1)[target]   # [K]
+        if HeadRows.listeners:                # lets a gradient recorder split the [K, d] head input by row
+            HeadRows.rows = rows
+            HeadRows.positions = torch.arange(T - 1, device=ids.device)[None].expand(N, T - 1)[target]   # [K]
         try:
             features = hidden[:, :-1][target]                                                     # [K, d]
             logits = response_logits(head, cfg, features)                                        # [K, V]
         finally:
-            RowMap.current = RowMap.positions = None
+            HeadRows.rows = HeadRows.positions = None
     else:
         if token_mask is not None:
             raise ModelError(f"{type(model).__name__}: {MASK_NEEDS_LAYOUT}")

@@ -1,9 +1,8 @@
 """The gradient-entanglement paper's mitigations (spec sec. 5): the pairwise-normalised update and
 the learned sparse token mask.
 
-    normalizer = PairwiseNormalizer(model)      # optimizer.pairwise_normalized: true
-    # per micro-batch: begin(batch) -> forward (watch(logps)) -> backward -> end(batch, inputs, loss_fn)
-    # before clipping: apply(accelerator, n_pairs) replaces .grad
+    normalizer = PairwiseNormalizer(model)      # optimizer.pairwise_normalized: true; a StepHook whose
+    # after_backward adds each micro-batch's normalised directions and before_optimizer replaces .grad
 
 Pairwise-normalised update: step along `sum_i d_w,i grad_w,i/|grad_w,i| - d_l,i grad_l,i/|grad_l,i|`
 (for DPO d_w = d_l = the loss's scalar weight). To first order under a plain gradient step, a pair
@@ -29,8 +28,10 @@ import torch
 from entangle import losses
 from entangle.data import Batch
 from entangle.diagnostics.brute import row_gradients
-from entangle.diagnostics.ghost import GradientRecorder, Unsupported, row_layout, wide
+from entangle.diagnostics.ghost import wide
+from entangle.diagnostics.recording import RowRecording
 from entangle.errors import ModelError
+from entangle.hooks import StepHook
 from entangle.logps import MASK_NEEDS_LAYOUT, split_model
 
 log = logging.getLogger(__name__)
@@ -70,40 +71,36 @@ def mask_penalty(weights: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return (sc + sr) / (lc + lr).clamp_min(1)
 
 
-class PairwiseNormalizer:
+class PairwiseNormalizer(StepHook):
+    """`optimizer.pairwise_normalized`: a `StepHook` that replaces the step's gradient before clipping."""
+
+    needs_rows = True   # per-response gradients cannot come from a prefix-shared row
+
     def __init__(self, model):
         self.model = model
-        self.recorder = GradientRecorder(model)
+        self.recording = RowRecording(model, "pairwise_normalized")
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.direction: dict[int, torch.Tensor] = {}
-        self.coef: torch.Tensor | None = None
-        self._warned = False
 
-    def begin(self, batch: Batch) -> None:
-        self.recorder.start(batch.n_rows, *row_layout(batch))
+    def before_forward(self, batch: Batch) -> None:
+        self.recording.begin(batch)
 
-    def watch(self, logps: torch.Tensor) -> None:
-        if logps.requires_grad:
-            logps.register_hook(lambda g: setattr(self, "coef", g.detach()))
+    def on_logps(self, scored: torch.Tensor) -> None:
+        self.recording.watch(scored)
 
-    def end(self, batch: Batch, aux: dict, loss_fn) -> None:
+    def after_backward(self, batch: Batch, logps, loss_fn) -> None:
         """Add this micro-batch's pairs to the normalised direction."""
-        d_w, d_l = losses.coefficients(loss_fn, aux["pc"], aux["pr"], aux["rc"], aux["rr"], aux["lc"], aux["lr"])
+        d_w, d_l = losses.coefficients(loss_fn, *logps.args())
         d = torch.cat([d_w, -d_l]).double().cpu()                    # [N]: +d_w on chosen rows, -d_l on rejected
-        try:
-            stats = self.recorder.result(self.coef)
-            norms = torch.cat([stats["norm_w2"], stats["norm_l2"]]).sqrt()
+        got = self.recording.end()
+        if got is None:
+            part = self._exact(batch, d, logps.token_weights)
+        else:
+            norms = torch.cat([got.stats["norm_w2"], got.stats["norm_l2"]]).sqrt()
             ok = norms > 0
             # the recorded output gradients carry c_r = dL/dlog pi_r; 1/c_r turns them into grad log pi_r
-            weights = torch.where(ok, d / torch.where(ok, norms * self.coef.double().cpu(), 1.0), 0.0)
-            part = self.recorder.weighted_sum(self.recorder.usages, weights)
-        except Unsupported as e:
-            if not self._warned:
-                log.warning("pairwise_normalized: fast path not applicable (%s); per-row backward passes", e)
-                self._warned = True
-            self.recorder.recording = False
-            part = self._exact(batch, d, aux.get("weights"))
-        self.recorder.usages = {}
+            weights = torch.where(ok, d / torch.where(ok, norms * got.coef.double().cpu(), 1.0), 0.0)
+            part = self.recording.recorder.weighted_sum(got.usages, weights)
         for pid, v in part.items():
             self.direction[pid] = self.direction[pid] + v if pid in self.direction else v
 
@@ -120,7 +117,7 @@ class PairwiseNormalizer:
         return out
 
     @torch.no_grad()
-    def apply(self, accelerator, n_pairs: int) -> None:
+    def before_optimizer(self, accelerator, n_pairs: int) -> None:
         """Replace every trainable parameter's gradient by `-direction / n_pairs` (mean over processes)."""
         for p in self.params:
             v = self.direction.get(id(p))

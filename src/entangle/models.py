@@ -233,12 +233,8 @@ def is_peft(model) -> bool:
 def set_activation_checkpointing(model, on: bool) -> None:
     """Turn transformers' activation checkpointing (non-reentrant) on or off; a no-op when already so."""
     base = model.get_base_model() if is_peft(model) else model
-    if not hasattr(base, "activation_checkpointing_enable"):    # transformers < 5
-        enable, disable = base.gradient_checkpointing_enable, base.gradient_checkpointing_disable
-        kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-    else:
-        enable, disable = base.activation_checkpointing_enable, base.activation_checkpointing_disable
-        kwargs = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
+    enable, disable = base.activation_checkpointing_enable, base.activation_checkpointing_disable
+    kwargs = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
     now = any(getattr(m, "gradient_checkpointing", False) for m in base.modules())
     if on and not now:
         if not getattr(base, "supports_gradient_checkpointing", False):

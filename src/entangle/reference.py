@@ -28,7 +28,16 @@ log = logging.getLogger(__name__)
 
 
 class Reference:
-    """No reference (reference-free losses): `logps` returns None."""
+    """The protocol every reference follows; this base is "no reference" (reference-free losses).
+
+    logps(batch) -> [N] | None            summed response log-probs, no autograd
+    token_logps(batch) -> [N, T] | None   per-token log-probs (token-weighted margins)
+    attach(prepared)                      once the policy is prepared (sharded runs)
+    after_step(step, policy)              after each optimiser step that was taken: move on schedule
+    metrics() -> {"ref/...": float}       logged every step
+    state() -> (json dict, tensors)       what a checkpoint keeps; load_state(...) restores it
+    initial_policy(...) -> Reference      log-probs of the policy training started from (KL to init)
+    """
 
     kind = "none"
 
@@ -45,6 +54,23 @@ class Reference:
     def attach(self, prepared) -> None:
         """Called once the policy is prepared under FSDP/DeepSpeed (only references that run the policy act)."""
 
+    def after_step(self, step: int, policy) -> None:
+        """Optimiser step `step` (1-based) was taken; a moving reference updates itself when due."""
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        return {}, {}
+
+    def load_state(self, state: dict, tensors: dict[str, torch.Tensor] | None) -> None:
+        """Restore what `state()` returned (`state` is the checkpoint's trainer state)."""
+
+    def initial_policy(self, policy, pairs, pad_id: int, batch_size: int, is_main: bool = True,
+                       barrier=lambda: None, without_reference: bool = False) -> "Reference | None":
+        """Log-probs of the *initial* policy on `pairs` (for `ref/kl_to_init`). Reference-free losses get a
+        table computed once only when `without_reference` (the loop asks for it on the held-out pairs)."""
+        return precompute_reference(policy, pairs, pad_id, batch_size, is_main, barrier) if without_reference else None
 
 
 class _ModelReference(Reference):
@@ -84,6 +110,9 @@ class FrozenReference(_ModelReference):
 
     kind = "frozen"
 
+    def initial_policy(self, *args, **kwargs) -> Reference:
+        return self   # a static reference is the initial policy
+
     def __init__(self, policy):
         if is_peft(policy):
             self.model, self.shared = policy, True
@@ -99,6 +128,9 @@ class PrecomputedReference(Reference):
     """Reference log-probs looked up by example index from a table computed once."""
 
     kind = "precomputed"
+
+    def initial_policy(self, *args, **kwargs) -> Reference:
+        return self   # a static reference is the initial policy
 
     def __init__(self, index: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, path: str | None = None):
         self.table = {int(i): (float(c), float(r)) for i, c, r in zip(index, chosen, rejected)}
@@ -177,23 +209,6 @@ class _Initial(Reference):
         return self.fn(batch)
 
 
-def initial_policy(reference: Reference, policy, pairs, pad_id: int, batch_size: int, is_main: bool = True,
-                   barrier=lambda: None, without_reference: bool = False) -> Reference | None:
-    """Log-probs of the *initial* policy for `ref/kl_to_init`: a static reference is the initial
-    policy; a LoRA trust region re-applies its initial deltas; a full trust region uses a table
-    of initial log-probs computed once (cached on disk like `precomputed`). Reference-free losses
-    get the table only when `without_reference` (the loop asks for it on the held-out pairs)."""
-    if reference.kind in ("frozen", "precomputed"):
-        return reference
-    if reference.kind == "none":
-        return precompute_reference(policy, pairs, pad_id, batch_size, is_main, barrier) if without_reference else None
-    if isinstance(reference, TrustRegionReference):
-        if reference.lora:
-            return _Initial(reference.initial_logps)
-        return precompute_reference(policy, pairs, pad_id, batch_size, is_main, barrier)
-    return None
-
-
 # ------------------------------------------------------------------------------------ trust region
 
 
@@ -222,6 +237,7 @@ class TrustRegionReference(_ModelReference):
             self.master = {n: p.detach().float().clone() if p.dtype in (torch.bfloat16, torch.float16) else None
                            for n, p in self.model.named_parameters()}
         self.initial = self.state_tensors()
+        self._drift = 0.0
 
     # -- forward
     def _context(self, delta: dict | None = None):
@@ -239,7 +255,23 @@ class TrustRegionReference(_ModelReference):
         """LoRA only: log-probs under the initial policy (W0 + the initial deltas), at no memory cost."""
         return self._forward(batch, context=self._context(self.initial))
 
+    def initial_policy(self, policy, pairs, pad_id: int, batch_size: int, is_main: bool = True,
+                       barrier=lambda: None, without_reference: bool = False) -> Reference:
+        """LoRA: W0 + the initial deltas, at no memory cost; full: a table computed once (cached on disk)."""
+        if self.lora:
+            return _Initial(self.initial_logps)
+        return precompute_reference(policy, pairs, pad_id, batch_size, is_main, barrier)
+
     # -- update
+    def after_step(self, step: int, policy) -> None:
+        """Every tau optimiser steps (not micro-batches), blend the policy in."""
+        if self.due(step):
+            self.update(policy)   # sharded policies are gathered one piece at a time
+            self._drift = self.drift()
+
+    def metrics(self) -> dict[str, float]:
+        return {"ref/updates": float(self.updates), "ref/drift": self._drift}
+
     def due(self, step: int) -> bool:
         """Whether optimiser step `step` (1-based, counted after the step) triggers an update."""
         return self.alpha > 0 and step % self.tau == 0
@@ -274,6 +306,16 @@ class TrustRegionReference(_ModelReference):
         self.updates += 1
 
     # -- state
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        return {"ref_updates": self.updates}, self.state_tensors()
+
+    def load_state(self, state: dict, tensors: dict[str, torch.Tensor] | None) -> None:
+        if tensors is None:
+            raise ConfigError("the checkpoint has no reference.safetensors (it was not saved by a trust-region "
+                              "run); resume it with the reference.type it was trained with")
+        self.load_state_tensors(tensors, state["ref_updates"])
+        self._drift = self.drift()
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The reference's exact state (float32): LoRA deltas, or the full parameters."""
         if self.lora:
@@ -300,7 +342,7 @@ class TrustRegionReference(_ModelReference):
         """L2 distance of the reference's parameters (LoRA: its deltas) from where they started."""
         now = self.state_tensors()
         total = 0.0
-        for k, v in now.items():
+        for k, v in sorted(now.items()):   # a fixed order: resumed state loads in another
             start = self.initial.get(k)
             total += float(((v - start) if start is not None else v).double().pow(2).sum())
         return total ** 0.5

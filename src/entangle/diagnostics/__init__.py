@@ -17,6 +17,7 @@ import torch
 from entangle.data import TokenizedPair, collate_pairs
 from entangle.diagnostics.brute import brute_force_stats
 from entangle.diagnostics.ghost import GradientRecorder, Unsupported, row_layout
+from entangle.logps import sequence_logps
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,6 @@ def entanglement_stats(model, pairs, method: str = "fast", pad_id: int = 0) -> d
 
     `log pi(y|x)` is the sum of the log-probs of the given response ids after `prompt_ids` (no EOS
     is added). `method`: "fast" (one backward, falls back to "exact" where it cannot apply) or "exact"."""
-    from entangle.logps import sequence_logps  # logps imports the recorder from this package
-
     items = [TokenizedPair(list(p["prompt_ids"]), list(p["chosen_ids"]), list(p["rejected_ids"]), i)
              for i, p in enumerate(pairs)]
     device = next(model.parameters()).device
@@ -46,7 +45,7 @@ def entanglement_stats(model, pairs, method: str = "fast", pad_id: int = 0) -> d
             model.zero_grad(set_to_none=True)
             rec.start(batch.n_rows, *row_layout(batch))
             logps = sequence_logps(model, batch).logps
-            rec.recording = False
+            rec.stop()
             logps.sum().backward()  # coefficient 1 per row: the output gradients are d log pi_r / d out
             stats = rec.result(torch.ones(batch.n_rows))
         except Unsupported as e:

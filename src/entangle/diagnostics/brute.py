@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 
 from entangle.data import Batch
+from entangle.logps import sequence_logps
 
 
 def row_gradients(model, batch: Batch, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Flattened gradient of each row's summed response log-prob: [N, n_trainable] (float64).
     With token `weights` [N, T] (held fixed), of the weighted sum `sum_t m_t log pi_t` instead."""
-    from entangle.logps import sequence_logps  # logps imports the recorder from this package
 
     params = [p for p in model.parameters() if p.requires_grad]
     out = sequence_logps(model, batch, token_level=weights is not None)

@@ -20,17 +20,12 @@ import torch
 from torch import nn
 from torch.func import functional_call, vjp
 
+from entangle.logps import HeadRows
+
 try:
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover
     Conv1D = ()
-
-
-class RowMap:
-    """Rows of a 2-D activation (the response-only LM head input [K, d]); set by logps._logps."""
-
-    current: torch.Tensor | None = None
-    positions: torch.Tensor | None = None   # [K]: the sequence position of each row of the head input
 
 
 def wide(dtype: torch.dtype) -> torch.dtype:
@@ -113,11 +108,25 @@ class GradientRecorder:
         self.n_rows = n_rows
         self.lengths = None if lengths is None else [int(x) for x in lengths]
         self.prompt_lengths = None if prompt_lengths is None else [int(x) for x in prompt_lengths]
+        if not self.recording:
+            HeadRows.listeners += 1
         self.recording = True
         self.usages = {}
         self.problems = []
 
+    def stop(self) -> None:
+        """Stop recording (what was recorded stays readable until the next `start`)."""
+        if self.recording:
+            HeadRows.listeners -= 1
+        self.recording = False
+
+    def take(self) -> dict:
+        """The usages recorded since `start` (id(param) -> usages), handed over and forgotten here."""
+        usages, self.usages = self.usages, {}
+        return usages
+
     def close(self) -> None:
+        self.stop()
         for h in self.handles:
             h.remove()
         self.handles = []
@@ -130,7 +139,7 @@ class GradientRecorder:
             self.problems.append(f"{type(module).__name__}: forward with several inputs or outputs")
             return None
         x, n, kind = args[0], self.n_rows, _kind(module)
-        rows = RowMap.current if x.dim() == 2 and kind != "embedding" else None
+        rows = HeadRows.rows if x.dim() == 2 and kind != "embedding" else None
         if output.dim() >= 2 and output.shape[0] == 1 and n > 1 and rows is None:
             # A batch-broadcast output (GPT-2 position embeddings): expand so each row's gradient is kept.
             output = output.expand(n, *output.shape[1:])
@@ -138,7 +147,7 @@ class GradientRecorder:
         elif rows is None and output.shape[0] != n:
             self.problems.append(f"{type(module).__name__}: output batch {output.shape[0]} != rows {n}")
             return None
-        use = _Usage(module, kind, (x.detach(), rows), n, RowMap.positions if rows is not None else None)
+        use = _Usage(module, kind, (x.detach(), rows), n, HeadRows.positions if rows is not None else None)
         for p in module.parameters(recurse=False):
             if p.requires_grad:
                 self.usages.setdefault(id(p), []).append(use)
@@ -313,15 +322,16 @@ class GradientRecorder:
         return (self._dense(use, p).to(dt) * w.view(-1, *[1] * p.dim())).sum(0)
 
     # -- per-position split of <grad_w, grad_l>
-    def position_split(self, coef: torch.Tensor) -> list[dict]:
+    def position_split(self, coef: torch.Tensor, usages: dict[int, list[_Usage]] | None = None) -> list[dict]:
         """Per pair: `chosen` [T] and `rejected` [T] contributions of each sequence position to
         `<grad log pi_w, grad log pi_l>` (position t: the parameter-gradient terms its activations deposit,
         `G_t A_t^T` per linear layer; for the LM head, the prediction of token t+1), and `other`, the part
         of modules without a per-position form (norms). `sum(chosen) + other == inner == sum(rejected) + other`.
         Call after `result()`; costs about one more set of the ghost products."""
+        usages = self.usages if usages is None else usages
         B = coef.numel() // 2
         T = max(u.g.shape[1] if u.g.dim() == 3 else int(u.pos.max()) + 1 if u.pos is not None else 0
-                for uses in self.usages.values() for u in uses)
+                for uses in usages.values() for u in uses)
         c = coef.double().cpu()
         out = []
         for i in range(B):
@@ -329,7 +339,7 @@ class GradientRecorder:
             cw = torch.zeros(T, dtype=torch.float64)
             cl = torch.zeros(T, dtype=torch.float64)
             other = 0.0
-            for pid, uses in self.usages.items():
+            for pid, uses in usages.items():
                 p = self.params[pid]
                 for u in uses:
                     for v in uses:
@@ -388,7 +398,7 @@ class GradientRecorder:
     def result(self, coef: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-pair `norm_w2`, `norm_l2`, `inner` (float64) with the row coefficients divided out."""
         n = self.n_rows
-        self.recording = False  # vjp below runs module forwards: do not record them
+        self.stop()  # vjp below runs module forwards: do not record them
         if self.problems:
             raise Unsupported("; ".join(sorted(set(self.problems))[:3]))
         missing = [k for k in self.params if k not in self.usages]

@@ -1,100 +1,92 @@
-"""Entanglement inside the training step: attach, read the statistics off the backward, summarise.
+"""Entanglement inside the training step, as a `StepHook`: read the statistics off the backward, summarise.
 
-The step calls `begin(batch)` before a micro-batch's forward, `watch(logps)` on its log-prob
-tensor (to capture each row's loss coefficient), `end(...)` after its backward, and, if asked,
-`realise(...)` after the optimiser step. Nothing here changes the gradients or the update.
+    probe = EntanglementProbe(model, every=1, realised=True)
+    fit(build(cfg, hooks=[probe]))        # build adds it itself for diagnostics.entanglement.every > 0
+
+Nothing here changes the gradients or the update. Per-pair rows go to `entanglement.jsonl`.
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 
 from entangle import losses
 from entangle.data import Batch
 from entangle.diagnostics import brute_force_stats, classify, predicted_changes, with_cos
-from entangle.diagnostics.ghost import GradientRecorder, Unsupported, row_layout, wide
+from entangle.diagnostics.ghost import wide
+from entangle.diagnostics.recording import RowRecording
+from entangle.hooks import HookContext, StepHook
+from entangle.logps import PairLogps, sequence_logps
+from entangle.metrics import Metrics
 
-log = logging.getLogger(__name__)
 
-
-class EntanglementProbe:
+class EntanglementProbe(StepHook):
     """Per-pair `<grad_w, grad_l>`, norms, cosine, d_w, d_l, case and predicted changes, every `every` steps."""
 
+    needs_rows = True   # per-response gradients cannot come from a prefix-shared row
+
     def __init__(self, model, every: int, realised: bool = False, method: str = "fast", update: bool = True,
-                 batch_mean: bool = True, positions: bool = False):
+                 batch_mean: bool = True, positions: bool = False, tokens: int = 0):
         self.model, self.every, self.realised, self.method = model, every, realised, method
-        self.update, self.batch_mean, self.positions = update, batch_mean, positions
+        self.update, self.batch_mean, self.positions, self.tokens = update, batch_mean, positions, tokens
         self.position_rows: list[dict] = []
-        self.recorder = GradientRecorder(model) if method == "fast" else None
-        self.active = False
-        self.coef: torch.Tensor | None = None
+        self.recording = RowRecording(model, "entanglement") if method == "fast" else None
         self.pairs: list[dict] = []
         self.fallbacks = 0
-        self._warned = False
+        self.lr = 0.0
 
     def due(self, step: int) -> bool:
         """`step` is 1-based."""
         return self.every > 0 and step % self.every == 0
 
-    def start_step(self) -> None:
-        self.active, self.pairs, self.fallbacks, self.position_rows = True, [], 0, []
+    def on_step_start(self, step: int, lr: float) -> None:
+        self.pairs, self.fallbacks, self.position_rows, self.lr = [], 0, [], lr
         self.kept: list[tuple[dict, torch.Tensor, int]] = []   # (recorded usages, row coefficients, first pair)
         self.batch_sums: dict[str, dict[int, torch.Tensor]] = {}
         self.before: dict[int, torch.Tensor] | None = None
 
-    def begin(self, batch: Batch) -> None:
-        if self.active and self.recorder is not None:
-            self.recorder.start(batch.n_rows, *row_layout(batch))
+    def before_forward(self, batch: Batch) -> None:
+        if self.recording is not None:
+            self.recording.begin(batch)
 
-    def watch(self, logps: torch.Tensor) -> None:
-        """Capture dL/d log pi_r for every row during the backward."""
-        if self.active and logps.requires_grad:
-            logps.register_hook(lambda g: setattr(self, "coef", g.detach()))
+    def on_logps(self, scored: torch.Tensor) -> None:
+        if self.recording is not None:
+            self.recording.watch(scored)
 
-    def end(self, batch: Batch, aux: dict, loss_fn, lr: float) -> None:
-        """After a micro-batch's backward: per-pair statistics from the recorder, or the exact path."""
-        if not self.active:
-            return
-        stats = None
-        if self.recorder is not None:
-            try:
-                stats = self.recorder.result(self.coef)
-                if self.update:
-                    self.kept.append((self.recorder.usages, self.coef, len(self.pairs)))
-                if self.batch_mean:
-                    self._accumulate_batch_sums(self.recorder.usages, self.coef)
-                if self.positions:
-                    self._split_positions(batch)
-            except Unsupported as e:
-                if not self._warned:
-                    log.warning("entanglement: fast path not applicable (%s); using the exact slow path", e)
-                    self._warned = True
-            self.recorder.recording = False
-        if stats is None:
+    def after_backward(self, batch: Batch, logps: PairLogps, loss_fn) -> None:
+        """Per-pair statistics from the recorder, or the exact path."""
+        got = self.recording.end() if self.recording is not None else None
+        if got is not None:
+            stats = got.stats
+            if self.update:
+                self.kept.append((got.usages, got.coef, len(self.pairs)))
+            if self.batch_mean:
+                self._accumulate_batch_sums(got.usages, got.coef)
+            if self.positions:
+                self._split_positions(batch, got)
+        else:
             self.fallbacks += 1
-            stats = brute_force_stats(self.model, batch, aux.get("weights"))
+            stats = brute_force_stats(self.model, batch, logps.token_weights)
         stats = with_cos({k: v.double() for k, v in stats.items()})
-        d_w, d_l = losses.coefficients(loss_fn, aux["pc"], aux["pr"], aux["rc"], aux["rr"], aux["lc"], aux["lr"])
+        d_w, d_l = losses.coefficients(loss_fn, *logps.args())
         d_w, d_l = d_w.double().cpu(), d_l.double().cpu()
-        pred_w, pred_l = predicted_changes(stats, d_w, d_l, lr)
+        pred_w, pred_l = predicted_changes(stats, d_w, d_l, self.lr)
         case = classify(pred_w, pred_l)
-        logps = torch.cat([aux["pc"], aux["pr"]]).detach().double().cpu()
+        full_w, full_l = (t.detach().double().cpu() for t in logps.unmasked())
         for i in range(len(d_w)):
             self.pairs.append({
                 "pair": int(batch.index[i]), "inner": float(stats["inner"][i]), "norm_w2": float(stats["norm_w2"][i]),
                 "norm_l2": float(stats["norm_l2"][i]), "cos": float(stats["cos"][i]), "d_w": float(d_w[i]),
                 "d_l": float(d_l[i]), "case": int(case[i]), "pred_dlogp_w": float(pred_w[i]),
-                "pred_dlogp_l": float(pred_l[i]), "_logp_w": float(logps[i]), "_logp_l": float(logps[i + len(d_w)]),
+                "pred_dlogp_l": float(pred_l[i]), "_logp_w": float(full_w[i]), "_logp_l": float(full_l[i]),
             })
 
     @torch.no_grad()
-    def _split_positions(self, batch: Batch) -> None:
+    def _split_positions(self, batch: Batch, got) -> None:
         """Per pair, each position's share of <grad_w, grad_l> (chosen and rejected rows, real tokens only)."""
         B = batch.n_rows // 2
         lengths = batch.attention_mask.sum(1).tolist()
-        for i, part in enumerate(self.recorder.position_split(self.coef)):
+        for i, part in enumerate(self.recording.recorder.position_split(got.coef, got.usages)):
             self.position_rows.append({
                 "pair": int(batch.index[i]), "chosen": part["chosen"][: lengths[i]].tolist(),
                 "rejected": part["rejected"][: lengths[B + i]].tolist(), "other": part["other"],
@@ -108,7 +100,7 @@ class EntanglementProbe:
         inv = 1.0 / coef.double()
         zeros = torch.zeros_like(inv)
         for side, w in (("w", torch.cat([inv[:B], zeros[B:]])), ("l", torch.cat([zeros[:B], inv[B:]]))):
-            part = self.recorder.weighted_sum(usages, w)
+            part = self.recording.recorder.weighted_sum(usages, w)
             into = self.batch_sums.setdefault(side, {})
             for pid, v in part.items():
                 into[pid] = into[pid] + v if pid in into else v
@@ -126,77 +118,74 @@ class EntanglementProbe:
                 "batch_cos": inner / max(nw * nl, 1e-300)}
 
     @torch.no_grad()
-    def before_step(self) -> None:
+    def before_optimizer(self, accelerator, n_pairs: int) -> None:
         """Snapshot the trainable parameters, so that the optimiser's actual update can be measured."""
-        if self.active and self.kept:
-            self.before = {id(p): p.detach().clone() for p in self.recorder.params.values()}
+        if self.kept:
+            self.before = {id(p): p.detach().clone() for p in self.recording.params.values()}
 
     @torch.no_grad()
-    def after_step(self) -> None:
+    def after_optimizer(self, policy, micro_batches) -> None:
         """First-order changes along the update the optimiser actually made (AdamW, clipping, weight
-        decay included): `step_dlogp_* = <grad log pi, theta_after - theta_before>` per pair."""
-        if not (self.active and self.kept and self.before is not None):
-            return
-        deltas = {pid: p.detach().to(wide(p.dtype)) - self.before[pid].to(wide(p.dtype))
-                  for pid, p in self.recorder.params.items()}
-        for usages, coef, first in self.kept:
-            change = self.recorder.directional(usages, deltas, coef)
-            B = coef.numel() // 2
-            for i in range(B):
-                self.pairs[first + i]["step_dlogp_w"] = float(change[i])
-                self.pairs[first + i]["step_dlogp_l"] = float(change[B + i])
+        decay included): `step_dlogp_* = <grad log pi, theta_after - theta_before>` per pair; then, if
+        asked, the realised changes of the (unmasked) log-probs, by re-evaluating the step's batches."""
+        if self.kept and self.before is not None:
+            deltas = {pid: p.detach().to(wide(p.dtype)) - self.before[pid].to(wide(p.dtype))
+                      for pid, p in self.recording.params.items()}
+            for usages, coef, first in self.kept:
+                change = self.recording.recorder.directional(usages, deltas, coef)
+                B = coef.numel() // 2
+                for i in range(B):
+                    self.pairs[first + i]["step_dlogp_w"] = float(change[i])
+                    self.pairs[first + i]["step_dlogp_l"] = float(change[B + i])
         self.kept, self.before = [], None
+        if self.realised:
+            k = 0
+            for batch in micro_batches:
+                lp = sequence_logps(self.model, batch, pack=False).logps.double().cpu()
+                B = batch.n_rows // 2
+                for i in range(B):
+                    row = self.pairs[k + i]
+                    row["real_dlogp_w"] = float(lp[i]) - row["_logp_w"]
+                    row["real_dlogp_l"] = float(lp[i + B]) - row["_logp_l"]
+                k += B
 
-    @torch.no_grad()
-    def realise(self, policy, micro_batches) -> None:
-        """Re-evaluate the step's batches after the optimiser step: realised log-prob changes."""
-        if not (self.active and self.realised):
-            return
-        from entangle.logps import sequence_logps
-
-        k = 0
-        for batch in micro_batches:
-            lp = sequence_logps(policy, batch, pack=False).logps.double().cpu()
-            B = batch.n_rows // 2
-            for i in range(B):
-                row = self.pairs[k + i]
-                row["real_dlogp_w"] = float(lp[i]) - row["_logp_w"]
-                row["real_dlogp_l"] = float(lp[i + B]) - row["_logp_l"]
-            k += B
-
-    def finish(self) -> tuple[dict[str, torch.Tensor], list[dict]]:
-        """Metric sums (reduced over processes by the caller) and the per-pair rows."""
+    def finish(self) -> tuple[Metrics, list[dict]]:
+        """Metric sums (per-pair means once reduced) and the per-pair rows."""
         batch = self._batch_mean_stats()
-        self.active, self.kept, self.before, self.batch_sums = False, [], None, {}
+        self.kept, self.before, self.batch_sums = [], None, {}
         rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in self.pairs]
-        t = {k: torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in rows[0]
-             if all(k in r for r in rows)} if rows else {}
+        m = Metrics()
         if not rows:
-            return {}, []
+            return m, []
+        t = {k: torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in rows[0] if all(k in r for r in rows)}
         sums = {
-            "entanglement/inner": t["inner"].sum(), "entanglement/cos": t["cos"].sum(),
-            "entanglement/norm_w": t["norm_w2"].sqrt().sum(), "entanglement/norm_l": t["norm_l2"].sqrt().sum(),
-            "entanglement/case1": (t["case"] == 1).double().sum(), "entanglement/case2": (t["case"] == 2).double().sum(),
-            "entanglement/case3": (t["case"] == 3).double().sum(),
-            "entanglement/pred_dlogp_w": t["pred_dlogp_w"].sum(), "entanglement/pred_dlogp_l": t["pred_dlogp_l"].sum(),
-            "entanglement/d_w": t["d_w"].sum(), "entanglement/d_l": t["d_l"].sum(),
-            "entanglement/exact_fallback": torch.tensor(float(self.fallbacks)),
+            "inner": t["inner"].sum(), "cos": t["cos"].sum(), "norm_w": t["norm_w2"].sqrt().sum(),
+            "norm_l": t["norm_l2"].sqrt().sum(), "pred_dlogp_w": t["pred_dlogp_w"].sum(),
+            "pred_dlogp_l": t["pred_dlogp_l"].sum(), "d_w": t["d_w"].sum(), "d_l": t["d_l"].sum(),
+            **_case_counts("case", t["case"]),
         }
-        if batch is not None:
-            # Per-process batch-mean quantities; scaled by the pair count so that the loop's
-            # per-pair normalisation returns them (averaged over processes under DDP).
-            for k, v in batch.items():
-                sums[f"entanglement/{k}"] = torch.tensor(v * len(rows), dtype=torch.float64)
-        if "step_dlogp_w" in t:
-            sums["entanglement/step_dlogp_w"] = t["step_dlogp_w"].sum()
-            sums["entanglement/step_dlogp_l"] = t["step_dlogp_l"].sum()
-            step_case = classify(t["step_dlogp_w"], t["step_dlogp_l"])
-            for c in (1, 2, 3):  # the cases of the first-order changes along the optimiser's own update
-                sums[f"entanglement/step_case{c}"] = (step_case == c).double().sum()
-        if "real_dlogp_w" in t:
-            sums["entanglement/real_dlogp_w"] = t["real_dlogp_w"].sum()
-            sums["entanglement/real_dlogp_l"] = t["real_dlogp_l"].sum()
-            real_case = classify(t["real_dlogp_w"], t["real_dlogp_l"])
-            for c in (1, 2, 3):  # the cases of the changes that actually happened (the optimiser's own step)
-                sums[f"entanglement/real_case{c}"] = (real_case == c).double().sum()
-        return {k: v.float() for k, v in sums.items()}, rows
+        for kind in ("step", "real"):   # along the optimiser's own update; what actually happened
+            if f"{kind}_dlogp_w" in t:
+                w, lo = t[f"{kind}_dlogp_w"], t[f"{kind}_dlogp_l"]
+                sums.update({f"{kind}_dlogp_w": w.sum(), f"{kind}_dlogp_l": lo.sum(),
+                             **_case_counts(f"{kind}_case", classify(w, lo))})
+        for k, v in sums.items():
+            m.add(f"entanglement/{k}", v)
+        m.add("entanglement/exact_fallback", float(self.fallbacks), "sum")
+        for k, v in (batch or {}).items():   # this process's batch-mean quantities, averaged over processes
+            m.add(f"entanglement/{k}", v, "process_mean")
+        return m, rows
+
+    def after_step(self, ctx: HookContext, rows: list[dict]) -> None:
+        """Views written beside the run on the main process: per-position splits, exact token views."""
+        from entangle.diagnostics.views import save_position_views, save_token_views
+
+        if self.positions and ctx.is_main:
+            save_position_views(ctx.run_dir, ctx.step, ctx.tokenizer, self.position_rows, self.pairs)
+        if self.tokens and ctx.is_main:
+            save_token_views(ctx.run_dir, f"step-{ctx.step}", ctx.accelerator.unwrap_model(ctx.policy),
+                             ctx.tokenizer, ctx.step_pairs[: self.tokens])
+
+
+def _case_counts(prefix: str, case: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {f"{prefix}{c}": (case == c).double().sum() for c in (1, 2, 3)}

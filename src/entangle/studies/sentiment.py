@@ -181,7 +181,7 @@ def token_views(run_dir: str, start_model: str, eval_source: str) -> None:
     """Exact per-token views of a few held-out pairs, before DPO (the SFT model) and after it."""
     from entangle import config
     from entangle.diagnostics.views import save_token_views
-    from entangle.loop import load_pairs
+    from entangle.build import load_pairs
     from entangle.models import load_model
 
     data_cfg = config.load(None, ["data.max_length=96"]).data
@@ -225,7 +225,7 @@ def _heldout_token_logps(model_path: str, stamp: float, source: str, split: str,
     from entangle import config
     from entangle.data import collate_pairs
     from entangle.logps import sequence_logps
-    from entangle.loop import load_pairs
+    from entangle.build import load_pairs
     from entangle.models import load_model
 
     model, tok = load_model(model_path, dtype="float32")

@@ -9,7 +9,6 @@ policy, against steps. Whatever the outcome, it is reported as measured.
 
 from __future__ import annotations
 
-import json
 import os
 
 from entangle.plots import plot_metrics
@@ -83,7 +82,3 @@ def format_table(summary: dict) -> str:
                      f"{kl if kl is not None else float('nan'):8.3f}")
     return "\n".join(lines)
 
-
-def main_table(out: str) -> str:
-    with open(os.path.join(out, "summary.json")) as f:
-        return format_table(json.load(f))

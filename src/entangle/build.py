@@ -1,0 +1,221 @@
+"""Assembly: `build(cfg) -> Run`, every component of a training run made once, in one place.
+
+    run = build(config.load("configs/tiny-dpo.yaml"))     # model, data, loss, references, optimiser, hooks
+    fit(run)                                               # loop.py
+
+The loop, the studies, the benchmarks and the TRL integration all start from a `Run`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from entangle import __version__, losses, synthetic
+from entangle.checkpoint import hf_model, is_sharded, resolve_resume
+from entangle.config import reference_type, trust_region
+from entangle.data import read_examples, tokenize_pairs
+from entangle.diagnostics.probe import EntanglementProbe
+from entangle.diagnostics.views import TokenMaskViews
+from entangle.errors import TrainingError
+from entangle.hooks import HookContext, StepHook
+from entangle.logps import Policy
+from entangle.mitigations import PairwiseNormalizer, make_token_mask
+from entangle.models import LoraSettings, count_parameters, load_model
+from entangle.reference import Reference, make_reference, precompute_reference
+from entangle.rundir import git_sha, prepare_run_dir
+from entangle.step import StepParts
+
+log = logging.getLogger("entangle")
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of; `fit(run)` trains it."""
+
+    cfg: DictConfig
+    accelerator: Any
+    policy: Any                      # the prepared `Policy` (DDP/FSDP/DeepSpeed-wrapped where launched so)
+    tokenizer: Any
+    train_pairs: list
+    eval_pairs: list
+    loss_fn: losses.Loss
+    reference: Reference             # what the training loss reads (moves itself when it is a trust region)
+    eval_reference: Reference | None
+    initial: Reference | None        # the initial policy on the training pairs (ref/kl_to_init), or None
+    eval_initial: Reference | None
+    optimizer: Any
+    scheduler: Any
+    hooks: list[StepHook]
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    resume_from: str | None
+    info: dict = field(default_factory=dict)   # version, geometry, data statistics: summary.json and the log
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def mask_l1(self) -> float:
+        return self.cfg.loss.mask_l1 if self.accelerator.unwrap_model(self.policy).token_mask is not None else 0.0
+
+    @property
+    def step_parts(self) -> StepParts:
+        return StepParts(self.accelerator, self.policy, self.optimizer, self.scheduler, self.loss_fn, self.reference,
+                         self.cfg.train.max_grad_norm, self.initial, self.hooks, self.mask_l1)
+
+    def context(self, step: int, step_pairs: list | None = None) -> HookContext:
+        return HookContext(self.accelerator, self.cfg.train.output_dir, self.tokenizer, self.policy, step,
+                           step_pairs or [], self.eval_pairs, self.train_pairs, self.is_main)
+
+
+def load_pairs(source: str, tokenizer, cfg: DictConfig, split: str, limit: int | None):
+    """Read, validate and tokenise one source (`cfg` is the `data` section) -> (pairs, stats dict)."""
+    if source.startswith("synthetic:"):
+        examples, skipped = synthetic.from_source(source), 0
+        examples = examples[:limit] if limit else examples
+    else:
+        examples, skipped = read_examples(source, dict(cfg.columns), cfg.skip_bad, split, limit)
+    pairs, stats = tokenize_pairs(examples, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    stats.n_skipped = skipped
+    if not pairs:
+        raise TrainingError(f"{source}: every pair was dropped by truncation; raise data.max_length")
+    return pairs, stats.as_dict()
+
+
+def make_accelerator(cfg: DictConfig):
+    from accelerate import Accelerator
+
+    cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("train.device=cuda but no CUDA device is visible; use train.device=auto")
+    trackers = list(cfg.tracking.report_to)
+    for t in trackers:
+        if importlib.util.find_spec(t) is None and not (t == "tensorboard" and importlib.util.find_spec("tensorboardX")):
+            raise TrainingError(f"tracking.report_to={t} needs the {t} package: pip install {t}")
+    acc = Accelerator(cpu=cpu, log_with=trackers or None, project_dir=cfg.train.output_dir)
+    if acc.distributed_type.name == "DEEPSPEED":
+        _deepspeed_settings(acc, cfg.train)
+    return acc
+
+
+def _deepspeed_settings(acc, tc) -> None:
+    """DeepSpeed's engine takes the batch geometry and clipping from its config; entangle's train.* set
+    them (an explicit, different value in the user's DeepSpeed config is an error, not overridden)."""
+    ds = acc.state.deepspeed_plugin.deepspeed_config
+    ours = {"train_micro_batch_size_per_gpu": tc.batch_size, "gradient_accumulation_steps": tc.grad_accum,
+            "train_batch_size": tc.batch_size * tc.grad_accum * acc.num_processes,
+            "gradient_clipping": float(tc.max_grad_norm or 0.0)}
+    for key, value in ours.items():
+        theirs = ds.get(key, "auto")
+        # Accelerate's plugin writes gradient_accumulation_steps=1 when the user set nothing
+        if theirs not in ("auto", value) and not (key == "gradient_accumulation_steps" and theirs == 1):
+            raise TrainingError(f"DeepSpeed config {key}={theirs}, but train.* gives {value}: set it to \"auto\"")
+        ds[key] = value
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:  # final/ and checkpoints hold the gathered weights
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def make_references(cfg: DictConfig, model, train_pairs, eval_pairs, pad_id: int, acc):
+    """(reference, eval reference, initial policy on train pairs, initial policy on eval pairs)."""
+    kind, bs, main, barrier = reference_type(cfg), cfg.train.eval_batch_size, acc.is_main_process, acc.wait_for_everyone
+    if kind == "precomputed":
+        ref = precompute_reference(model, train_pairs, pad_id, bs, main, barrier)
+        eval_ref = precompute_reference(model, eval_pairs, pad_id, bs, main, barrier) if eval_pairs else None
+    else:
+        alpha, tau = trust_region(cfg) if kind == "trust_region" else (0.0, 1)
+        ref = eval_ref = make_reference(kind, model, alpha, tau)
+    initial = eval_initial = None
+    if cfg.reference.kl_to_init:
+        initial = ref.initial_policy(model, train_pairs, pad_id, bs, main, barrier)
+        if eval_pairs:
+            eval_initial = eval_ref.initial_policy(model, eval_pairs, pad_id, bs, main, barrier, without_reference=True)
+    return ref, eval_ref, initial, eval_initial
+
+
+def make_optimizer(cfg: DictConfig, model, token_mask, total_steps: int):
+    """AdamW or SGD over the trainable parameters (the token mask: its own learning rate, no decay) + schedule."""
+    from transformers import get_scheduler
+
+    params = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if token_mask is not None:
+        params.append({"params": list(token_mask.parameters()), "lr": cfg.loss.mask_lr, "weight_decay": 0.0})
+    oc = cfg.optimizer
+    if oc.name == "sgd":
+        optimizer = torch.optim.SGD(params, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay, eps=oc.eps)
+    warmup = cfg.schedule.warmup_steps or int(cfg.schedule.warmup_ratio * total_steps)
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.schedule.decay]
+    return optimizer, get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def make_hooks(cfg: DictConfig, lm, token_mask, sharded: str | None) -> list[StepHook]:
+    """The hooks the config asks for: entanglement probe, pairwise-normalised update, token-mask views."""
+    ec, hooks = cfg.diagnostics.entanglement, []
+    if sharded and (ec.every or cfg.optimizer.pairwise_normalized):
+        raise TrainingError(f"diagnostics.entanglement.every and optimizer.pairwise_normalized read whole per-row "
+                            f"gradients, which {sharded} shards; run them with DDP or one process")
+    # They see the language model's parameters (not the mask head's).
+    if ec.every:
+        hooks.append(EntanglementProbe(lm, ec.every, ec.realised, ec.method, ec.step_changes, ec.batch_mean,
+                                       ec.positions, ec.tokens))
+    if cfg.optimizer.pairwise_normalized:
+        hooks.append(PairwiseNormalizer(lm))
+    if token_mask is not None:
+        hooks.append(TokenMaskViews(max(ec.tokens, 8)))
+    return hooks
+
+
+def build(cfg: DictConfig, hooks: Sequence[StepHook] = ()) -> Run:
+    """Assemble the run `cfg` describes (its directory checked first); `hooks` join the configured ones."""
+    from accelerate.utils import set_seed
+
+    tc, mc = cfg.train, cfg.model
+    acc = make_accelerator(cfg)
+    resume_from = resolve_resume(tc.output_dir, tc.resume) if tc.resume else None
+    if tc.resume and resume_from is None and acc.is_main_process:
+        log.info("train.resume=%s: no checkpoint in %s yet; starting fresh", tc.resume, tc.output_dir)
+    prepare_run_dir(tc.output_dir, tc.overwrite, resume_from is not None or bool(tc.resume), acc.is_main_process)
+    acc.wait_for_everyone()
+    set_seed(tc.seed)
+    lora = LoraSettings(**OmegaConf.to_container(mc.lora))
+    model, tokenizer = load_model(mc.name, mc.dtype, str(acc.device), lora, mc.trust_remote_code, seed=tc.seed)
+    train_pairs, train_stats = load_pairs(cfg.data.train, tokenizer, cfg.data, cfg.data.split, cfg.data.max_train_examples)
+    eval_pairs, eval_stats = [], None
+    if cfg.data.eval:
+        eval_pairs, eval_stats = load_pairs(cfg.data.eval, tokenizer, cfg.data, cfg.data.eval_split,
+                                            cfg.data.max_eval_examples)
+    loss_fn = losses.get(cfg.loss.name, **OmegaConf.to_container(cfg.loss.params))
+    refs = make_references(cfg, model, train_pairs, eval_pairs, tokenizer.pad_token_id, acc)
+    global_batch = tc.batch_size * tc.grad_accum * acc.num_processes
+    steps_per_epoch = len(train_pairs) // global_batch
+    if steps_per_epoch == 0:
+        raise TrainingError(f"{len(train_pairs)} training pairs cannot fill one step of {global_batch} "
+                            "(batch_size x grad_accum x processes); lower train.batch_size")
+    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+    token_mask = make_token_mask(model, cfg.loss, acc.device)
+    optimizer, scheduler = make_optimizer(cfg, model, token_mask, total_steps)
+    policy, optimizer = acc.prepare(Policy(model, token_mask), optimizer)
+    sharded = acc.distributed_type.name if is_sharded(acc) else None
+    if sharded:  # a LoRA reference is the policy itself: it runs the way the prepared policy runs
+        for ref in refs:
+            if ref is not None:
+                ref.attach(policy)
+    all_hooks = make_hooks(cfg, hf_model(acc, policy), token_mask, sharded) + list(hooks)
+    trainable, total = count_parameters(hf_model(acc, policy))
+    info = {"version": __version__, "git_sha": git_sha(), "processes": acc.num_processes,
+            "global_batch_pairs": global_batch, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+            "trainable_parameters": trainable, "total_parameters": total, "reference": refs[0].kind,
+            "data": {"train": train_stats, "eval": eval_stats}}
+    return Run(cfg, acc, policy, tokenizer, train_pairs, eval_pairs, loss_fn, *refs, optimizer, scheduler, all_hooks,
+               global_batch, steps_per_epoch, total_steps, resume_from, info)
