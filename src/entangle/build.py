@@ -8,6 +8,8 @@ The loop, the studies, the benchmarks and the TRL integration all start from a `
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib.util
 import logging
 import math
@@ -27,7 +29,7 @@ from entangle.errors import TrainingError
 from entangle.hooks import HookContext, StepHook
 from entangle.logps import Policy
 from entangle.mitigations import PairwiseNormalizer, make_token_mask
-from entangle.models import LoraSettings, count_parameters, load_model
+from entangle.models import LoraSettings, count_parameters, is_peft, load_model
 from entangle.reference import Reference, make_reference, precompute_reference
 from entangle.rundir import git_sha, prepare_run_dir
 from entangle.step import StepParts
@@ -176,6 +178,27 @@ def make_hooks(cfg: DictConfig, lm, token_mask, sharded: str | None) -> list[Ste
     return hooks
 
 
+def make_generation_eval(cfg: DictConfig, model, tokenizer, total_steps: int, acc) -> StepHook:
+    """`eval.generate`: the hook that samples at evaluation steps; the initial policy is the LoRA base with
+    adapters off, or a frozen copy made before the first step (one more model in memory)."""
+    from entangle.evaluation import GenerationEval, get_scorer
+    from entangle.generation import load_prompts
+
+    g = cfg.eval.generate
+    if is_sharded(acc):
+        raise TrainingError(f"eval.generate samples from the whole model, which {acc.distributed_type.name} shards; "
+                            "run it with DDP or one process, or evaluate final/ with entangle eval")
+    prompts = load_prompts(g.prompts or cfg.data.eval, cfg.data.eval_split, g.n_prompts, dict(cfg.data.columns))
+    if is_peft(model):
+        initial, context = model, model.disable_adapter
+    else:
+        initial, context = copy.deepcopy(model).eval().requires_grad_(False), contextlib.nullcontext
+    settings = {"n": g.n, "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
+                "seed": g.seed, "batch_size": g.batch_size, "max_prompt_length": cfg.data.max_length}
+    return GenerationEval(initial, context, tokenizer, prompts, get_scorer(g.scorer, str(acc.device)), settings,
+                          g.every, total_steps)
+
+
 def build(cfg: DictConfig, hooks: Sequence[StepHook] = ()) -> Run:
     """Assemble the run `cfg` describes (its directory checked first); `hooks` join the configured ones."""
     from accelerate.utils import set_seed
@@ -203,6 +226,8 @@ def build(cfg: DictConfig, hooks: Sequence[StepHook] = ()) -> Run:
         raise TrainingError(f"{len(train_pairs)} training pairs cannot fill one step of {global_batch} "
                             "(batch_size x grad_accum x processes); lower train.batch_size")
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+    if cfg.eval.generate.every:
+        hooks = [make_generation_eval(cfg, model, tokenizer, total_steps, acc), *hooks]
     token_mask = make_token_mask(model, cfg.loss, acc.device)
     optimizer, scheduler = make_optimizer(cfg, model, token_mask, total_steps)
     policy, optimizer = acc.prepare(Policy(model, token_mask), optimizer)

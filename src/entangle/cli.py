@@ -1,4 +1,4 @@
-"""The `entangle` command: `train`, `config`, `losses`, `study`, `report`. Errors print as one line, exit code 2."""
+"""The `entangle` command: `train`, `generate`, `eval`, `config`, `losses`, `study`, `report`. Errors print as one line, exit code 2."""
 
 from __future__ import annotations
 
@@ -88,6 +88,52 @@ def _study_compare(args) -> int:
     return 0
 
 
+def _gen_settings(args) -> dict:
+    return {"n": args.n, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+            "top_p": args.top_p, "seed": args.seed, "batch_size": args.batch_size,
+            "max_prompt_length": args.max_prompt_length, "progress": not args.quiet}
+
+
+def _generate(args) -> int:
+    from entangle.api import generate
+
+    rows = generate(args.model, args.prompts, out=args.out, limit=args.limit, split=args.split, device=args.device,
+                    dtype=args.dtype, **_gen_settings(args))
+    print(f"{len(rows)} samples: {args.out}")
+    return 0
+
+
+def _eval(args) -> int:
+    from entangle.api import evaluate
+
+    figures = evaluate(args.model, args.prompts, args.scorer, out=args.out, baseline=args.baseline,
+                       initial=args.initial, samples=args.samples, limit=args.limit, split=args.split,
+                       device=args.device, dtype=args.dtype, judge_template=args.judge_template, **_gen_settings(args))
+    for k in ("gold/mean", "kl/initial", "win_rate", "length/mean"):
+        if figures.get(k) is not None:
+            print(f"{k:12} {figures[k]:10.4f} +- {figures[k + '_se']:.4f}  (n={figures[k + '_n']})")
+    print(f"distinct_2   {figures['distinct_2']:10.4f}\nevaluation: {args.out}/eval.json, samples: {args.out}/samples.jsonl")
+    return 0
+
+
+def _sampling_args(p) -> None:
+    p.add_argument("model", metavar="MODEL_OR_RUN", help="a run directory (its final/), a checkpoint folder, "
+                   "or any model.name (tiny, smollm2-135m, a folder, a hub id)")
+    p.add_argument("--prompts", required=True, help="prompt source: {prompt} JSONL, a preference file (its "
+                   "prompts), chat messages, synthetic:NAME")
+    p.add_argument("--split", default="train", help="split for datasets folders and hub ids")
+    p.add_argument("--limit", type=int, help="first N prompts")
+    p.add_argument("--n", type=int, default=1, help="samples per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-prompt-length", type=int, default=512, help="longer prompts keep their last tokens")
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16")
+
+
 def _report(args) -> int:
     from entangle.report import write_report
 
@@ -165,6 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output folder (default: RUN_DIR/report for one directory, else ./report)")
     r.add_argument("--title")
     r.set_defaults(func=_report)
+    g = sub.add_parser("generate", help="sample completions from a model or run (batched, KV cache, seeded)")
+    _sampling_args(g)
+    g.add_argument("--out", required=True, help="output JSONL, one row per sample")
+    g.set_defaults(func=_generate)
+    e = sub.add_parser("eval", help="sample, score with a gold scorer, KL to the initial policy, win rate")
+    _sampling_args(e)
+    e.add_argument("--scorer", default="vader", help="vader | rm:PATH | python:module:function | judge:PATH")
+    e.add_argument("--judge-template", help="file with the judge prompt ({prompt}, {a}, {b})")
+    e.add_argument("--initial", help="the initial policy (default: a run's starting model; a model: itself)")
+    e.add_argument("--baseline", help="win rate against this model or run (default: the initial policy)")
+    e.add_argument("--samples", help="score this samples JSONL (from entangle generate) instead of sampling")
+    e.add_argument("--out", required=True, help="output folder: eval.json, samples.jsonl")
+    e.set_defaults(func=_eval)
     losses_p = sub.add_parser("losses", help="list the registered losses and their defaults")
     losses_p.set_defaults(func=_losses)
     return p

@@ -138,6 +138,26 @@ class DiagnosticsConfig:
 
 
 @dataclass
+class GenerateEvalConfig:
+    every: int = 0               # sample from held-out prompts every N optimiser steps (and at the end; at step 0
+                                 # with train.eval_at_start); 0 = off. Logs eval/gold/mean, eval/kl/initial, ...
+    prompts: Optional[str] = None   # prompt source (any data source, synthetic:NAME too); default: data.eval
+    n_prompts: int = 16          # the first N prompts
+    n: int = 1                   # samples per prompt
+    max_new_tokens: int = 48
+    temperature: float = 1.0     # 0: greedy
+    top_p: float = 1.0
+    scorer: str = "vader"        # vader | rm:PATH | python:module:function | judge:PATH
+    batch_size: int = 16
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    generate: GenerateEvalConfig = field(default_factory=GenerateEvalConfig)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -148,6 +168,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 CHOICES = {
@@ -247,6 +268,7 @@ def validate(cfg: DictConfig) -> None:
         if cfg.reference.type == "precomputed":
             raise ConfigError("loss.token_mask=sparse weights each token's reference log-prob, but "
                               "reference.type=precomputed keeps sequence sums; use reference.type=frozen (or auto)")
+    _validate_generation(cfg.eval.generate, cfg.data.eval)
     if cfg.reference.type in TR_PRESETS:
         alpha, tau = trust_region(cfg)
         if alpha is None or tau is None:
@@ -257,6 +279,31 @@ def validate(cfg: DictConfig) -> None:
     elif cfg.reference.alpha is not None or cfg.reference.tau is not None:
         raise ConfigError("reference.alpha and reference.tau apply only to reference.type=trust_region, "
                           "soft or hard; a precomputed or frozen reference never moves")
+
+
+SCORERS = "vader | rm:PATH | python:module:function | judge:PATH"
+
+
+def check_scorer_spec(spec: str) -> None:
+    """Syntax of a scorer string (evaluation.get_scorer), checked before anything loads."""
+    kind, _, rest = spec.partition(":")
+    ok = spec == "vader" or (kind in ("rm", "judge") and rest) or (kind == "python" and rest.count(":") == 1
+                                                                      and all(rest.split(":")))
+    if not ok:
+        raise ConfigError(f"unknown scorer {spec!r}; valid: {SCORERS}")
+
+
+def _validate_generation(g, eval_data) -> None:
+    if g.every < 0 or g.n_prompts < 1 or g.n < 1 or g.max_new_tokens < 1 or g.batch_size < 1:
+        raise ConfigError("eval.generate: every must be >= 0 and n_prompts, n, max_new_tokens, batch_size >= 1")
+    if g.temperature < 0 or not 0 < g.top_p <= 1:
+        raise ConfigError(f"eval.generate: temperature must be >= 0 and top_p in (0, 1] (got {g.temperature}, {g.top_p})")
+    if g.every and not (g.prompts or eval_data):
+        raise ConfigError("eval.generate.every needs prompts: set eval.generate.prompts or data.eval")
+    try:
+        check_scorer_spec(g.scorer)
+    except ConfigError as e:
+        raise ConfigError(f"config key 'eval.generate.scorer': {e}") from None
 
 
 TR_PRESETS = {"trust_region": (None, None), "soft": (0.6, 1), "hard": (1.0, 512)}
@@ -277,6 +324,16 @@ def reference_type(cfg: DictConfig) -> str:
         return cfg.reference.type
     fn = losses.get(cfg.loss.name, **OmegaConf.to_container(cfg.loss.params))
     return "frozen" if fn.uses_reference else "none"
+
+
+def load_saved(run_dir: str) -> DictConfig:
+    """The config a run saved (`RUN/config.yaml`) over today's defaults: keys added since that run keep
+    their defaults, which compute what the run computed. Lenient: its `_run` provenance is dropped."""
+    import os
+
+    saved = OmegaConf.load(os.path.join(run_dir, "config.yaml"))
+    saved.pop("_run", None)
+    return OmegaConf.merge(OmegaConf.structured(Config), saved)
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -237,6 +237,35 @@ def parse_unpaired(rec: Any, where: str, columns: Mapping[str, str] | None = Non
     return UnpairedExample(prompt, completion, label, where)
 
 
+def parse_prompt(rec: Any, where: str, columns: Mapping[str, str] | None = None) -> Text:
+    """The prompt of one record: its `prompt` field, or the shared prompt of chosen/rejected conversations."""
+    cols = {**DEFAULT_COLUMNS, **(columns or {})}
+    if isinstance(rec, _Invalid):
+        raise DataError(f"{where}: {rec.why}")
+    if not isinstance(rec, Mapping):
+        raise DataError(f"{where}: expected an object with a 'prompt' field, got {type(rec).__name__}")
+    if rec.get(cols["prompt"]) is None and cols["chosen"] in rec and cols["rejected"] in rec:
+        return parse_pair(rec, where, columns).prompt
+    prompt = _text(rec, cols["prompt"], "prompt", where)
+    if not _nonempty(prompt):
+        raise DataError(f"{where}: field {cols['prompt']!r} is empty")
+    return prompt
+
+
+def read_prompts(source: str, columns: Mapping[str, str] | None = None, split: str = "train",
+                 limit: int | None = None) -> list[Text]:
+    """Prompts of any source entangle reads: `{"prompt": ...}` rows (strings or chat messages), the prompts
+    of a preference file. A bad record is a DataError naming file, line and field."""
+    prompts = []
+    for where, rec in iter_records(source, split):
+        prompts.append(parse_prompt(rec, where, columns))
+        if limit is not None and len(prompts) >= limit:
+            break
+    if not prompts:
+        raise DataError(f"{source}: no prompts; give records with a 'prompt' field (or prompt/chosen/rejected)")
+    return prompts
+
+
 def read_examples(source: str, columns: Mapping[str, str] | None = None, skip_bad: bool = False,
                   split: str = "train", limit: int | None = None, unpaired: bool = False):
     """Read and validate every record; returns `(examples, n_skipped)`.
@@ -269,14 +298,27 @@ def _chat_text(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
+def encode_prompt(tokenizer, prompt: Text, where: str = "") -> list[int]:
+    """Token ids of a prompt as training sees it: chat messages through the chat template with the
+    generation prompt (the template carries any BOS), a string with the tokenizer's BOS if it adds one."""
+    if isinstance(prompt, list):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise DataError(f"{where}: chat messages need a tokenizer with a chat template")
+        return _encode(tokenizer, _chat_text(tokenizer, prompt, True))
+    ids = _encode(tokenizer, prompt)
+    bos = tokenizer.bos_token_id
+    if bos is not None and getattr(tokenizer, "add_bos_token", False) and ids[:1] != [bos]:
+        ids = [bos] + ids
+    return ids
+
+
 def encode_prompt_response(tokenizer, prompt: Text, response: Text, where: str = "") -> tuple[list[int], list[int]]:
     """Token ids of the prompt and of one response, with exactly one EOS ending the response."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token; set one before training")
+    prompt_ids = encode_prompt(tokenizer, prompt, where)
     if isinstance(prompt, list):
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise DataError(f"{where}: chat messages need a tokenizer with a chat template")
         if isinstance(response, str):
             response = [{"role": "assistant", "content": response}]
         prompt_text = _chat_text(tokenizer, prompt, True)
@@ -284,15 +326,10 @@ def encode_prompt_response(tokenizer, prompt: Text, response: Text, where: str =
         if not full.startswith(prompt_text):
             raise DataError(f"{where}: the chat template renders the prompt differently with and without the "
                             "response; give prompt/chosen/rejected as strings")
-        prompt_ids = _encode(tokenizer, prompt_text)  # the template itself carries any BOS
         response_ids = _encode(tokenizer, full[len(prompt_text):])
     else:
         if isinstance(response, list):
             raise DataError(f"{where}: a string prompt needs string responses")
-        prompt_ids = _encode(tokenizer, prompt)
-        bos = tokenizer.bos_token_id
-        if bos is not None and getattr(tokenizer, "add_bos_token", False) and prompt_ids[:1] != [bos]:
-            prompt_ids = [bos] + prompt_ids
         response_ids = _encode(tokenizer, response)
     if eos in response_ids:  # the template's own end-of-turn: cut what follows it (e.g. a newline)
         last = len(response_ids) - 1 - response_ids[::-1].index(eos)

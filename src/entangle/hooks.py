@@ -18,7 +18,8 @@ Per optimiser step the step calls, for every hook with `due(step)`:
   finish() -> (Metrics, rows | None)        this step's metric sums and per-pair rows (entanglement.jsonl)
 and the loop calls, on every process:
   after_step(ctx, rows)                     with the step's rows (write files, views)
-  on_evaluate(ctx) -> dict                  at evaluation steps: extra `eval/...` metrics
+  evaluates(step) -> bool                   whether it asks for an evaluation at that step
+  on_evaluate(ctx) -> dict                  at evaluation steps, policy in eval mode: extra `eval/...` metrics
   on_fit_end(ctx)                           once, after the final weights are saved
 Hooks never branch on each other; the step loops over them.
 """
@@ -71,6 +72,10 @@ class StepHook:
         return Metrics(), None
 
     def after_step(self, ctx: HookContext, rows: list[dict]) -> None: ...
+
+    def evaluates(self, step: int) -> bool:
+        """Whether the hook wants an evaluation at step `step` (0: before training, with train.eval_at_start)."""
+        return False
 
     def on_evaluate(self, ctx: HookContext) -> dict:
         return {}

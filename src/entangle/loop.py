@@ -68,7 +68,7 @@ def fit(run: Run, callbacks: Sequence[Callable[[dict, StopFlag], None]] = ()) ->
     handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} \
         if threading.current_thread() is threading.main_thread() else {}
     progress = Progress(run.is_main and run.cfg.tracking.progress, start_step, run.total_steps)
-    if run.eval_pairs and tc.eval_at_start and start_step == 0:
+    if tc.eval_at_start and start_step == 0 and (run.eval_pairs or any(h.evaluates(0) for h in run.hooks)):
         metrics_log.write({"step": 0, "epoch": 0.0, **evaluate(run, 0)})
     try:
         for step in range(start_step + 1, run.total_steps + 1):
@@ -92,7 +92,8 @@ def fit(run: Run, callbacks: Sequence[Callable[[dict, StopFlag], None]] = ()) ->
             # 3. One reduction over processes; evaluate, log, checkpoint.
             row = step_row(run, step, metrics, time.time() - t_step)
             nonfinite_run = nonfinite_run + 1 if row.get("skipped_nonfinite") else 0
-            if run.eval_pairs and (step == run.total_steps or (tc.eval_every and step % tc.eval_every == 0)):
+            if (run.eval_pairs and (step == run.total_steps or (tc.eval_every and step % tc.eval_every == 0))) \
+                    or any(h.evaluates(step) for h in run.hooks):
                 last_eval = evaluate(run, step)
                 row.update(last_eval)
             if step % tc.log_every == 0 or step == run.total_steps or row.get("skipped_nonfinite"):
@@ -138,6 +139,12 @@ def evaluate(run: Run, step: int) -> dict:
     """Held-out pair metrics (`eval/...`), every process over its share, plus what hooks add."""
     acc, tc, pairs = run.accelerator, run.cfg.train, run.eval_pairs
     run.policy.eval()
+    out = {}
+    for h in run.hooks:
+        out.update(h.on_evaluate(run.context(step)))
+    if not pairs:
+        run.policy.train()
+        return out
     total = Metrics()
     mine = pairs[acc.process_index :: acc.num_processes]
     for s in range(0, math.ceil(len(pairs) / acc.num_processes), tc.eval_batch_size):
@@ -148,10 +155,7 @@ def evaluate(run: Run, step: int) -> dict:
         m = eval_batch(run.policy, run.loss_fn, run.eval_reference, batch, run.eval_initial, run.mask_l1)
         total.update(m if chunk else m.zeros_like())
     run.policy.train()
-    out = {f"eval/{k}": v for k, v in total.reduce(acc).items() if k not in ("n_pairs", "n_tokens")}
-    for h in run.hooks:
-        out.update(h.on_evaluate(run.context(step)))
-    return out
+    return {f"eval/{k}": v for k, v in total.reduce(acc).items() if k not in ("n_pairs", "n_tokens")} | out
 
 
 def resume(run: Run, logs: Sequence[JsonlLog]) -> tuple[int, int]:

@@ -41,12 +41,7 @@ def _status(run_dir: str) -> str | None:
         return None
 
 
-def saved_config(run_dir: str):
-    """The config a run saved (`RUN/config.yaml`) over today's defaults: keys added since that run keep
-    their defaults, which compute what the run computed."""
-    saved = OmegaConf.load(os.path.join(run_dir, "config.yaml"))
-    saved.pop("_run", None)
-    return OmegaConf.merge(OmegaConf.structured(config.Config), saved)
+saved_config = config.load_saved
 
 
 def same_settings(run_dir: str, cfg) -> bool:

@@ -1,0 +1,300 @@
+"""Judging a policy on its own samples: gold scorers, KL from the initial policy, win rate, length, diversity.
+
+    scorer = get_scorer("vader")                     # vader | rm:PATH | python:module:function | judge:PATH
+    figures, samples = evaluate(policy, prompts, scorer, initial=initial, n=1, max_new_tokens=64)
+    figures["gold/mean"], figures["kl/initial"], figures["win_rate"]     # each with _se and _n
+
+KL(pi || pi_init) is estimated from the policy's own samples y ~ pi(.|x) as the mean over samples of
+log pi(y|x) - log pi_init(y|x), summed over the completion's tokens (the sequence-level estimator of the
+DPO and trust-region papers): unbiased for the sequence KL, and its standard error is reported with it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from typing import Callable, Sequence
+
+import torch
+
+from entangle.config import check_scorer_spec
+from entangle.errors import ConfigError, ModelError
+from entangle.generation import LoadedPolicy, completion_logps, generate, standard_error, write_samples
+from entangle.hooks import StepHook
+
+log = logging.getLogger(__name__)
+
+JUDGE_TEMPLATE = ("Which response answers the user's prompt better?\n\nPrompt:\n{prompt}\n\nResponse A:\n{a}\n\n"
+                  "Response B:\n{b}\n\nAnswer with one letter, A or B.")
+
+
+class Scorer:
+    """Pointwise: `score(prompts, completions) -> list[float]`. Pairwise scorers (judges) set `pairwise`
+    and give `compare(prompts, a, b) -> list[float]` (1: a better, 0: b better, 0.5: a tie)."""
+
+    pairwise = False
+    name = "scorer"
+
+    def score(self, prompts: Sequence, completions: Sequence[str]) -> list[float]:
+        raise NotImplementedError
+
+
+class Vader(Scorer):
+    """VADER compound sentiment of the completion, in [-1, 1] (lexicon shipped with `vadersentiment`)."""
+
+    name = "vader"
+
+    def __init__(self):
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self.analyzer = SentimentIntensityAnalyzer()
+
+    def score(self, prompts, completions):
+        return [float(self.analyzer.polarity_scores(c)["compound"]) for c in completions]
+
+
+def _prompt_text(prompt) -> str:
+    return prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+class RewardModel(Scorer):
+    """A local reward model: `AutoModelForSequenceClassification` with one label; the chat template is
+    applied to (prompt, completion) when the tokenizer has one, else prompt + completion."""
+
+    def __init__(self, path: str, batch_size: int = 8, device: str = "cpu"):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.name, self.batch_size = f"rm:{path}", batch_size
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+        except (OSError, ValueError) as e:
+            raise ModelError(f"rm:{path}: cannot load a reward model there ({type(e).__name__}); give a local "
+                             "folder of an AutoModelForSequenceClassification") from None
+        if self.model.config.num_labels != 1:
+            raise ModelError(f"rm:{path}: the model has {self.model.config.num_labels} labels; a reward model "
+                             "has exactly one (num_labels=1)")
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+
+    def _text(self, prompt, completion: str) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            return self.tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": completion}],
+                                                      tokenize=False)
+        return _prompt_text(prompt) + completion
+
+    @torch.no_grad()
+    def score(self, prompts, completions):
+        out = []
+        for b in range(0, len(completions), self.batch_size):
+            texts = [self._text(p, c) for p, c in zip(prompts[b : b + self.batch_size],
+                                                      completions[b : b + self.batch_size])]
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(self.model.device) for k, v in enc.items()}
+            out += self.model(**enc).logits[:, 0].float().tolist()
+        return out
+
+
+class PythonScorer(Scorer):
+    """The user's own `f(prompts, completions) -> list[float]`, named `python:module:function`."""
+
+    def __init__(self, module: str, function: str):
+        self.name = f"python:{module}:{function}"
+        try:
+            self.fn: Callable = getattr(importlib.import_module(module), function)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"scorer {self.name}: cannot import it ({type(e).__name__}: {e})") from None
+
+    def score(self, prompts, completions):
+        got = list(self.fn(list(prompts), list(completions)))
+        if len(got) != len(completions):
+            raise ConfigError(f"scorer {self.name} returned {len(got)} scores for {len(completions)} completions")
+        return [float(x) for x in got]
+
+
+class Judge(Scorer):
+    """Pairwise judging by a local instruct model: the two answers are shown in both orders (A/B, then B/A)
+    and the judge's next-token preference between "A" and "B" is read each time; a verdict that flips with
+    the order is a tie (0.5), which cancels position bias."""
+
+    pairwise = True
+
+    def __init__(self, path: str, template: str = JUDGE_TEMPLATE, device: str = "cpu"):
+        from entangle.models import load_model
+
+        self.name, self.template = f"judge:{path}", template
+        for key in ("{prompt}", "{a}", "{b}"):
+            if key not in template:
+                raise ConfigError(f"judge template: it must contain {key}")
+        self.model, self.tokenizer = load_model(path, "float32" if device == "cpu" else "auto", device)
+        self.model.eval()
+        self.ids = [self._letter(x) for x in ("A", "B")]
+
+    def _letter(self, letter: str) -> int:
+        ids = self.tokenizer(letter, add_special_tokens=False)["input_ids"]
+        return ids[-1]
+
+    def _prefers_first(self, prompt, first: str, second: str) -> bool:
+        from entangle.data import encode_prompt
+
+        text = self.template.format(prompt=_prompt_text(prompt), a=first, b=second)
+        use_chat = getattr(self.tokenizer, "chat_template", None) is not None
+        ids = encode_prompt(self.tokenizer, [{"role": "user", "content": text}] if use_chat else text)
+        device = next(self.model.parameters()).device
+        logits = self.model(input_ids=torch.tensor([ids], device=device)).logits[0, -1]
+        return bool(logits[self.ids[0]] > logits[self.ids[1]])
+
+    @torch.no_grad()
+    def compare(self, prompts, a: Sequence[str], b: Sequence[str]) -> list[float]:
+        out = []
+        for p, x, y in zip(prompts, a, b):
+            ab = self._prefers_first(p, x, y)            # True: x (shown as A) wins
+            ba = not self._prefers_first(p, y, x)        # True: x (shown as B) wins
+            out.append(1.0 if ab and ba else 0.0 if not ab and not ba else 0.5)
+        return out
+
+
+def get_scorer(spec: str, device: str = "cpu", judge_template: str | None = None) -> Scorer:
+    """The scorer a string names (`SCORERS`)."""
+    check_scorer_spec(spec)
+    kind, _, rest = spec.partition(":")
+    if spec == "vader":
+        return Vader()
+    if kind == "rm":
+        return RewardModel(rest, device=device)
+    if kind == "judge":
+        return Judge(rest, judge_template or JUDGE_TEMPLATE, device=device)
+    module, function = rest.split(":")
+    return PythonScorer(module, function)
+
+
+def distinct_2(texts: Sequence[str]) -> float:
+    """Distinct word bigrams over all completions / all word bigrams (0 when there are none)."""
+    bigrams = [tuple(w[i : i + 2]) for w in (t.split() for t in texts) for i in range(len(w) - 1)]
+    return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
+
+
+def _figure(out: dict, name: str, values: Sequence[float]) -> None:
+    out[name] = sum(values) / len(values) if values else None
+    out[f"{name}_se"] = standard_error(values)
+    out[f"{name}_n"] = len(values)
+
+
+def summarise(samples: Sequence[dict]) -> dict:
+    """The evaluation figures of scored samples (`score`, `logp`, `logp_initial`, `win`, `tokens`, `completion`)."""
+    out: dict = {}
+    if samples and "score" in samples[0]:
+        _figure(out, "gold/mean", [s["score"] for s in samples])
+    if samples and "logp_initial" in samples[0]:
+        _figure(out, "kl/initial", [s["logp"] - s["logp_initial"] for s in samples])
+    if samples and "win" in samples[0]:
+        _figure(out, "win_rate", [s["win"] for s in samples])
+    _figure(out, "length/mean", [s["tokens"] for s in samples])
+    out["distinct_2"] = distinct_2([s["completion"] for s in samples])
+    return out
+
+
+def score_samples(samples: list[dict], scorer: Scorer, baseline: list[dict] | None = None) -> None:
+    """Add `score` (pointwise scorers) and, against baseline samples of the same prompts, `win` (ties half)."""
+    prompts = [s["prompt"] for s in samples]
+    if not scorer.pairwise:
+        for s, v in zip(samples, scorer.score(prompts, [s["completion"] for s in samples])):
+            s["score"] = v
+        if baseline is not None and "score" not in baseline[0]:
+            for s, v in zip(baseline, scorer.score(prompts, [b["completion"] for b in baseline])):
+                s["score"] = v
+    if baseline is None:
+        return
+    if scorer.pairwise:
+        wins = scorer.compare(prompts, [s["completion"] for s in samples], [b["completion"] for b in baseline])
+    else:
+        wins = [1.0 if s["score"] > b["score"] else 0.5 if s["score"] == b["score"] else 0.0
+                for s, b in zip(samples, baseline)]
+    for s, b, w in zip(samples, baseline, wins):
+        s["win"], s["baseline_completion"] = w, b["completion"]
+        if "score" in b:
+            s["baseline_score"] = b["score"]
+
+
+def evaluate(policy: LoadedPolicy, prompts: Sequence, scorer: Scorer, initial: LoadedPolicy | None = None,
+             baseline: LoadedPolicy | None = None, samples: list[dict] | None = None, **gen) -> tuple[dict, list[dict]]:
+    """Sample (or reuse `samples`), score, and compare with the initial policy -> (figures, samples).
+
+    `baseline` (default: the initial policy) is sampled with the same settings and seed for the win rate.
+    `gen`: n, max_new_tokens, temperature, top_p, seed, batch_size, max_prompt_length, progress."""
+    pad = policy.tokenizer.pad_token_id
+    if samples is None:
+        samples = generate(policy.model, policy.tokenizer, prompts, **gen)
+    initial = initial or policy
+    if "logp" not in samples[0]:
+        for s, lp in zip(samples, completion_logps(policy.model, samples, pad).tolist()):
+            s["logp"] = lp
+    same = initial.model is policy.model
+    init_logps = [s["logp"] for s in samples] if same else completion_logps(initial.model, samples, pad).tolist()
+    for s, lp in zip(samples, init_logps):
+        s["logp_initial"] = lp
+    baseline = baseline or initial
+    if baseline.model is policy.model:   # the same model, seed and batches: the same samples
+        base_rows = [{k: s[k] for k in ("prompt", "completion", "tokens")} for s in samples]
+    else:
+        n = max(s["sample"] for s in samples) + 1
+        base_rows = generate(baseline.model, baseline.tokenizer, [s["prompt"] for s in samples if s["sample"] == 0],
+                             **{**gen, "n": n, "progress": False}, logps=False)
+    score_samples(samples, scorer, base_rows)
+    return summarise(samples), samples
+
+
+def write_evaluation(out: str, figures: dict, samples: list[dict], meta: dict) -> str:
+    """`OUT/eval.json` (figures + what was evaluated) and `OUT/samples.jsonl`."""
+    from entangle.checkpoint import write_json
+
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, "eval.json"), {**meta, **figures})
+    write_samples(os.path.join(out, "samples.jsonl"), samples)
+    return os.path.join(out, "eval.json")
+
+
+class GenerationEval(StepHook):
+    """`eval.generate`: at evaluation steps, sample from held-out prompts and log `eval/gold/mean`,
+    `eval/kl/initial`, `eval/win_rate` (against the initial policy's samples, made once), `eval/length/mean`;
+    the samples go to `samples/step-N.jsonl`. Every process samples its share of the prompts."""
+
+    def __init__(self, initial_model, initial_context, tokenizer, prompts: list, scorer: Scorer, settings: dict,
+                 every: int, total_steps: int):
+        self.initial_model, self.initial_context = initial_model, initial_context
+        self.tokenizer, self.prompts, self.scorer, self.settings = tokenizer, prompts, scorer, settings
+        self.every, self.total_steps = every, total_steps
+        self.baseline: list[dict] | None = None
+
+    def due(self, step: int) -> bool:
+        return False   # nothing to do inside optimisation steps
+
+    def evaluates(self, step: int) -> bool:
+        return step == 0 or step == self.total_steps or step % self.every == 0
+
+    @torch.no_grad()
+    def on_evaluate(self, ctx) -> dict:
+        from accelerate.utils import gather_object
+
+        if not self.evaluates(ctx.step):
+            return {}
+        acc = ctx.accelerator
+        lm = acc.unwrap_model(ctx.policy).model
+        mine = self.prompts[acc.process_index :: acc.num_processes]
+        settings = {**self.settings, "seed": self.settings["seed"] * 1009 + acc.process_index}
+        rows = generate(lm, self.tokenizer, mine, **settings) if mine else []
+        with self.initial_context():
+            for s, lp in zip(rows, completion_logps(self.initial_model, rows, self.tokenizer.pad_token_id).tolist()):
+                s["logp_initial"] = lp
+            if self.baseline is None:   # the initial policy's samples: the same prompts and seeds, made once
+                self.baseline = generate(self.initial_model, self.tokenizer, mine, **settings, logps=False) \
+                    if mine else []
+        if rows:
+            score_samples(rows, self.scorer, self.baseline)
+        rows = gather_object(rows) if acc.num_processes > 1 else rows
+        if ctx.is_main:
+            write_samples(os.path.join(ctx.run_dir, "samples", f"step-{ctx.step}.jsonl"), rows)
+        return {f"eval/{k}": v for k, v in summarise(rows).items()}

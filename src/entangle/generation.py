@@ -1,0 +1,186 @@
+"""Sampling from a policy: batched, left-padded, with the KV cache, seeded; and completion log-likelihoods.
+
+    policy = load_policy("runs/x")                 # a run (its final/), a checkpoint folder, or any model.name
+    rows = generate(policy.model, policy.tokenizer, prompts, n=2, max_new_tokens=64, seed=0)
+    # rows[i]: {"prompt", "completion", "sample", "tokens", "logp", "finished", "prompt_ids", "completion_ids"}
+    logp = completion_logps(other_model, rows, pad_id)     # [len(rows)]: the same completions under another model
+
+`logp` is log pi(y|x) at temperature 1, the sum over the completion's tokens, whatever the sampling
+temperature: one right-padded forward over prompt + completion, the same code for every model, so a
+model scored on its own samples twice gives bit-identical numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from omegaconf import OmegaConf
+
+from entangle import synthetic
+from entangle.checkpoint import load_weights
+from entangle.config import load_saved
+from entangle.data import Batch, Text, encode_prompt, pad_sequences, read_prompts
+from entangle.errors import DataError, ModelError
+from entangle.logps import sequence_logps
+from entangle.models import LoraSettings, load_model
+
+
+@dataclass
+class LoadedPolicy:
+    model: object
+    tokenizer: object
+    source: str            # what was asked for
+    initial: str | None    # how to load the policy it started from (a run's model.name), None for a plain model
+    seed: int = 0          # the run's train.seed (tiny models are built from it)
+    lora: bool = False
+
+
+def resolve(spec: str) -> tuple[str, str | None, str | None]:
+    """`(kind, run_dir, weights_folder)`: kind is run | checkpoint | model."""
+    if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "trainer_state.json")):
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(spec)))
+        if not os.path.isfile(os.path.join(run_dir, "config.yaml")):
+            raise ModelError(f"{spec}: a checkpoint folder outside its run directory (no ../../config.yaml)")
+        return "checkpoint", run_dir, os.path.join(spec, "model")
+    if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "config.yaml")) \
+            and os.path.isfile(os.path.join(spec, "metrics.jsonl")):
+        if not os.path.isdir(os.path.join(spec, "final")):
+            raise ModelError(f"{spec}: the run has no final/ (it did not finish); give one of its checkpoints, "
+                             f"{os.path.join(spec, 'checkpoints', 'step-N')}, or resume it first")
+        return "run", spec, os.path.join(spec, "final")
+    return "model", None, None
+
+
+def load_policy(spec: str, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False) -> LoadedPolicy:
+    """A policy to sample from: a run directory (its `final/`, full or LoRA: base + adapter), one of its
+    checkpoint folders, or anything `model.name` accepts."""
+    kind, run_dir, folder = resolve(spec)
+    if kind == "model":
+        model, tok = load_model(spec, dtype, device, None, trust_remote_code)
+        return LoadedPolicy(model.eval(), tok, spec, None)
+    cfg = load_saved(run_dir)
+    mc = cfg.model
+    lora = LoraSettings(**OmegaConf.to_container(mc.lora))
+    model, tok = load_model(mc.name, dtype, device, lora, mc.trust_remote_code, seed=cfg.train.seed)
+    load_weights(model, folder)
+    return LoadedPolicy(model.eval(), tok, spec, mc.name, cfg.train.seed, lora.r > 0)
+
+
+def load_initial(policy: LoadedPolicy, dtype: str = "auto", device: str = "cpu") -> LoadedPolicy:
+    """The policy a run started from (its config's model, no adapter); a plain model is its own initial policy."""
+    if policy.initial is None:
+        return policy
+    model, tok = load_model(policy.initial, dtype, device, None, seed=policy.seed)
+    return LoadedPolicy(model.eval(), tok, policy.initial, None)
+
+
+def load_prompts(source: str, split: str = "train", limit: int | None = None, columns=None) -> list[Text]:
+    """Prompts of a data source (`synthetic:NAME` included), in file order."""
+    if source.startswith("synthetic:"):
+        prompts = [ex.prompt for ex in synthetic.from_source(source)]
+        return prompts[:limit] if limit else prompts
+    if not os.path.exists(source) and source.endswith((".jsonl", ".json", ".parquet", ".gz")):
+        raise DataError(f"{source}: no such file")
+    return read_prompts(source, columns, split, limit)
+
+
+def _left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
+        attn[i, T - len(r):] = 1
+    return ids, attn
+
+
+def _cut(tokens: list[int], eos: int | None, pad: int) -> tuple[list[int], bool]:
+    """Up to and including the first EOS; `finished` says whether one came."""
+    if eos is not None and eos in tokens:
+        return tokens[: tokens.index(eos) + 1], True
+    return [t for t in tokens if t != pad] if pad != eos else tokens, False
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[Text], n: int = 1, max_new_tokens: int = 64,
+             temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
+             max_prompt_length: int | None = 512, progress: bool = False, logps: bool = True) -> list[dict]:
+    """`n` samples per prompt (prompt-major order), stopping at EOS; seeded per batch, so the same seed and
+    batch size give the same samples. Prompts longer than `max_prompt_length` keep their last tokens.
+    `temperature` 0 is greedy decoding."""
+    if temperature < 0 or not 0 < top_p <= 1 or n < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise ModelError(f"generation needs temperature >= 0, 0 < top_p <= 1, n, max_new_tokens and batch_size "
+                         f">= 1 (got {temperature}, {top_p}, {n}, {max_new_tokens}, {batch_size})")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = []
+    for i, p in enumerate(prompts):
+        ids = encode_prompt(tokenizer, p, f"prompt {i + 1}")
+        encoded.append(ids[-max_prompt_length:] if max_prompt_length else ids)
+    jobs = [(i, s) for i in range(len(prompts)) for s in range(n)]
+    device = next(model.parameters()).device
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc="generate", unit="sample", dynamic_ncols=True)
+    rows = []
+    for b in range(0, len(jobs), batch_size):
+        chunk = jobs[b : b + batch_size]
+        ids, attn = _left_pad([encoded[i] for i, _ in chunk], pad)
+        torch.manual_seed(seed * 1_000_003 + b // batch_size)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 \
+            else {"do_sample": False}
+        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new_tokens,
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **sampling)
+        new = out[:, ids.shape[1]:].tolist()
+        for (i, s), toks in zip(chunk, new):
+            completion, finished = _cut(toks, tokenizer.eos_token_id, pad)
+            text = tokenizer.decode(completion, skip_special_tokens=True)
+            rows.append({"prompt": prompts[i], "completion": text, "sample": s, "prompt_index": i,
+                         "tokens": len(completion), "finished": finished, "prompt_ids": encoded[i],
+                         "completion_ids": completion})
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    if logps:
+        for r, lp in zip(rows, completion_logps(model, rows, pad, batch_size).tolist()):
+            r["logp"] = lp
+    return rows
+
+
+@torch.no_grad()
+def completion_logps(model, rows: Sequence[dict], pad_id: int, batch_size: int = 8) -> torch.Tensor:
+    """log pi(completion | prompt) of each row (`prompt_ids`, `completion_ids`) under `model`: [len(rows)],
+    float64 on the CPU. An empty completion has log-probability 0."""
+    device = next(model.parameters()).device
+    out = []
+    for b in range(0, len(rows), batch_size):
+        chunk = rows[b : b + batch_size]
+        ids, attn, resp = pad_sequences([(r["prompt_ids"], r["completion_ids"]) for r in chunk], pad_id)
+        batch = Batch(ids, attn, resp, torch.arange(len(chunk))).to(device)
+        out.append(sequence_logps(model, batch, pack=False).logps.double().cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def write_samples(path: str, rows: Sequence[dict]) -> None:
+    """Samples as JSON lines, written atomically (the token ids stay, so a samples file re-scores exactly)."""
+    import json
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
+
+
+def standard_error(values: Sequence[float]) -> float:
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
