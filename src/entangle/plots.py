@@ -219,3 +219,34 @@ def _label(token) -> str:
 
 def _pair_cos(view: dict) -> float:
     return view.get("pair_cos", float("nan"))
+
+
+def plot_gold_vs_kl(runs: dict[str, list[dict]], path: str, title: str | None = None) -> str:
+    """Gold reward against sqrt(KL(pi || pi_init)) estimated from samples, one path per run (its evaluations
+    in step order, the first marked with a square): the frontier figure of the over-optimisation studies.
+    Error bars: one standard error of each figure."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12.8, 4.2))
+    colours = run_colours(plt, len(runs))
+    for ax, (key, label) in zip(axes, (("eval/gold/mean", "gold reward"), ("eval/win_rate", "win rate vs initial"))):
+        for i, (name, rows) in enumerate(runs.items()):
+            pts = [r for r in rows if r.get(key) is not None and r.get("eval/kl/initial") is not None]
+            if not pts:
+                continue
+            x = [max(r["eval/kl/initial"], 0.0) ** 0.5 for r in pts]
+            y = [r[key] for r in pts]
+            ax.errorbar(x, y, yerr=[r.get(f"{key}_se", 0.0) for r in pts], color=colours[i % len(colours)],
+                        marker="o", ms=4, lw=1.6, capsize=2, label=name)
+            ax.plot(x[:1], y[:1], "s", color=colours[i % len(colours)], ms=7)
+        ax.set_xlabel("sqrt(KL(policy || initial)) from samples (nats^0.5)")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} against distance from the initial policy", fontsize=10)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -16,8 +16,8 @@ import json
 import os
 
 from entangle.errors import DataError
-from entangle.plots import (has_any, plot_case_plane, plot_metrics, plot_position_views, plot_token_masks,
-                             plot_token_views)
+from entangle.plots import (has_any, plot_case_plane, plot_gold_vs_kl, plot_metrics, plot_position_views,
+                             plot_token_masks, plot_token_views)
 
 # (file, title, [(panel title, metric keys)]): the curves of the report, in order.
 FIGURES = [
@@ -52,6 +52,11 @@ FIGURES = [
     ("mask", "Sparse token mask", [
         ("mean token weight m_t (solid: train, dashed: held-out)", ["mask/mean", "eval/mask/mean"]),
         ("share of response tokens with m_t < 0.1", ["mask/below_0.1"])]),
+    ("generation", "Generated samples (gold scorer, KL from samples)", [
+        ("gold reward of held-out samples", ["eval/gold/mean"]),
+        ("KL(policy || initial) from samples", ["eval/kl/initial"]),
+        ("win rate against the initial policy", ["eval/win_rate"]),
+        ("completion length (tokens)", ["eval/length/mean"])]),
     ("speed", "Throughput", [("pairs per second", ["pairs_per_s"]), ("tokens per second", ["tokens_per_s"])]),
 ]
 
@@ -120,6 +125,7 @@ def write_report(paths: list[str], out: str, title: str | None = None) -> str:
         if panels:
             png = plot_metrics(metrics, panels, os.path.join(out, f"{fname}.png"))
             sections.append(_figure(heading, png, NOTES.get(fname, "")))
+    sections += _generation_sections(run_dirs, metrics, out)
     pairs = {name: _second_half(_jsonl(os.path.join(d, "entanglement.jsonl"))) for name, d in run_dirs.items()}
     pairs = {k: v for k, v in pairs.items() if v}
     if pairs:
@@ -163,6 +169,47 @@ def write_report(paths: list[str], out: str, title: str | None = None) -> str:
         f.write(page)
     os.replace(tmp, path)
     return path
+
+
+def _generation_sections(run_dirs: dict[str, str], metrics: dict[str, list[dict]], out: str) -> list[str]:
+    """The gold-vs-KL paths of the runs that sampled during training, and their samples side by side."""
+    sections = []
+    if has_any(metrics, ["eval/kl/initial"]):
+        png = plot_gold_vs_kl(metrics, os.path.join(out, "gold_vs_kl.png"))
+        sections.append(_figure("Gold reward and win rate against KL from the initial policy", png, GOLD_NOTE))
+    for name, d in run_dirs.items():
+        files = sorted(glob.glob(os.path.join(d, "samples", "step-*.jsonl")),
+                       key=lambda f: int(os.path.basename(f)[5:-6]) if os.path.basename(f)[5:-6].isdigit() else -1)
+        if files:
+            sections.append(_samples_table(name, files[0], files[-1]))
+    return sections
+
+
+def _samples_table(name: str, first: str, last: str, n: int = 4) -> str:
+    """A few held-out prompts: the initial policy's completion beside the policy's at the first and last
+    evaluation (every string escaped)."""
+    def rows_of(path):
+        return {r["prompt_index"]: r for r in _jsonl(path) if r.get("sample", 0) == 0}
+
+    a, b = rows_of(first), rows_of(last)
+    label = lambda p: os.path.basename(p)[:-6]  # noqa: E731
+    head = (f"<tr><th>prompt</th><th>initial policy</th><th>policy at {label(first)}</th>"
+            f"<th>policy at {label(last)}</th></tr>")
+    body = []
+    for i in sorted(b)[:n]:
+        prompt = b[i]["prompt"] if isinstance(b[i]["prompt"], str) else json.dumps(b[i]["prompt"])
+
+        def cell(r):
+            if r is None:
+                return "<td></td>"
+            score = f"<br><small>score {r['score']:.3f}</small>" if isinstance(r.get("score"), (int, float)) else ""
+            return f"<td><pre>{html.escape(r['completion'])}</pre>{score}</td>"
+        base = b[i].get("baseline_completion")
+        base_cell = f"<td><pre>{html.escape(base)}</pre></td>" if base is not None else "<td></td>"
+        body.append(f"<tr><td><pre>{html.escape(prompt[-600:])}</pre></td>{base_cell}{cell(a.get(i))}{cell(b[i])}</tr>")
+    return (f"<h2>Samples: {html.escape(name)}</h2><table class=samples>{head}{''.join(body)}</table>"
+            "<p class=note>The prompt's last 600 characters; the initial policy's completion is sampled with the "
+            "same seed as the policy's.</p>")
 
 
 def _second_half(rows: list[dict]) -> list[dict]:
@@ -313,6 +360,11 @@ MASK_NOTE = ("loss.token_mask=sparse: the weight m_t in [0, 1] that the learned 
              "inside the margin, sum_t m_t (log pi_t - log pi_ref,t), for a few held-out pairs (training pairs when "
              "the run had no eval data). An L1 penalty pulls every weight down; tokens that separate chosen from "
              "rejected keep theirs.")
+GOLD_NOTE = ("Each point is one evaluation of held-out prompts (eval.generate): the policy's own samples scored by "
+             "the gold scorer (left) or compared with the initial policy's samples of the same prompts (right), "
+             "against sqrt(KL) where KL(policy || initial) is the mean over samples of log pi(y|x) - log pi_init(y|x). "
+             "The square marks the first evaluation; error bars are one standard error. Over-optimisation shows as a "
+             "path that bends down as KL grows.")
 TOKEN_NOTE = ("Cell (i, j): cosine between the gradient of the i-th chosen token's log-prob and that of the j-th "
               "rejected token's log-prob. Red: the two tokens pull the model the same way (entangled); blue: "
               "opposite ways (the contrast DPO wants).")
@@ -331,6 +383,8 @@ th {{ background: #f5f5f7; }} td:first-child {{ text-align: left; font-weight: 6
 .scroll {{ overflow-x: auto; }}
 .note {{ color: #555; font-size: .9rem; max-width: 70rem; }}
 .preds li {{ margin: .2rem 0; }} .held b {{ color: #1a7f37; }} .failed b {{ color: #c62828; }}
+table.samples td, table.samples th {{ white-space: normal; text-align: left; vertical-align: top; max-width: 28rem; }}
+table.samples pre {{ white-space: pre-wrap; padding: .3rem; margin: 0; }}
 .m {{ color: #555; font-family: ui-monospace, monospace; font-size: .85rem; }}
 pre {{ background: #f7f7f9; padding: .8rem; overflow-x: auto; font-size: .8rem; }}
 </style></head>

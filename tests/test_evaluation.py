@@ -1,0 +1,199 @@
+"""Evaluation: scorers, KL from samples, win rates, the judge, in-training sampling, bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from entangle import config, models
+from entangle.errors import ConfigError, ModelError
+from entangle.evaluation import Judge, distinct_2, get_scorer, score_samples, summarise
+from entangle.generation import load_policy
+from entangle.loop import train
+from conftest import write_jsonl
+
+PROMPTS = "synthetic:sentiment?config=short&n=6"
+
+
+def test_vader_is_the_compound_sentiment():
+    s = get_scorer("vader")
+    good, bad, flat = s.score(["", "", ""], ["What a wonderful, lovely day!", "This is awful and sad.", "a b"])
+    assert good > 0.5 and bad < -0.5 and flat == 0.0
+
+
+def test_summary_figures_by_hand():
+    """Scores 1, 0, 0.5 -> mean 0.5, se = sd/sqrt(3) = 0.5/sqrt(3); KL from logp - logp_initial = -1, -3, -2
+    -> 2 (sign: the estimator is log pi - log pi_init); wins 1, 0.5, 0 -> 0.5; distinct-2 of "a b a b" and
+    "a b": bigrams (a b),(b a),(a b),(a b) -> 2 distinct of 4."""
+    samples = [{"score": 1.0, "logp": -1.0, "logp_initial": -2.0, "win": 1.0, "tokens": 4, "completion": "a b a b"},
+               {"score": 0.0, "logp": -1.0, "logp_initial": -4.0, "win": 0.5, "tokens": 2, "completion": "a b"},
+               {"score": 0.5, "logp": -2.0, "logp_initial": -4.0, "win": 0.0, "tokens": 3, "completion": ""}]
+    f = summarise(samples)
+    assert f["gold/mean"] == pytest.approx(0.5) and f["gold/mean_se"] == pytest.approx(0.5 / 3 ** 0.5)
+    assert f["kl/initial"] == pytest.approx(2.0) and f["kl/initial_n"] == 3
+    assert f["win_rate"] == pytest.approx(0.5) and f["length/mean"] == pytest.approx(3.0)
+    assert f["distinct_2"] == pytest.approx(0.5) and distinct_2([]) == 0.0
+
+
+def test_win_rate_counts_ties_half():
+    class Fixed:
+        pairwise = False
+
+        def score(self, prompts, completions):
+            return [float(len(c)) for c in completions]
+
+    samples = [{"prompt": "p", "completion": c} for c in ("aaa", "a", "aa")]
+    baseline = [{"prompt": "p", "completion": c} for c in ("a", "aaa", "aa")]
+    score_samples(samples, Fixed(), baseline)
+    assert [s["win"] for s in samples] == [1.0, 0.0, 0.5]
+    assert samples[0]["baseline_completion"] == "a" and samples[0]["baseline_score"] == 1.0
+
+
+def test_a_model_against_itself_has_zero_kl_and_even_win_rate(tmp_path):
+    from entangle.api import evaluate
+
+    f = evaluate("tiny", PROMPTS, "vader", out=str(tmp_path / "ev"), n=1, max_new_tokens=6, seed=0, progress=False)
+    assert f["kl/initial"] == 0.0 and f["win_rate"] == 0.5 and f["win_rate_n"] == 6
+    written = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert written["kl/initial"] == 0.0 and written["scorer"] == "vader"
+    rows = [json.loads(x) for x in (tmp_path / "ev" / "samples.jsonl").read_text().splitlines()]
+    assert all({"score", "logp", "logp_initial", "win"} <= set(r) for r in rows)
+    # re-scoring the samples file gives the same figures without sampling again
+    again = evaluate("tiny", None, "vader", samples=str(tmp_path / "ev" / "samples.jsonl"), max_new_tokens=6,
+                     progress=False)
+    assert again["kl/initial"] == 0.0 and again["gold/mean"] == f["gold/mean"]
+
+
+def test_after_training_the_kl_to_the_initial_policy_is_positive(tmp_path):
+    from entangle.api import evaluate
+
+    train(config.load(None, ["model.name=tiny", "data.train=synthetic:sentiment?config=short&n=32",
+                             "data.max_length=64", "optimizer.lr=1e-2", "train.batch_size=4", "train.max_steps=4",
+                             "tracking.progress=false", f"train.output_dir={tmp_path / 'run'}"]))
+    f = evaluate(str(tmp_path / "run"), PROMPTS, "vader", n=2, max_new_tokens=6, progress=False)
+    assert f["kl/initial"] > 0 and f["kl/initial_n"] == 12
+
+
+def _reward_model(folder, labels=1):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tok = models.byte_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, num_labels=labels,
+                      pad_token_id=tok.pad_token_id)
+    LlamaForSequenceClassification(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def test_reward_model_scores_do_not_depend_on_batching(tmp_path):
+    rm = get_scorer(f"rm:{_reward_model(tmp_path / 'rm')}")
+    prompts = ["Hi", "Tell me something longer than that", "x"] * 2
+    completions = ["a", "a much longer completion with words", "b c", "d", "e f g h", "i"]
+    rm.batch_size = 1
+    one = rm.score(prompts, completions)
+    rm.batch_size = 4
+    four = rm.score(prompts, completions)
+    assert one == pytest.approx(four, abs=1e-5) and len(set(one)) > 1
+
+
+def test_reward_model_with_two_labels_is_refused(tmp_path):
+    with pytest.raises(ModelError, match="has 2 labels"):
+        get_scorer(f"rm:{_reward_model(tmp_path / 'rm2', labels=2)}")
+
+
+def test_python_scorer(tmp_path, monkeypatch):
+    (tmp_path / "myscore.py").write_text("def length(prompts, completions):\n    return [len(c) for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert get_scorer("python:myscore:length").score(["p", "q"], ["abc", ""]) == [3.0, 0.0]
+    with pytest.raises(ConfigError, match="cannot import"):
+        get_scorer("python:myscore:nothing")
+
+
+def test_the_judge_shows_both_orders_and_a_position_bias_is_a_tie():
+    """A judge that always answers "A" prefers whatever is shown first: in both orders it contradicts
+    itself, so every verdict is a tie; one that reads the answers' content wins consistently."""
+    judge = Judge("tiny")
+    shown = []
+
+    def always_first(prompt, first, second):
+        shown.append((first, second))
+        return True
+
+    judge._prefers_first = always_first
+    assert judge.compare(["p", "q"], ["x", "y"], ["u", "v"]) == [0.5, 0.5]
+    assert shown == [("x", "u"), ("u", "x"), ("y", "v"), ("v", "y")]
+    judge._prefers_first = lambda prompt, first, second: len(first) > len(second)
+    assert judge.compare(["p"], ["long answer"], ["short"]) == [1.0]
+    assert judge.compare(["p"], ["short"], ["long answer"]) == [0.0]
+
+
+def test_the_judge_runs_on_a_tiny_model():
+    verdicts = get_scorer("judge:tiny").compare(["Is the sky blue?"] * 2, ["Yes.", "No."], ["No.", "Yes."])
+    assert all(v in (0.0, 0.5, 1.0) for v in verdicts)
+
+
+def test_sampling_during_training_logs_gold_kl_and_win_rate(tmp_path):
+    out = tmp_path / "run"
+    train(config.load(None, ["model.name=tiny", "data.train=synthetic:sentiment?config=short&n=32",
+                             "data.eval=synthetic:sentiment?config=short&n=8&split=test", "data.max_length=64",
+                             "optimizer.lr=1e-2", "train.batch_size=4", "train.max_steps=4", "train.eval_at_start=true",
+                             "eval.generate.every=2", "eval.generate.n_prompts=4", "eval.generate.max_new_tokens=5",
+                             "tracking.progress=false", f"train.output_dir={out}"]))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/kl/initial" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert evals[0]["eval/kl/initial"] == 0.0 and evals[0]["eval/win_rate"] == 0.5
+    assert evals[-1]["eval/kl/initial"] > 0
+    for r in evals:
+        assert {"eval/gold/mean", "eval/gold/mean_se", "eval/length/mean", "eval/logps/chosen"} <= set(r)
+    samples = [json.loads(x) for x in (out / "samples" / "step-4.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all("baseline_completion" in s for s in samples)
+    # the samples of step 4 are the final policy's: entangle eval of final/ on them gives the logged KL
+    from entangle.api import evaluate
+
+    write_jsonl(tmp_path / "s.jsonl", samples)
+    f = evaluate(str(out), None, "vader", samples=str(tmp_path / "s.jsonl"), progress=False)
+    assert f["kl/initial"] == pytest.approx(evals[-1]["eval/kl/initial"], rel=1e-6)
+
+
+def test_report_shows_the_gold_kl_path_and_escaped_samples(tmp_path):
+    from entangle.report import write_report
+
+    out = tmp_path / "run"
+    train(config.load(None, ["model.name=tiny", "data.train=synthetic:sentiment?config=short&n=32",
+                             "data.max_length=64", "optimizer.lr=1e-2", "train.batch_size=4", "train.max_steps=2",
+                             "eval.generate.every=1", f"eval.generate.prompts={write_jsonl(tmp_path / 'p.jsonl', [{'prompt': '<script>x</script>'}])}",
+                             "eval.generate.max_new_tokens=4", "tracking.progress=false", f"train.output_dir={out}"]))
+    page = open(write_report([str(out)], str(tmp_path / "rep"))).read()
+    assert "gold_vs_kl.png" in page or "Gold reward and win rate against KL" in page
+    assert "&lt;script&gt;x&lt;/script&gt;" in page and "<script>x" not in page
+    assert "Samples: run" in page
+
+
+@pytest.mark.slow   # one process start each
+@pytest.mark.parametrize("args, message", [
+    (["eval", "tiny", "--prompts", "EMPTY", "--out", "OUT"], "field 'prompt' is missing"),
+    (["eval", "tiny", "--prompts", PROMPTS, "--scorer", "bleu", "--out", "OUT"], "unknown scorer 'bleu'"),
+    (["eval", "tiny", "--prompts", PROMPTS, "--scorer", "rm:RM2", "--out", "OUT"], "has 2 labels"),
+    (["eval", "NOFINAL", "--prompts", PROMPTS, "--out", "OUT"], "has no final/"),
+    (["generate", "tiny", "--prompts", "missing.jsonl", "--out", "OUT/s.jsonl"], "missing.jsonl: no such file"),
+    (["generate", "tiny", "--prompts", PROMPTS, "--top-p", "0", "--out", "OUT/s.jsonl"], "0 < top_p <= 1"),
+], ids=["no-prompts", "unknown-scorer", "rm-two-labels", "run-without-final", "missing-file", "bad-top-p"])
+def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
+    empty = write_jsonl(tmp_path / "empty.jsonl", [{"text": "x"}])
+    nofinal = tmp_path / "nofinal"
+    nofinal.mkdir()
+    (nofinal / "config.yaml").write_text("model: {name: tiny}\n")
+    (nofinal / "metrics.jsonl").write_text("")
+    subs = {"EMPTY": empty, "OUT": str(tmp_path / "out"), "NOFINAL": str(nofinal),
+            "rm:RM2": f"rm:{_reward_model(tmp_path / 'rm2', labels=2)}" if "rm:RM2" in args else "rm:RM2",
+            "missing.jsonl": str(tmp_path / "missing.jsonl")}
+    argv = [a.replace("OUT", subs["OUT"]) if a.startswith("OUT") else subs.get(a, a) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "entangle.cli", "-q", *argv], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-800:]
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in proc.stderr
