@@ -84,3 +84,31 @@ def evaluate(model: str, prompts: str | list | None, scorer: str = "vader", out:
         write_evaluation(out, figures, rows, {k: v for k, v in meta.items() if k != "settings"} |
                          {"settings": {k: v for k, v in settings.items() if k != "progress"}})
     return figures
+
+
+def label(model: str, prompts: str | list, scorer: str = "vader", out: str | None = None, noise: float = 0.0,
+          limit: int | None = None, split: str = "train", device: str = "auto", dtype: str = "auto",
+          **settings) -> list[dict]:
+    """Preference pairs made by sampling twice per prompt from `model` and labelling with `scorer`
+    (Bradley-Terry noise of temperature `noise`); written to `out` (TRL's prompt/chosen/rejected JSONL)."""
+    from entangle.errors import ConfigError
+    from entangle.labeling import label_pairs, write_preferences
+
+    check_scorer_spec(scorer)
+    if noise < 0 or noise != noise:
+        raise ConfigError(f"--noise must be >= 0 (got {noise})")
+    if scorer.startswith("judge:"):
+        raise ConfigError("labelling needs a pointwise gold scorer (vader, rm:PATH, python:module:function)")
+    texts = load_prompts(prompts, split, limit) if isinstance(prompts, str) else list(prompts)[:limit]
+    resolve(model)
+    dev = _device(device)
+    policy = load_policy(model, dtype, dev)
+    seed = settings.pop("seed", 0)
+    settings.pop("n", None)
+    rows = label_pairs(policy, texts, get_scorer(scorer, dev), noise, seed, **settings)
+    if not rows:
+        raise DataError(f"{model}: every pair of samples was identical or tied; raise the temperature or "
+                        "max_new_tokens")
+    if out:
+        write_preferences(out, rows)
+    return rows

@@ -1,4 +1,4 @@
-"""The `entangle` command: `train`, `generate`, `eval`, `config`, `losses`, `study`, `report`. Errors print as one line, exit code 2."""
+"""The `entangle` command: `train`, `generate`, `eval`, `label`, `config`, `losses`, `study`, `report`. Errors print as one line, exit code 2."""
 
 from __future__ import annotations
 
@@ -116,6 +116,17 @@ def _eval(args) -> int:
     return 0
 
 
+def _label(args) -> int:
+    from entangle.api import label
+
+    settings = _gen_settings(args)
+    rows = label(args.model, args.prompts, args.scorer, out=args.out, noise=args.noise, limit=args.limit,
+                 split=args.split, device=args.device, dtype=args.dtype, **settings)
+    gap = sum(r["score_chosen"] - r["score_rejected"] for r in rows) / len(rows)
+    print(f"{len(rows)} pairs (mean gold gap chosen - rejected {gap:.4f}): {args.out}")
+    return 0
+
+
 def _sampling_args(p) -> None:
     p.add_argument("model", metavar="MODEL_OR_RUN", help="a run directory (its final/), a checkpoint folder, "
                    "or any model.name (tiny, smollm2-135m, a folder, a hub id)")
@@ -132,6 +143,19 @@ def _sampling_args(p) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16")
+
+
+def _study_overoptimization(args) -> int:
+    from entangle.studies import overoptimization
+
+    model = args.model or ("tiny" if args.quick else "smollm2-135m")
+    losses = tuple(x for item in args.loss for x in item.split(",") if x)
+    summary = overoptimization.run(args.out, model=model, losses=losses, scorer=args.scorer, noise=args.noise,
+                                   steps=args.steps, seed=args.seed, soft_alpha=args.soft_alpha,
+                                   soft_tau=args.soft_tau, hard_tau=args.hard_tau, extra=args.overrides)
+    print(overoptimization.format_table(summary))
+    print(f"study: {args.out}/summary.json\nreport: {os.path.join(args.out, summary['report'])}")
+    return 0
 
 
 def _report(args) -> int:
@@ -206,6 +230,21 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--out", default="runs/compare")
     co.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     co.set_defaults(func=_study_compare)
+    oo = st.add_parser("overoptimization", help="gold reward against KL from the SFT policy for a static, a soft "
+                       "and a hard reference (trust-region paper's claim, with a known gold scorer)")
+    oo.add_argument("--quick", action="store_true", help="the tiny model on the sentiment statements (~3 min)")
+    oo.add_argument("--model", help="default: smollm2-135m (tiny with --quick)")
+    oo.add_argument("--loss", nargs="+", default=["dpo", "ipo"], help="losses with a reference (dpo ipo ...)")
+    oo.add_argument("--scorer", default="vader", help="the gold scorer: vader | rm:PATH | python:module:function")
+    oo.add_argument("--noise", type=float, default=0.2, help="Bradley-Terry label noise temperature (0: none)")
+    oo.add_argument("--steps", type=int, help="optimiser steps per run")
+    oo.add_argument("--soft-alpha", type=float, default=0.6)
+    oo.add_argument("--soft-tau", type=int, help="steps between soft updates (default: steps / 10)")
+    oo.add_argument("--hard-tau", type=int, help="steps between hard updates (default: steps / 4)")
+    oo.add_argument("--seed", type=int, default=0)
+    oo.add_argument("--out", default="runs/overoptimization")
+    oo.add_argument("overrides", nargs="*", help="extra config overrides for every run")
+    oo.set_defaults(func=_study_overoptimization)
     r = sub.add_parser("report", help="HTML report (plots embedded) of run or study directories, overlaid")
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     r.add_argument("--out", help="output folder (default: RUN_DIR/report for one directory, else ./report)")
@@ -224,6 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--samples", help="score this samples JSONL (from entangle generate) instead of sampling")
     e.add_argument("--out", required=True, help="output folder: eval.json, samples.jsonl")
     e.set_defaults(func=_eval)
+    la = sub.add_parser("label", help="make preference pairs: two samples per prompt, labelled by a gold scorer")
+    _sampling_args(la)
+    la.add_argument("--scorer", default="vader", help="vader | rm:PATH | python:module:function")
+    la.add_argument("--noise", type=float, default=0.0,
+                    help="Bradley-Terry temperature: P(a > b) = sigmoid((s_a - s_b) / T); 0: the higher score wins")
+    la.add_argument("--out", required=True, help="output preference JSONL (prompt/chosen/rejected)")
+    la.set_defaults(func=_label)
     losses_p = sub.add_parser("losses", help="list the registered losses and their defaults")
     losses_p.set_defaults(func=_losses)
     return p

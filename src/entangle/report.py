@@ -294,6 +294,13 @@ def _study_section(study_dir: str, summary: dict) -> str:
                      f"{m['chosen_change']:+.3f} (without: {m['chosen_change_without']:+.3f}), rejected "
                      f"{m['rejected_change']:+.3f}: the chosen {'still falls' if m['chosen_still_falls'] else 'no longer falls'}."
                      "</p>")
+    for loss, by_variant in (summary.get("verdicts") or {}).items():
+        for name, v in by_variant.items():
+            gap = "no matched KL" if v["mean_gap"] is None else f"{v['mean_gap']:+.4f} &plusmn; {v['gap_se']:.4f}"
+            parts.append(f"<p class={'held' if v['verdict'] == 'higher' else 'failed'}>{html.escape(loss)}, "
+                         f"<b>{html.escape(name)}</b> reference vs static at matched KL: gold gap {gap} over "
+                         f"{v['matched_points']} points ({v['beyond_static_kl']} beyond the static run's KL): "
+                         f"<b>{html.escape(v['verdict'])}</b></p>")
     results = summary.get("results") or {}
     moved = {n: r["heldout_token_changes"] for n, r in results.items() if r.get("heldout_token_changes")}
     if moved:
