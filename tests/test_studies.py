@@ -166,3 +166,49 @@ def test_compare_quick_on_tiny(tmp_path):
     page = (out / summary["report"]).read_text()
     assert "Loss comparison" in page and page.count("<td>finished</td>") == 5 and "Theory check" in page
     assert "theory check" in compare.format_table(saved)
+
+
+def test_overoptimization_study_on_tiny_reads_real_evaluations_and_reuses_runs(tmp_path):
+    """A reduced --quick: 4 steps, one loss. Every point is an in-training evaluation; the last one equals
+    `entangle eval` of the run's final/ with the same prompts and settings; a second call reuses everything."""
+    from entangle.api import evaluate
+    from entangle.studies import overoptimization as oo
+
+    out = tmp_path / "oo"
+    kw = dict(model="tiny", losses=("dpo",), steps=4, n_label=24, n_heldout=8, n_eval=6, evals=2, sft_steps=10,
+              max_new_tokens=6)
+    summary = oo.run(str(out), **kw)
+    assert set(summary["points"]) == {"dpo-static", "dpo-soft", "dpo-hard"}
+    static = summary["points"]["dpo-static"]
+    assert [p["step"] for p in static] == [0, 2, 4] and static[0]["kl/initial"] == 0.0
+    assert static[0]["gold/mean"] == summary["points"]["dpo-hard"][0]["gold/mean"]   # all start at the SFT policy
+    prefs = [json.loads(x) for x in (out / "preferences.jsonl").read_text().splitlines()]
+    assert prefs and {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"} <= set(prefs[0])
+    f = evaluate(str(out / "dpo-static"), summary["preferences"]["prompts"].replace("train", "test")
+                 .replace("n=256", "n=64"), "vader", limit=6, n=1, max_new_tokens=6, seed=0, batch_size=16,
+                 max_prompt_length=96, progress=False)
+    assert f["kl/initial"] == pytest.approx(static[-1]["kl/initial"], rel=1e-9)
+    assert f["gold/mean"] == pytest.approx(static[-1]["gold/mean"], rel=1e-9)
+    for v in summary["verdicts"]["dpo"].values():
+        assert v["verdict"] in ("higher", "lower", "indistinguishable", "no matched KL")
+    stamp = os.path.getmtime(out / "dpo-soft" / "summary.json")
+    again = oo.run(str(out), **kw)
+    assert os.path.getmtime(out / "dpo-soft" / "summary.json") == stamp and again["points"] == summary["points"]
+    assert "matched KL" in oo.format_table(again) and "Gold reward and win rate" in (out / again["report"]).read_text()
+
+
+def test_frontier_gap_by_hand():
+    """Static: (KL 0, gold 0), (1, 1), (4, 2). Moving points at KL 0.5 (gold 1.0) and 2.5 (gold 2.0):
+    static gold there 0.5 and 1.5 -> gaps 0.5 and 0.5; with standard errors 0.1 the gap is 'higher'.
+    A point at KL 9 is beyond the static run's range."""
+    from entangle.studies.overoptimization import frontier_gap
+
+    static = [{"step": s, "kl/initial": k, "gold/mean": g, "gold/mean_se": 0.1} for s, k, g in
+              ((0, 0.0, 0.0), (1, 1.0, 1.0), (2, 4.0, 2.0))]
+    moving = [{"step": 0, "kl/initial": 0.0, "gold/mean": 0.0, "gold/mean_se": 0.1},
+              {"step": 1, "kl/initial": 0.5, "gold/mean": 1.0, "gold/mean_se": 0.1},
+              {"step": 2, "kl/initial": 2.5, "gold/mean": 2.0, "gold/mean_se": 0.1},
+              {"step": 3, "kl/initial": 9.0, "gold/mean": 3.0, "gold/mean_se": 0.1}]
+    got = frontier_gap(static, moving)
+    assert got["matched_points"] == 2 and got["beyond_static_kl"] == 1
+    assert got["mean_gap"] == pytest.approx(0.5) and got["verdict"] == "higher"
