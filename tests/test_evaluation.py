@@ -10,7 +10,6 @@ import torch
 from entangle import config, models
 from entangle.errors import ConfigError, ModelError
 from entangle.evaluation import Judge, distinct_2, get_scorer, score_samples, summarise
-from entangle.generation import load_policy
 from entangle.loop import train
 from conftest import write_jsonl
 

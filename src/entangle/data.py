@@ -195,13 +195,18 @@ def _split_implicit(chosen: Text, rejected: Text, where: str) -> tuple[Text, Tex
     raise DataError(f"{where}: fields 'chosen' and 'rejected' must both be strings or both message lists")
 
 
-def parse_pair(rec: Any, where: str, columns: Mapping[str, str] | None = None) -> PreferenceExample:
-    """One record -> PreferenceExample, or DataError naming the place and field."""
-    cols = {**DEFAULT_COLUMNS, **(columns or {})}
+def _columns(rec: Any, where: str, columns: Mapping[str, str] | None, expected: str) -> dict[str, str]:
+    """The column names to read, once the record is known to be an object (else a DataError)."""
     if isinstance(rec, _Invalid):
         raise DataError(f"{where}: {rec.why}")
     if not isinstance(rec, Mapping):
-        raise DataError(f"{where}: expected an object with prompt/chosen/rejected, got {type(rec).__name__}")
+        raise DataError(f"{where}: expected an object with {expected}, got {type(rec).__name__}")
+    return {**DEFAULT_COLUMNS, **(columns or {})}
+
+
+def parse_pair(rec: Any, where: str, columns: Mapping[str, str] | None = None) -> PreferenceExample:
+    """One record -> PreferenceExample, or DataError naming the place and field."""
+    cols = _columns(rec, where, columns, "prompt/chosen/rejected")
     chosen = _text(rec, cols["chosen"], "chosen", where)
     rejected = _text(rec, cols["rejected"], "rejected", where)
     if rec.get(cols["prompt"]) is None:
@@ -220,11 +225,7 @@ def parse_pair(rec: Any, where: str, columns: Mapping[str, str] | None = None) -
 
 
 def parse_unpaired(rec: Any, where: str, columns: Mapping[str, str] | None = None) -> UnpairedExample:
-    cols = {**DEFAULT_COLUMNS, **(columns or {})}
-    if isinstance(rec, _Invalid):
-        raise DataError(f"{where}: {rec.why}")
-    if not isinstance(rec, Mapping):
-        raise DataError(f"{where}: expected an object with prompt/completion/label, got {type(rec).__name__}")
+    cols = _columns(rec, where, columns, "prompt/completion/label")
     prompt = _text(rec, cols["prompt"], "prompt", where)
     completion = _text(rec, cols["completion"], "completion", where)
     if isinstance(prompt, list) and isinstance(completion, str):
@@ -239,11 +240,7 @@ def parse_unpaired(rec: Any, where: str, columns: Mapping[str, str] | None = Non
 
 def parse_prompt(rec: Any, where: str, columns: Mapping[str, str] | None = None) -> Text:
     """The prompt of one record: its `prompt` field, or the shared prompt of chosen/rejected conversations."""
-    cols = {**DEFAULT_COLUMNS, **(columns or {})}
-    if isinstance(rec, _Invalid):
-        raise DataError(f"{where}: {rec.why}")
-    if not isinstance(rec, Mapping):
-        raise DataError(f"{where}: expected an object with a 'prompt' field, got {type(rec).__name__}")
+    cols = _columns(rec, where, columns, "a 'prompt' field")
     if rec.get(cols["prompt"]) is None and cols["chosen"] in rec and cols["rejected"] in rec:
         return parse_pair(rec, where, columns).prompt
     prompt = _text(rec, cols["prompt"], "prompt", where)
