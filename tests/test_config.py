@@ -58,3 +58,50 @@ def test_bad_yaml_file(tmp_path):
         config.load(str(p))
     with pytest.raises(ConfigError, match="no such config file"):
         config.load(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.betas=[0.9,2.0]", "'optimizer.betas' must be in [0, 1)"),
+    ("optimizer.weight_decay=-1", "'optimizer.weight_decay' must be in [0, inf)"),
+    ("optimizer.eps=-1", "'optimizer.eps' must be in (0, inf)"),
+    ("optimizer.momentum=-1", "'optimizer.momentum' must be in [0, 1]"),
+    ("optimizer.lr=nan", "'optimizer.lr' must be in (0, inf)"),
+    ("train.seed=-1", "'train.seed' must be in [0, 4294967296)"),
+    ("model.lora.dropout=2", "'model.lora.dropout' must be in [0, 1)"),
+    ("train.max_grad_norm=-1", "'train.max_grad_norm' must be in (0, inf) or null"),
+    ("loss.params.beta=-0.1", "beta must be in (0, inf) (got -0.1)"),
+    ("loss.params.beta=0", "beta must be in (0, inf) (got 0)"),
+    ("train.save_every=-1", "'train.save_every' must be in [0, inf)"),
+    ("train.eval_every=-1", "'train.eval_every' must be in [0, inf)"),
+    ("train.epochs=-1", "'train.epochs' must be in (0, inf)"),
+    ("model.lora.r=-4", "'model.lora.r' must be in [0, inf)"),
+    ("train.max_nonfinite=0", "'train.max_nonfinite' must be at least 1"),
+    ("eval.generate.top_p=0", "'eval.generate.top_p' must be in (0, 1]"),
+    ("eval.generate.scorer=bleu", "unknown scorer 'bleu'"),
+])
+def test_values_that_would_silently_change_training_are_refused(override, message):
+    with pytest.raises(ConfigError) as e:
+        config.load(None, [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_every_numeric_key_has_a_declared_range_and_every_loss_hyper_parameter_too():
+    from dataclasses import fields, is_dataclass
+
+    from entangle import losses
+
+    def numeric(cls, prefix=""):
+        for f in fields(cls):
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            if is_dataclass(default):
+                yield from numeric(type(default), f"{prefix}{f.name}.")
+            elif any(t in str(f.type) for t in ("int", "float")) and "Dict" not in str(f.type):
+                yield f"{prefix}{f.name}"
+    assert set(numeric(config.Config)) <= set(config.RANGES), set(numeric(config.Config)) - set(config.RANGES)
+    for name in losses.names():
+        s = losses.spec(name)
+        for k, v in s.defaults.items():
+            assert isinstance(v, bool) or (s.range(k) is not None and v in s.range(k)), (name, k)
+    with pytest.raises(ValueError, match="needs a valid range"):
+        losses.register(losses.LossSpec("unranged", loss=lambda p, weird: p.z, defaults={"weird": 1.0},
+                                        uses_reference=False, length_normalized=False, citation="-"))

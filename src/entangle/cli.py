@@ -40,7 +40,8 @@ def _losses(args) -> int:
     for name in losses.names():
         s = losses.spec(name)
         fn = losses.get(name)
-        params = ", ".join(f"{k}={v}" for k, v in s.defaults.items())
+        params = ", ".join(f"{k}={v}" + (f" ({s.range(k)})" if s.range(k) and not isinstance(v, bool) else "")
+                           for k, v in s.defaults.items())
         alias = f" (alias {', '.join(s.aliases)})" if s.aliases else ""
         print(f"{name}{alias}: reference={'yes' if fn.uses_reference else 'no'}, "
               f"length-normalised={'yes' if fn.length_normalized else 'no'}; {params}; {s.citation}")
@@ -300,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("entangle: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:   # `entangle losses | head`: the reader left
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

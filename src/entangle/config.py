@@ -181,6 +181,47 @@ CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16", "float64", "fp32", "bf16", "fp16"),
 }
 TRACKERS = ("tensorboard", "wandb", "mlflow")
+_R = losses.Range
+_POS, _NONNEG, _COUNT, _ATLEAST1 = _R(0.0), _R(0.0, low_closed=True), _R(0.0, low_closed=True), _R(1.0, low_closed=True)
+# Every numeric key's valid values (null stays allowed where the field is optional). A value outside
+# would silently change what training does: a negative clip norm ascends, -1 for "every" means every step.
+RANGES = {
+    "model.lora.r": _COUNT, "model.lora.alpha": _POS, "model.lora.dropout": _R(0.0, 1.0, low_closed=True),
+    "data.max_length": _R(2.0, low_closed=True), "data.max_prompt_length": _ATLEAST1,
+    "data.max_train_examples": _ATLEAST1, "data.max_eval_examples": _ATLEAST1,
+    "loss.mask_l1": _NONNEG, "loss.mask_lr": _POS, "loss.mask_init": _R(0.0, 1.0),
+    "reference.alpha": _R(0.0, 1.0, True, True), "reference.tau": _ATLEAST1,
+    "optimizer.lr": _POS, "optimizer.momentum": _R(0.0, 1.0, True, True), "optimizer.betas": _R(0.0, 1.0, True),
+    "optimizer.weight_decay": _NONNEG, "optimizer.eps": _POS,
+    "schedule.warmup_steps": _COUNT, "schedule.warmup_ratio": _R(0.0, 1.0, True, True),
+    "train.batch_size": _ATLEAST1, "train.grad_accum": _ATLEAST1, "train.max_grad_norm": _POS,
+    "train.max_steps": _ATLEAST1, "train.epochs": _POS, "train.seed": _R(0.0, 2.0 ** 32, low_closed=True),
+    "train.log_every": _ATLEAST1, "train.eval_every": _COUNT, "train.eval_batch_size": _ATLEAST1,
+    "train.save_every": _COUNT, "train.keep_checkpoints": _COUNT, "train.max_nonfinite": _ATLEAST1,
+    "diagnostics.entanglement.every": _COUNT, "diagnostics.entanglement.tokens": _COUNT,
+    "eval.generate.every": _COUNT, "eval.generate.n_prompts": _ATLEAST1, "eval.generate.n": _ATLEAST1,
+    "eval.generate.max_new_tokens": _ATLEAST1, "eval.generate.temperature": _NONNEG,
+    "eval.generate.top_p": _R(0.0, 1.0, high_closed=True), "eval.generate.batch_size": _ATLEAST1,
+    "eval.generate.seed": _R(0.0, 2.0 ** 32, low_closed=True),
+}
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    for key, r in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        for v in (value if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else [value]):
+            if v is not None and float(v) not in r:
+                null = " or null" if _optional(key) else ""
+                raise ConfigError(f"config key {key!r} must be {r}{null} (got {value})")
+
+
+def _optional(key: str) -> bool:
+    """Whether the dataclass field behind `key` is declared Optional (null allowed)."""
+    section, _, name = key.rpartition(".")
+    node = Config()
+    for part in section.split("."):
+        node = getattr(node, part)
+    return "Optional" in str(next(f.type for f in fields(node) if f.name == name))
 
 
 def all_keys(cls=Config, prefix: str = "") -> list[str]:
@@ -242,13 +283,9 @@ def validate(cfg: DictConfig) -> None:
     for t in cfg.tracking.report_to:
         if t not in TRACKERS:
             raise ConfigError(f"config key 'tracking.report_to' has {t!r}; valid: {', '.join(TRACKERS)}")
-    for key in ("train.batch_size", "train.grad_accum", "train.log_every", "train.eval_batch_size"):
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"config key {key!r} must be at least 1")
-    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
-        raise ConfigError("config key 'train.max_steps' must be at least 1 (or null to use train.epochs)")
-    if cfg.optimizer.lr <= 0 or len(cfg.optimizer.betas) != 2:
-        raise ConfigError("config keys 'optimizer.lr' must be > 0 and 'optimizer.betas' a pair like [0.9, 0.999]")
+    _check_ranges(cfg)
+    if len(cfg.optimizer.betas) != 2:
+        raise ConfigError("config key 'optimizer.betas' must be a pair like [0.9, 0.999]")
     try:
         fn = losses.get(cfg.loss.name, **OmegaConf.to_container(cfg.loss.params))
     except ConfigError as e:

@@ -75,7 +75,39 @@ class LossSpec:
     # Running state (BCO's reward baseline): (state, pair, params) -> new state, before the loss.
     update_state: Callable[[dict, Pair, Mapping[str, Any]], dict] | None = None
     initial_state: Mapping[str, float] = field(default_factory=dict)
+    ranges: Mapping[str, Range] = field(default_factory=dict)   # beyond `RANGES`, or replacing an entry
 
+    def range(self, key: str) -> Range | None:
+        return self.ranges.get(key, RANGES.get(key))
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a hyper-parameter: `low`..`high`, each end open or closed."""
+
+    low: float
+    high: float = math.inf
+    low_closed: bool = False
+    high_closed: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        return (self.low <= x if self.low_closed else self.low < x) and (x <= self.high if self.high_closed
+                                                                         else x < self.high)
+
+    def __str__(self) -> str:
+        if self.high == math.inf and self.low_closed and self.low != 0:
+            return f"at least {self.low:.12g}"
+        return f"in {'[' if self.low_closed else '('}{self.low:.12g}, {self.high:.12g}{']' if self.high_closed else ')'}"
+
+
+# Valid ranges by hyper-parameter name (a spec's own `ranges` override these). beta <= 0 would learn nothing
+# or prefer the rejected responses; label_smoothing >= 0.5 flips the labels (robust DPO divides by 1 - 2 eps).
+RANGES = {
+    "beta": Range(0.0), "label_smoothing": Range(0.0, 0.5, low_closed=True), "delta": Range(0.0),
+    "lam": Range(0.0, low_closed=True), "gamma_beta_ratio": Range(0.0, low_closed=True),
+    "alpha": Range(0.0, low_closed=True), "discopop_tau": Range(0.0), "desirable_weight": Range(0.0),
+    "undesirable_weight": Range(0.0),
+}
 
 _REGISTRY: dict[str, LossSpec] = {}
 _ALIASES: dict[str, str] = {}
@@ -88,6 +120,13 @@ def register(spec: LossSpec) -> LossSpec:
             raise ValueError(f"loss name {n!r} is already registered")
     if not callable(spec.loss):
         raise ValueError(f"loss {spec.name!r}: `loss` must be callable")
+    for key, default in spec.defaults.items():
+        if isinstance(default, bool):
+            continue
+        r = spec.range(key)
+        if r is None or default not in r:
+            raise ValueError(f"loss {spec.name!r}: hyper-parameter {key} needs a valid range that holds its "
+                             f"default {default} (losses.RANGES or the spec's ranges)")
     _REGISTRY[spec.name] = spec
     for a in spec.aliases:
         _ALIASES[a] = spec.name
@@ -178,6 +217,10 @@ def get(name: str, **params: Any) -> Loss:
         valid = ", ".join(sorted(s.defaults)) or "none"
         raise ConfigError(f"loss {s.name!r} has no hyper-parameter {', '.join(map(repr, unknown))}; valid: {valid}")
     bound = {k: _coerce(s.name, k, params.get(k, d), d) for k, d in s.defaults.items()}
+    for k, v in bound.items():
+        r = s.range(k)
+        if r is not None and v not in r:
+            raise ConfigError(f"loss {s.name!r}: {k} must be {r} (got {v:g}); the default is {s.defaults[k]:g}")
     if s.name == "kto":
         return UnpairedLoss(s, bound)
     return Loss(s, bound)
