@@ -145,7 +145,9 @@ def test_sampling_during_training_logs_gold_kl_and_win_rate(tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/kl/initial" in r]
     assert [r["step"] for r in evals] == [0, 2, 4]
-    assert evals[0]["eval/kl/initial"] == 0.0 and evals[0]["eval/win_rate"] == 0.5
+    # step 0: the policy is the initial policy (its log-probs from the sampling forward, the initial copy's
+    # from a separate forward: equal up to float32 rounding), and its samples are the baseline's
+    assert abs(evals[0]["eval/kl/initial"]) < 1e-4 and evals[0]["eval/win_rate"] == 0.5
     assert evals[-1]["eval/kl/initial"] > 0
     for r in evals:
         assert {"eval/gold/mean", "eval/gold/mean_se", "eval/length/mean", "eval/logps/chosen"} <= set(r)

@@ -34,7 +34,8 @@ def test_logp_is_the_sequence_log_likelihood_at_temperature_one():
     with torch.no_grad():
         for r in rows:
             assert r["tokens"] == len(r["completion_ids"]) >= 1
-            assert r["logp"] == pytest.approx(naive_logp(model, r["prompt_ids"], r["completion_ids"]), abs=1e-8)
+            # float64 model; the KV-cache path and the full forward differ only in rounding (RoPE runs in float32)
+            assert r["logp"] == pytest.approx(naive_logp(model, r["prompt_ids"], r["completion_ids"]), abs=1e-6)
 
 
 def test_same_seed_and_batch_size_give_identical_samples():

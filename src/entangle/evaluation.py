@@ -230,10 +230,11 @@ def evaluate(policy: LoadedPolicy, prompts: Sequence, scorer: Scorer, initial: L
         samples = generate(policy.model, policy.tokenizer, prompts, **gen)
     initial = initial or policy
     if "logp" not in samples[0]:
-        for s, lp in zip(samples, completion_logps(policy.model, samples, pad).tolist()):
+        for s, lp in zip(samples, completion_logps(policy.model, samples, pad, gen.get("batch_size", 8)).tolist()):
             s["logp"] = lp
-    same = initial.model is policy.model
-    init_logps = [s["logp"] for s in samples] if same else completion_logps(initial.model, samples, pad).tolist()
+    same = initial.model is policy.model   # a model against itself: KL exactly 0
+    init_logps = [s["logp"] for s in samples] if same else \
+        completion_logps(initial.model, samples, pad, gen.get("batch_size", 8)).tolist()
     for s, lp in zip(samples, init_logps):
         s["logp_initial"] = lp
     baseline = baseline or initial
@@ -287,7 +288,8 @@ class GenerationEval(StepHook):
         settings = {**self.settings, "seed": self.settings["seed"] * 1009 + acc.process_index}
         rows = generate(lm, self.tokenizer, mine, **settings) if mine else []
         with self.initial_context():
-            for s, lp in zip(rows, completion_logps(self.initial_model, rows, self.tokenizer.pad_token_id).tolist()):
+            init = completion_logps(self.initial_model, rows, self.tokenizer.pad_token_id, self.settings["batch_size"])
+            for s, lp in zip(rows, init.tolist()):
                 s["logp_initial"] = lp
             if self.baseline is None:   # the initial policy's samples: the same prompts and seeds, made once
                 self.baseline = generate(self.initial_model, self.tokenizer, mine, **settings, logps=False) \

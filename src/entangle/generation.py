@@ -6,8 +6,8 @@
     logp = completion_logps(other_model, rows, pad_id)     # [len(rows)]: the same completions under another model
 
 `logp` is log pi(y|x) at temperature 1, the sum over the completion's tokens, whatever the sampling
-temperature: one right-padded forward over prompt + completion, the same code for every model, so a
-model scored on its own samples twice gives bit-identical numbers.
+temperature, read off the raw logits of the sampling forward; `completion_logps` computes the same
+quantity for any model with one right-padded forward over prompt + completion.
 """
 
 from __future__ import annotations
@@ -109,9 +109,10 @@ def _cut(tokens: list[int], eos: int | None, pad: int) -> tuple[list[int], bool]
 def generate(model, tokenizer, prompts: Sequence[Text], n: int = 1, max_new_tokens: int = 64,
              temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
              max_prompt_length: int | None = 512, progress: bool = False, logps: bool = True) -> list[dict]:
-    """`n` samples per prompt (prompt-major order), stopping at EOS; seeded per batch, so the same seed and
+    """`n` samples per prompt, returned in prompt-major order, stopping at EOS. Prompts run in batches of
+    similar length (longest first: little padding in the prefill), each batch seeded, so the same seed and
     batch size give the same samples. Prompts longer than `max_prompt_length` keep their last tokens.
-    `temperature` 0 is greedy decoding."""
+    `temperature` 0 is greedy. `logp` comes from the raw logits of the sampling forward (no extra pass)."""
     if temperature < 0 or not 0 < top_p <= 1 or n < 1 or max_new_tokens < 1 or batch_size < 1:
         raise ModelError(f"generation needs temperature >= 0, 0 < top_p <= 1, n, max_new_tokens and batch_size "
                          f">= 1 (got {temperature}, {top_p}, {n}, {max_new_tokens}, {batch_size})")
@@ -120,51 +121,61 @@ def generate(model, tokenizer, prompts: Sequence[Text], n: int = 1, max_new_toke
     for i, p in enumerate(prompts):
         ids = encode_prompt(tokenizer, p, f"prompt {i + 1}")
         encoded.append(ids[-max_prompt_length:] if max_prompt_length else ids)
-    jobs = [(i, s) for i in range(len(prompts)) for s in range(n)]
+    jobs = sorted(((i, s) for i in range(len(prompts)) for s in range(n)), key=lambda j: -len(encoded[j[0]]))
     device = next(model.parameters()).device
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 \
+        else {"do_sample": False}
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(jobs), desc="generate", unit="sample", dynamic_ncols=True)
-    rows = []
+    rows = {}
     for b in range(0, len(jobs), batch_size):
         chunk = jobs[b : b + batch_size]
         ids, attn = _left_pad([encoded[i] for i, _ in chunk], pad)
         torch.manual_seed(seed * 1_000_003 + b // batch_size)
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 \
-            else {"do_sample": False}
         out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new_tokens,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **sampling)
-        new = out[:, ids.shape[1]:].tolist()
-        for (i, s), toks in zip(chunk, new):
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, output_logits=logps,
+                             return_dict_in_generate=True, **sampling)
+        new = out.sequences[:, ids.shape[1]:]                                                       # [b, steps]
+        token_logps = _token_logps(out.logits, new) if logps else None                              # [b, steps]
+        for r, ((i, s), toks) in enumerate(zip(chunk, new.tolist())):
             completion, finished = _cut(toks, tokenizer.eos_token_id, pad)
-            text = tokenizer.decode(completion, skip_special_tokens=True)
-            rows.append({"prompt": prompts[i], "completion": text, "sample": s, "prompt_index": i,
-                         "tokens": len(completion), "finished": finished, "prompt_ids": encoded[i],
-                         "completion_ids": completion})
+            rows[i, s] = {"prompt": prompts[i], "completion": tokenizer.decode(completion, skip_special_tokens=True),
+                          "sample": s, "prompt_index": i, "tokens": len(completion), "finished": finished,
+                          "prompt_ids": encoded[i], "completion_ids": completion}
+            if logps:
+                rows[i, s]["logp"] = float(token_logps[r, : len(completion)].sum())
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
-    if logps:
-        for r, lp in zip(rows, completion_logps(model, rows, pad, batch_size).tolist()):
-            r["logp"] = lp
-    return rows
+    return [rows[i, s] for i in range(len(prompts)) for s in range(n)]
+
+
+def _token_logps(logits: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """log pi(token) of each generated token at temperature 1 from the raw logits of each step: [b, steps],
+    float64 on the CPU."""
+    per_step = [torch.log_softmax(step.double(), -1).gather(1, tokens[:, t : t + 1])[:, 0]
+                for t, step in enumerate(logits)]
+    return torch.stack(per_step, 1).cpu()
 
 
 @torch.no_grad()
 def completion_logps(model, rows: Sequence[dict], pad_id: int, batch_size: int = 8) -> torch.Tensor:
     """log pi(completion | prompt) of each row (`prompt_ids`, `completion_ids`) under `model`: [len(rows)],
-    float64 on the CPU. An empty completion has log-probability 0."""
+    float64 on the CPU, from right-padded forwards of rows of similar length. An empty completion has
+    log-probability 0."""
     device = next(model.parameters()).device
-    out = []
-    for b in range(0, len(rows), batch_size):
-        chunk = rows[b : b + batch_size]
-        ids, attn, resp = pad_sequences([(r["prompt_ids"], r["completion_ids"]) for r in chunk], pad_id)
+    order = sorted(range(len(rows)), key=lambda k: -(len(rows[k]["prompt_ids"]) + len(rows[k]["completion_ids"])))
+    out = torch.zeros(len(rows), dtype=torch.float64)
+    for b in range(0, len(order), batch_size):
+        chunk = order[b : b + batch_size]
+        ids, attn, resp = pad_sequences([(rows[k]["prompt_ids"], rows[k]["completion_ids"]) for k in chunk], pad_id)
         batch = Batch(ids, attn, resp, torch.arange(len(chunk))).to(device)
-        out.append(sequence_logps(model, batch, pack=False).logps.double().cpu())
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+        out[chunk] = sequence_logps(model, batch, pack=False).logps.double().cpu()
+    return out
 
 
 def write_samples(path: str, rows: Sequence[dict]) -> None:
