@@ -219,6 +219,32 @@ def score_samples(samples: list[dict], scorer: Scorer, baseline: list[dict] | No
             s["baseline_score"] = b["score"]
 
 
+def baseline_samples(model, tokenizer, prompts: Sequence, gen: dict) -> list[dict]:
+    """A baseline's samples (no log-probs), cached on disk under `$ENTANGLE_CACHE/samples/`, keyed by the
+    model's weights, the prompts and the sampling settings: every evaluation against the same initial
+    policy (several checkpoints, a study's runs) samples it once."""
+    import hashlib
+    import json
+
+    from entangle.models import cache_dir
+    from entangle.reference import fingerprint
+
+    settings = {k: v for k, v in gen.items() if k != "progress"}
+    h = hashlib.blake2b(digest_size=16)
+    h.update(fingerprint(model, []).encode())
+    h.update(json.dumps([list(prompts), settings, tokenizer.eos_token_id], sort_keys=True, default=str).encode())
+    path = os.path.join(cache_dir(), "samples", f"{h.hexdigest()}.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = [json.loads(x) for x in f if x.strip()]
+        if len(rows) == len(prompts) * settings.get("n", 1):
+            log.info("reusing the baseline's samples %s", path)
+            return rows
+    rows = generate(model, tokenizer, prompts, **{**settings, "progress": False}, logps=False)
+    write_samples(path, rows)
+    return rows
+
+
 def evaluate(policy: LoadedPolicy, prompts: Sequence, scorer: Scorer, initial: LoadedPolicy | None = None,
              baseline: LoadedPolicy | None = None, samples: list[dict] | None = None, **gen) -> tuple[dict, list[dict]]:
     """Sample (or reuse `samples`), score, and compare with the initial policy -> (figures, samples).
@@ -242,8 +268,8 @@ def evaluate(policy: LoadedPolicy, prompts: Sequence, scorer: Scorer, initial: L
         base_rows = [{k: s[k] for k in ("prompt", "completion", "tokens")} for s in samples]
     else:
         n = max(s["sample"] for s in samples) + 1
-        base_rows = generate(baseline.model, baseline.tokenizer, [s["prompt"] for s in samples if s["sample"] == 0],
-                             **{**gen, "n": n, "progress": False}, logps=False)
+        base_rows = baseline_samples(baseline.model, baseline.tokenizer,
+                                     [s["prompt"] for s in samples if s["sample"] == 0], {**gen, "n": n})
     score_samples(samples, scorer, base_rows)
     return summarise(samples), samples
 
@@ -292,8 +318,7 @@ class GenerationEval(StepHook):
             for s, lp in zip(rows, init.tolist()):
                 s["logp_initial"] = lp
             if self.baseline is None:   # the initial policy's samples: the same prompts and seeds, made once
-                self.baseline = generate(self.initial_model, self.tokenizer, mine, **settings, logps=False) \
-                    if mine else []
+                self.baseline = baseline_samples(self.initial_model, self.tokenizer, mine, settings) if mine else []
         if rows:
             score_samples(rows, self.scorer, self.baseline)
         rows = gather_object(rows) if acc.num_processes > 1 else rows
