@@ -100,15 +100,21 @@ def test_truncation_keeps_end_of_prompt_and_start_of_responses():
 
 
 def test_tokenize_reports_truncated_and_dropped(tok):
+    """Byte tokens, max_length 12, so a pair that does not fit keeps its last 12 // 2 = 6 prompt tokens:
+    40 x's -> 6, leaving 6 for " aaaa" + EOS (5 + 1): kept, truncated. 8 y's -> 6, leaving 6 of
+    " abcdefgh"/" abcdefgX" + EOS (10 each): both become " abcde", identical: dropped."""
     exs = [data.PreferenceExample("short", " a", " b"),
-           data.PreferenceExample("x" * 40, " aaaa", " bbbb"),           # prompt fills max_length: dropped
-           data.PreferenceExample("y" * 8, " abcdefgh", " abcdefgX")]    # truncated to the same prefix: dropped
+           data.PreferenceExample("x" * 40, " aaaa", " bbbb"),
+           data.PreferenceExample("y" * 8, " abcdefgh", " abcdefgX")]
     pairs, stats = data.tokenize_pairs(exs, tok, max_length=12)
-    assert len(pairs) == 1 and pairs[0].index == 0
-    assert stats.n_dropped == 2 and stats.n_examples == 3
+    assert [p.index for p in pairs] == [0, 1] and pairs[1].prompt_ids == tok("x" * 6)["input_ids"]
+    assert len(pairs[1].chosen_ids) == 6
+    assert stats.n_dropped == 1 and stats.n_truncated == 1 and stats.n_examples == 3
+    # an explicit max_prompt_length cuts every longer prompt ("short": 5 -> 2 tokens, fits otherwise), and the
+    # response gets the rest of max_length 10: " long answer" + EOS (13) -> 8
     pairs, stats = data.tokenize_pairs(exs[:1] + [data.PreferenceExample("z" * 6, " long answer", " no")], tok,
-                                       max_length=10)
-    assert stats.n_truncated == 1 and len(pairs[1].chosen_ids) == 4
+                                       max_length=10, max_prompt_length=2)
+    assert stats.n_truncated == 2 and len(pairs[1].prompt_ids) == 2 and len(pairs[1].chosen_ids) == 8
 
 
 def test_json_parquet_and_datasets_folder(tmp_path):

@@ -79,9 +79,99 @@ def test_gradient_accumulation_matches_a_large_batch(tmp_path):
 def test_refuses_a_non_empty_run_directory(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "keep.txt").write_text("precious")
-    with pytest.raises(TrainingError, match="not empty; set train.overwrite=true"):
+    with pytest.raises(TrainingError, match="not empty and is not an entangle run"):
         train(cfg_for(tmp_path / "run"))
+    with pytest.raises(TrainingError, match="not empty and is not an entangle run"):   # overwrite never deletes it
+        train(cfg_for(tmp_path / "run", "train.overwrite=true"))
+    with pytest.raises(TrainingError, match="not empty and is not an entangle run"):   # nor does a resume append
+        train(cfg_for(tmp_path / "run", "train.resume=latest"))
     assert (tmp_path / "run" / "keep.txt").read_text() == "precious"
+    assert sorted(os.listdir(tmp_path / "run")) == ["keep.txt"]
+
+
+def test_overwrite_removes_only_what_entangle_wrote(tmp_path):
+    out = tmp_path / "run"
+    train(cfg_for(out, "train.max_steps=2"))
+    with pytest.raises(TrainingError, match="not empty; set train.overwrite=true"):
+        train(cfg_for(out, "train.max_steps=2"))
+    (out / "thesis.txt").write_text("mine")
+    train(cfg_for(out, "train.max_steps=3", "train.overwrite=true"))
+    assert (out / "thesis.txt").read_text() == "mine" and [r["step"] for r in rows(out)] == [1, 2, 3]
+
+
+def test_resume_without_a_checkpoint_starts_over_with_fresh_logs(tmp_path):
+    """Killed before its first checkpoint (save_every 0): --resume starts over, and the old run's lines go."""
+    out = tmp_path / "run"
+    train(cfg_for(out, "train.max_steps=2"))
+    (out / "final").rename(out / "gone")   # as if killed: no checkpoint, no final
+    train(cfg_for(out, "train.max_steps=3", "train.resume=latest"))
+    assert [r["step"] for r in rows(out)] == [1, 2, 3]
+
+
+def test_resume_with_a_changed_config_is_refused_unless_allowed(tmp_path):
+    out = tmp_path / "run"
+    train(cfg_for(out, "train.save_every=2"))
+    (out / "final").rename(out / "gone")
+    for change, key in (("train.batch_size=2", "train.batch_size: 4 -> 2"), ("loss.name=ipo", "loss.name: dpo -> ipo")):
+        with pytest.raises(TrainingError, match="with a different config") as e:
+            train(cfg_for(out, "train.save_every=2", "train.resume=latest", change))
+        assert key in str(e.value) and "\n" not in str(e.value)
+    # where and how long it runs may change; what it computes may change only when asked, and is recorded
+    train(cfg_for(out, "train.save_every=2", "train.resume=latest", "train.max_steps=6", "train.log_every=2",
+                  "loss.params.beta=0.2", "train.resume_allow_changes=true"))
+    recorded = [json.loads(x) for x in (out / "resumes.jsonl").read_text().splitlines()]
+    assert recorded[0]["changed"] == {"loss.params.beta": [None, 0.2]}
+
+
+def test_a_torn_log_line_and_a_damaged_checkpoint_fall_back(tmp_path):
+    """A kill mid-write leaves a torn last line in metrics.jsonl; a truncated optimizer.pt in the newest
+    checkpoint: resume=latest warns and continues from the one before, and equals the uninterrupted run."""
+    train(cfg_for(tmp_path / "a"))
+    out = tmp_path / "b"
+    train(cfg_for(out, "train.save_every=2"), callbacks=[lambda row, stop: stop() if row["step"] == 4 else None])
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 0.6')
+    opt = out / "checkpoints" / "step-4" / "optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[:100])
+    train(cfg_for(out, "train.save_every=2", "train.resume=latest"))
+    assert rows(out) == rows(tmp_path / "a")
+    opt.write_bytes(opt.read_bytes()[:100])      # the resumed run wrote step 4 again: damage it once more
+    with pytest.raises(TrainingError, match="the checkpoint is damaged"):   # an explicit folder does not fall back
+        train(cfg_for(out, "train.save_every=2", f"train.resume={out / 'checkpoints' / 'step-4'}",
+                      "train.overwrite=true"))
+
+
+def test_lora_on_a_full_checkpoint_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    train(cfg_for(out, "train.save_every=2", "train.max_steps=4"))
+    (out / "final").rename(out / "gone")
+    with pytest.raises(TrainingError, match="holds full weights, but model.lora.r > 0"):
+        train(cfg_for(out, "train.save_every=2", "train.max_steps=4", "train.resume=latest", "model.lora.r=4",
+                      "train.resume_allow_changes=true"))
+
+
+def test_output_dir_that_is_a_file_or_read_only_fails_before_loading(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TrainingError, match="is a file; give a folder"):
+        train(cfg_for(tmp_path / "file"))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        with pytest.raises(TrainingError, match="is not writable"):
+            train(cfg_for(ro / "run"))
+    finally:
+        ro.chmod(0o700)
+
+
+def test_a_missing_data_file_fails_before_the_model_loads(tmp_path, monkeypatch):
+    from entangle import build
+
+    monkeypatch.setattr(build, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
+    with pytest.raises(TrainingError, match="data.train=.*nope.jsonl: no such file"):
+        train(cfg_for(tmp_path / "run", f"data.train={tmp_path / 'nope.jsonl'}"))
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
@@ -109,14 +199,14 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path, monk
         if str(path).endswith("optimizer.pt"):
             calls["n"] += 1
             if calls["n"] == 2:
-                raise OSError("disk full")
+                raise OSError(28, "No space left on device")
         return real_save(obj, path, *a, **k)
 
     monkeypatch.setattr(checkpoint.torch, "save", flaky)
-    with pytest.raises(OSError):
+    with pytest.raises(TrainingError, match="could not write checkpoint step-4 .*disk full.*previous checkpoints"):
         train(cfg_for(out, "train.save_every=2"))
     assert checkpoint.resolve_resume(str(out), "latest").endswith("step-2")
-    assert sorted(os.listdir(out / "checkpoints")) == [".tmp-step-4", "step-2"]
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-2"]     # the partial one is removed
     monkeypatch.setattr(checkpoint.torch, "save", real_save)
     train(cfg_for(out, "train.save_every=2", "train.resume=latest"))
     assert rows(out)[-1]["step"] == 6

@@ -13,6 +13,7 @@ import copy
 import importlib.util
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -31,7 +32,7 @@ from entangle.logps import Policy
 from entangle.mitigations import PairwiseNormalizer, make_token_mask
 from entangle.models import LoraSettings, count_parameters, is_peft, load_model
 from entangle.reference import Reference, make_reference, precompute_reference
-from entangle.rundir import git_sha, prepare_run_dir
+from entangle.rundir import check_output_dir, git_sha, is_run, prepare_run_dir
 from entangle.step import StepParts
 
 log = logging.getLogger("entangle")
@@ -90,7 +91,59 @@ def load_pairs(source: str, tokenizer, cfg: DictConfig, split: str, limit: int |
     stats.n_skipped = skipped
     if not pairs:
         raise TrainingError(f"{source}: every pair was dropped by truncation; raise data.max_length")
+    if stats.n_dropped:
+        log.warning("%s: %d of %d pairs dropped (a response truncated to nothing, or chosen = rejected after "
+                    "truncation); raise data.max_length or lower data.max_prompt_length", source, stats.n_dropped,
+                    stats.n_examples)
     return pairs, stats.as_dict()
+
+
+def check_inputs(cfg: DictConfig) -> None:
+    """Input files exist, before any model loads (hub ids and `synthetic:` sources pass through)."""
+    for key in ("data.train", "data.eval", "eval.generate.prompts"):
+        source = OmegaConf.select(cfg, key)
+        if source and not source.startswith("synthetic:") and not os.path.exists(source) and \
+                (source.endswith((".jsonl", ".json", ".parquet", ".gz")) or source.startswith((".", "/"))):
+            raise TrainingError(f"{key}={source}: no such file or folder")
+
+
+# Keys a resumed run may change without breaking exact resume: where and how long it runs, what it logs.
+RESUME_FREE = ("train.output_dir", "train.overwrite", "train.resume", "train.resume_allow_changes", "train.max_steps",
+               "train.epochs", "train.save_every", "train.keep_checkpoints", "train.log_every", "train.eval_every",
+               "train.eval_at_start", "train.eval_batch_size", "train.device", "tracking", "data.eval",
+               "data.eval_split", "data.max_eval_examples", "eval", "diagnostics")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resume_config(cfg: DictConfig, run_dir: str, checkpoint: str, is_main: bool) -> None:
+    """Refuse a resume whose config computes something else than the run's saved one (batch size, loss, ...),
+    unless `train.resume_allow_changes`; then the changes are recorded in `resumes.jsonl`."""
+    from entangle.config import load_saved
+
+    if not is_run(run_dir):
+        raise TrainingError(f"{run_dir} is not an entangle run (no config.yaml); resume a run directory")
+    saved = _flat(OmegaConf.to_container(load_saved(run_dir), resolve=True))
+    now = _flat(OmegaConf.to_container(cfg, resolve=True))
+    changed = {k: [saved.get(k), now.get(k)] for k in sorted(set(saved) | set(now))
+               if saved.get(k) != now.get(k) and not k.startswith(RESUME_FREE)}
+    if not changed:
+        return
+    listing = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())
+    if not cfg.train.resume_allow_changes:
+        raise TrainingError(f"resuming {checkpoint} with a different config ({listing}) would not continue the same "
+                            "run; undo the change, or set train.resume_allow_changes=true to continue anyway")
+    if is_main:
+        log.warning("resuming with changed settings: %s (recorded in resumes.jsonl)", listing)
+        import json
+
+        with open(os.path.join(run_dir, "resumes.jsonl"), "a") as f:
+            f.write(json.dumps({"checkpoint": checkpoint, "changed": changed}) + "\n")
 
 
 def make_accelerator(cfg: DictConfig):
@@ -205,10 +258,14 @@ def build(cfg: DictConfig, hooks: Sequence[StepHook] = ()) -> Run:
 
     tc, mc = cfg.train, cfg.model
     acc = make_accelerator(cfg)
+    check_inputs(cfg)
+    check_output_dir(tc.output_dir)
     resume_from = resolve_resume(tc.output_dir, tc.resume) if tc.resume else None
     if tc.resume and resume_from is None and acc.is_main_process:
         log.info("train.resume=%s: no checkpoint in %s yet; starting fresh", tc.resume, tc.output_dir)
-    prepare_run_dir(tc.output_dir, tc.overwrite, resume_from is not None or bool(tc.resume), acc.is_main_process)
+    if resume_from is not None:
+        check_resume_config(cfg, tc.output_dir, resume_from, acc.is_main_process)
+    prepare_run_dir(tc.output_dir, tc.overwrite, bool(tc.resume), resume_from is not None, acc.is_main_process)
     acc.wait_for_everyone()
     set_seed(tc.seed)
     lora = LoraSettings(**OmegaConf.to_container(mc.lora))

@@ -74,8 +74,14 @@ def load_weights(model, folder: str) -> None:
     if is_peft(model):
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model, load_file(os.path.join(folder, "adapter_model.safetensors")))
+        adapter = os.path.join(folder, "adapter_model.safetensors")
+        if not os.path.exists(adapter):
+            raise TrainingError(f"{folder}: no adapter_model.safetensors: it holds full weights, but model.lora.r > 0; "
+                                "load it with model.lora.r=0")
+        set_peft_model_state_dict(model, load_file(adapter))
         return
+    if os.path.exists(os.path.join(folder, "adapter_config.json")):
+        raise TrainingError(f"{folder}: a LoRA adapter, but model.lora.r is 0; load it with the run's model.lora.r")
     state = {}
     for f in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
         if os.path.basename(f) != MASK_FILE:
@@ -123,7 +129,22 @@ def _rng_from_saved(state: dict) -> dict:
 
 def save_checkpoint(run_dir: str, step: int, accelerator, model, optimizer, scheduler, trainer_state: dict,
                     extra_tensors: dict[str, dict] | None = None, keep: int = 0) -> str:
-    """Write `checkpoints/step-N` atomically; every process writes its own RNG state."""
+    """Write `checkpoints/step-N` atomically; every process writes its own RNG state. A failed write (a full
+    disk) removes the partial folder and is a one-line error; earlier checkpoints stay intact."""
+    tmp = os.path.join(run_dir, "checkpoints", f".tmp-step-{step}")
+    try:
+        return _save_checkpoint(run_dir, step, accelerator, model, optimizer, scheduler, trainer_state,
+                                extra_tensors, keep)
+    except (OSError, RuntimeError) as e:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        why = "disk full" if getattr(e, "errno", None) == 28 or "No space" in str(e) else str(e).splitlines()[0][:160]
+        raise TrainingError(f"could not write checkpoint step-{step} in {run_dir} ({why}); the previous checkpoints "
+                            "are intact: free space and continue with train.resume=latest") from None
+
+
+def _save_checkpoint(run_dir: str, step: int, accelerator, model, optimizer, scheduler, trainer_state: dict,
+                     extra_tensors: dict[str, dict] | None = None, keep: int = 0) -> str:
     root = os.path.join(run_dir, "checkpoints")
     final = os.path.join(root, f"step-{step}")
     tmp = os.path.join(root, f".tmp-step-{step}")

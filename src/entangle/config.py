@@ -43,7 +43,8 @@ class DataConfig:
     eval_split: str = "test"
     columns: Dict[str, str] = field(default_factory=dict)   # e.g. {prompt: question, chosen: good}
     max_length: Optional[int] = 512      # prompt + longest response, in tokens
-    max_prompt_length: Optional[int] = None   # prompts keep their last tokens
+    max_prompt_length: Optional[int] = None   # prompts keep at most their last N tokens (null: only a pair that
+                                              # does not fit max_length keeps its last max_length // 2, as TRL)
     max_train_examples: Optional[int] = None
     max_eval_examples: Optional[int] = None
     skip_bad: bool = False               # count and skip malformed records instead of stopping
@@ -104,8 +105,9 @@ class TrainConfig:
     eval_batch_size: int = 8
     save_every: int = 0          # 0: only the final model (and on interruption)
     keep_checkpoints: int = 0    # 0 keeps all
-    overwrite: bool = False      # allow a non-empty output_dir (its old run is replaced)
+    overwrite: bool = False      # replace the entangle run in output_dir (only the files entangle wrote)
     resume: Optional[str] = None # latest | a checkpoint folder
+    resume_allow_changes: bool = False   # resume although the config changed (recorded in resumes.jsonl)
     max_nonfinite: int = 3       # consecutive non-finite steps before the run stops
     activation_checkpointing: bool = False  # recompute each layer in the backward: less memory, slower
                                             # (off on steps that measure entanglement)

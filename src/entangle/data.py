@@ -76,7 +76,12 @@ def iter_records(source: str, split: str = "train") -> Iterator[tuple[str, Any]]
         elif source.endswith(".parquet"):
             import pyarrow.parquet as pq
 
-            for i, row in enumerate(pq.read_table(source).to_pylist()):
+            try:
+                table = pq.read_table(source)
+            except Exception as e:   # pyarrow raises ArrowInvalid, OSError, ... for a file that is not Parquet
+                raise DataError(f"{name}: not a Parquet file ({str(e).splitlines()[0][:120]}); check the file "
+                                "or its extension") from None
+            for i, row in enumerate(table.to_pylist()):
                 yield f"{name}:row {i + 1}", row
         else:
             raise DataError(f"{source}: unknown file type; use .jsonl, .json or .parquet")
@@ -92,8 +97,13 @@ def _iter_jsonl(path: str, name: str) -> Iterator[tuple[str, Any]]:
         import gzip
 
         opener = gzip.open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with opener(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{name}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                "convert the file to UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -106,6 +116,9 @@ def _iter_json(path: str, name: str) -> Iterator[tuple[str, Any]]:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); convert the "
+                        "file to UTF-8") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{name}:{e.lineno}: invalid JSON ({e.msg}); fix the file or convert it to JSONL") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
@@ -340,12 +353,14 @@ def encode_prompt_response(tokenizer, prompt: Text, response: Text, where: str =
 
 def truncate(prompt: list[int], responses: Sequence[list[int]], max_length: int | None,
              max_prompt_length: int | None) -> tuple[list[int], list[list[int]], bool]:
-    """Keep the end of the prompt, then the start of each response, within the limits."""
+    """Keep the end of the prompt, then the start of each response, within the limits. Without a
+    `max_prompt_length`, a pair that does not fit keeps the last max_length // 2 prompt tokens (as TRL)."""
     cut = False
     longest = max(len(r) for r in responses)
     if max_length is not None and len(prompt) + longest > max_length:
-        if max_prompt_length is not None and len(prompt) > max_prompt_length:
-            prompt, cut = prompt[-max_prompt_length:], True
+        keep = max_prompt_length if max_prompt_length is not None else max_length // 2
+        if len(prompt) > keep:
+            prompt, cut = prompt[-keep:], True
         room = max_length - len(prompt)
         if room < longest:
             responses, cut = [r[: max(room, 0)] for r in responses], True

@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from entangle import data
 from entangle.build import Run, build
-from entangle.checkpoint import hf_model, load_checkpoint, load_extra, save_checkpoint, save_weights, write_json
+from entangle.checkpoint import (hf_model, list_checkpoints, load_checkpoint, load_extra, save_checkpoint,
+                                 save_weights, write_json)
 from entangle.errors import TrainingError
 from entangle.metrics import Metrics
 from entangle.models import set_activation_checkpointing
@@ -163,7 +164,23 @@ def resume(run: Run, logs: Sequence[JsonlLog]) -> tuple[int, int]:
     (steps done, consecutive non-finite steps); the logs lose lines past it."""
     if not run.resume_from:
         return 0, 0
-    state = load_checkpoint(run.resume_from, run.accelerator, run.policy, run.optimizer, run.scheduler)
+    state = None
+    candidates = [run.resume_from]
+    if run.cfg.train.resume == "latest":   # a damaged newest checkpoint falls back to the one before it
+        candidates += [p for _, p in reversed(list_checkpoints(run.cfg.train.output_dir)) if p != run.resume_from]
+    for folder in candidates:
+        try:
+            state = load_checkpoint(folder, run.accelerator, run.policy, run.optimizer, run.scheduler)
+            run.resume_from = folder
+            break
+        except TrainingError:
+            raise
+        except Exception as e:   # torch/safetensors/json errors of a torn or truncated file
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            if folder == candidates[-1] or run.cfg.train.resume != "latest":
+                raise TrainingError(f"{folder}: the checkpoint is damaged ({why}); resume from an earlier one "
+                                    "(train.resume=FOLDER) or start over") from None
+            log.warning("%s is damaged (%s); resuming from the checkpoint before it", folder, why)
     run.loss_fn.state = state.get("loss_state", run.loss_fn.state)
     run.reference.load_state(state, load_extra(run.resume_from, "reference"))
     for jsonl in logs:

@@ -29,6 +29,7 @@ CHATML_TEMPLATE = (
     "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 @dataclass
@@ -206,6 +207,8 @@ def load_model(name: str, dtype: str = "auto", device: str = "cpu", lora: LoraSe
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         except Exception as e:
             raise ModelError(f"cannot load model {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if name == "smollm2-135m":   # the real hub id, so that a saved LoRA adapter names a base others can load
+        model.name_or_path = model.config._name_or_path = SMOLLM2_HUB_ID
     model.to(device)
     if lora is not None and lora.r > 0:
         model = apply_lora(model, lora)

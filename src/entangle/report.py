@@ -13,11 +13,14 @@ import base64
 import glob
 import html
 import json
+import logging
 import os
 
 from entangle.errors import DataError
 from entangle.plots import (has_any, plot_case_plane, plot_gold_vs_kl, plot_metrics, plot_position_views,
                              plot_token_masks, plot_token_views)
+
+log = logging.getLogger(__name__)
 
 # (file, title, [(panel title, metric keys)]): the curves of the report, in order.
 FIGURES = [
@@ -46,7 +49,7 @@ FIGURES = [
         ("case 3: both up", ["entanglement/case3", "entanglement/step_case3", "entanglement/real_case3"])]),
     ("reference", "Reference and drift", [
         ("log pi - log pi_init on the batch (KL estimate)", ["ref/kl_to_init"]),
-        ("held-out margin vs the initial policy", ["eval/ref/margin_vs_init"]),
+        ("held-out log-ratio margin vs the initial policy (not beta-scaled)", ["eval/ref/margin_vs_init"]),
         ("reference drift from its start", ["ref/drift"]),
         ("reference updates", ["ref/updates"])]),
     ("mask", "Sparse token mask", [
@@ -99,6 +102,11 @@ def discover(paths: list[str]) -> tuple[dict[str, str], list[tuple[str, dict]]]:
             found = {os.path.basename(os.path.normpath(path)): path}
         elif "runs" in summary:
             found = {name: os.path.join(path, sub) for name, sub in summary["runs"].items()}
+            missing = [name for name, d in found.items() if not os.path.exists(os.path.join(d, "metrics.jsonl"))]
+            if missing:
+                log.warning("%s: %d of the study's runs are missing (%s); the report shows the others", path,
+                            len(missing), ", ".join(missing))
+                found = {k: v for k, v in found.items() if k not in missing}
             studies.append((path, summary))
         else:
             found = {d: os.path.join(path, d) for d in sorted(os.listdir(path))
@@ -115,7 +123,14 @@ def write_report(paths: list[str], out: str, title: str | None = None) -> str:
     """Write `out/report.html` (self-contained) and `out/*.png`; return the HTML path."""
     run_dirs, studies = discover(paths)
     metrics = {name: load_metrics(d) for name, d in run_dirs.items()}
-    os.makedirs(out, exist_ok=True)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"--out {out} is a file; give a folder for the report")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out {out}: cannot create it ({e.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise DataError(f"--out {out} is not writable; give a folder you can write")
     sections = []
     for study_dir, summary in studies:
         sections.append(_study_section(study_dir, summary))

@@ -17,16 +17,49 @@ import subprocess
 from entangle.errors import TrainingError
 
 
-def prepare_run_dir(path: str, overwrite: bool, resuming: bool, is_main: bool) -> None:
-    if is_main and os.path.isdir(path) and os.listdir(path) and not resuming:
-        if not overwrite:
+# What entangle writes into a run directory: the only entries `train.overwrite` (or a fresh start under
+# `train.resume`) ever deletes.
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "entanglement.jsonl", "summary.json", "resumes.jsonl", "checkpoints",
+               "final", "samples", "entanglement_tokens", "entanglement_positions", "token_masks", "report")
+
+
+def is_run(path: str) -> bool:
+    """A folder entangle trained into (its config.yaml beside its logs or checkpoints)."""
+    return os.path.isfile(os.path.join(path, "config.yaml")) and any(
+        os.path.exists(os.path.join(path, n)) for n in ("metrics.jsonl", "checkpoints", "summary.json"))
+
+
+def check_output_dir(path: str) -> None:
+    """A folder that can be written, checked before anything loads."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise TrainingError(f"train.output_dir={path} is a file; give a folder")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(os.path.abspath(parent))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TrainingError(f"train.output_dir={path}: {parent} is not writable; give a folder you can write")
+
+
+def prepare_run_dir(path: str, overwrite: bool, resume_requested: bool, has_checkpoint: bool, is_main: bool) -> None:
+    """Make the run directory. Continuing from a checkpoint keeps it; otherwise a non-empty folder must be an
+    entangle run and `train.overwrite` (or a resume that found no checkpoint: a fresh start) removes only
+    what entangle wrote (`RUN_ENTRIES`); anything else in it stays."""
+    check_output_dir(path)
+    if not is_main:
+        return
+    entries = os.listdir(path) if os.path.isdir(path) else []
+    if entries and not is_run(path):
+        raise TrainingError(f"{path} is not empty and is not an entangle run (no config.yaml); entangle deletes only "
+                            "what it wrote: give a new or empty folder")
+    if entries and not has_checkpoint:
+        if not (overwrite or resume_requested):
             raise TrainingError(f"{path} is not empty; set train.overwrite=true to replace it, "
                                 "or train.resume=latest to continue it")
-        for name in os.listdir(path):
+        for name in entries:
             p = os.path.join(path, name)
-            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
-    if is_main:
-        os.makedirs(path, exist_ok=True)
+            if name in RUN_ENTRIES or name.endswith(".tmp"):
+                shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    os.makedirs(path, exist_ok=True)
 
 
 def git_sha() -> str | None:
@@ -47,8 +80,8 @@ class JsonlLog:
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            keep = [ln if ln.endswith("\n") else ln + "\n" for ln in f if _step(ln) is not None and _step(ln) <= step]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(keep)
@@ -63,3 +96,11 @@ class JsonlLog:
         if self.enabled and rows:
             with open(self.path, "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def _step(line: str) -> int | None:
+    """The step of a log line; None for a torn or foreign line (a kill mid-write leaves one at the end)."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError, TypeError):
+        return None

@@ -1,7 +1,7 @@
 """Gradient entanglement: per-pair inner products of the chosen and rejected log-prob gradients.
 
     from entangle.diagnostics import entanglement_stats
-    stats = entanglement_stats(model, pairs)   # pairs: [{"prompt_ids", "chosen_ids", "rejected_ids"}]
+    stats = entanglement_stats(model, pairs)   # pairs: TokenizedPairs (tokenize_pairs) or dicts of the three id lists
     # -> {"inner", "norm_w2", "norm_l2", "cos"}: float tensors [len(pairs)]
 
 The fast path (`ghost.GradientRecorder`) reads the statistics off one backward pass; where it cannot
@@ -35,7 +35,9 @@ def entanglement_stats(model, pairs, method: str = "fast", pad_id: int = 0) -> d
 
     `log pi(y|x)` is the sum of the log-probs of the given response ids after `prompt_ids` (no EOS
     is added). `method`: "fast" (one backward, falls back to "exact" where it cannot apply) or "exact"."""
-    items = [TokenizedPair(list(p["prompt_ids"]), list(p["chosen_ids"]), list(p["rejected_ids"]), i)
+    items = [TokenizedPair(list(p.prompt_ids), list(p.chosen_ids), list(p.rejected_ids), i)
+             if isinstance(p, TokenizedPair) else
+             TokenizedPair(list(p["prompt_ids"]), list(p["chosen_ids"]), list(p["rejected_ids"]), i)
              for i, p in enumerate(pairs)]
     device = next(model.parameters()).device
     batch = collate_pairs(items, pad_id).to(device)
