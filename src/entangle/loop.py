@@ -68,7 +68,8 @@ def fit(run: Run, callbacks: Sequence[Callable[[dict, StopFlag], None]] = ()) ->
     stop, parts, last, last_eval, status = StopFlag(), run.step_parts, {}, {}, "finished"
     handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} \
         if threading.current_thread() is threading.main_thread() else {}
-    progress = Progress(run.is_main and run.cfg.tracking.progress, start_step, run.total_steps)
+    name = os.path.join(*os.path.normpath(os.path.abspath(tc.output_dir)).split(os.sep)[-2:])
+    progress = Progress(run.is_main and run.cfg.tracking.progress, start_step, run.total_steps, name)
     if tc.eval_at_start and start_step == 0 and (run.eval_pairs or any(h.evaluates(0) for h in run.hooks)):
         metrics_log.write({"step": 0, "epoch": 0.0, **evaluate(run, 0)})
     try:
@@ -240,12 +241,12 @@ def finish(run: Run, status: str, reason: str | None, last: dict, last_eval: dic
 class Progress:
     """A tqdm bar with ETA and the live loss and margin (silent when disabled)."""
 
-    def __init__(self, enabled: bool, start: int, total: int):
+    def __init__(self, enabled: bool, start: int, total: int, name: str = "train"):
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=start, desc=name, unit="step", dynamic_ncols=True)
 
     def update(self, row: dict) -> None:
         if self.bar is not None:

@@ -363,6 +363,10 @@ RESULT_ORDER = ["heldout_logps_chosen", "heldout_logps_rejected", "eval_logps_ch
                 "cos_last_half", "inner_last_half", "case_fractions", "step_case_fractions", "real_case_fractions", "real_dlogp_chosen", "real_dlogp_rejected",
                 "step_dlogp_chosen", "step_dlogp_rejected", "pred_dlogp_chosen", "pred_dlogp_rejected", "heldout_margin_final", "heldout_accuracy_final"]
 NOTES = {
+    "reference": "ref/kl_to_init: mean log pi - log pi_init over the batch's (training) responses, not a KL divergence "
+                 "(those are not samples of the policy; see the generated-samples panels for one). The held-out "
+                 "margin vs the initial policy is a log-ratio margin, not scaled by beta (rewards/margins is), and "
+                 "the accuracy vs the initial policy is 0 at step 0 by construction (the margin is exactly 0 there).",
     "entanglement": "Means over the step's pairs. Changes of the log-probs per step, three ways: step_dlogp "
                     "(solid) is the first-order change along the update the optimiser actually made "
                     "(&lt;grad log pi, theta_after - theta_before&gt;); real_dlogp (dashed) is the realised change of "

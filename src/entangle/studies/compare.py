@@ -64,7 +64,7 @@ def run(out: str = "runs/compare", losses: tuple[str, ...] = DEFAULT_LOSSES, qui
                                sentiment.source("long", "test", p["n_eval"], seed))
         run_once([f"model.name={base}", "loss.name=sft", "reference.type=none", f"optimizer.lr={s['sft_lr']}",
                   f"train.max_steps={s['sft_steps']}", f"data.train={train_src}", f"data.eval={eval_src}",
-                  f"train.batch_size={p['batch']}", "data.max_length=96", "tracking.progress=false",
+                  f"train.batch_size={p['batch']}", "data.max_length=96",
                   "schedule.warmup_steps=0", "schedule.decay=constant", f"train.seed={seed}"],
                  os.path.join(out, "sft"))
         model = os.path.join(out, "sft", "final")
@@ -75,7 +75,7 @@ def run(out: str = "runs/compare", losses: tuple[str, ...] = DEFAULT_LOSSES, qui
             f"data.max_length={p['max_length']}", f"data.max_eval_examples={p['n_eval']}",
             f"model.lora.r={p['lora']}", f"optimizer.lr={lr}", f"train.batch_size={p['batch']}",
             f"train.eval_batch_size={p['batch']}", f"train.max_steps={steps}", f"train.seed={seed}",
-            f"train.eval_every={max(1, steps // 5)}", "train.eval_at_start=true", "tracking.progress=false",
+            f"train.eval_every={max(1, steps // 5)}", "train.eval_at_start=true",
             f"diagnostics.entanglement.every={p['every']}", "diagnostics.entanglement.realised=true",
             "reference.type=auto", "reference.kl_to_init=true"]
     results = {}

@@ -57,7 +57,7 @@ def sft_policy(out: str, model: str, p: dict, seed: int) -> str:
     run_once([f"model.name={base}", "loss.name=sft", "reference.type=none", f"optimizer.lr={p['sft_lr']}",
               f"train.max_steps={p['sft_steps']}", f"data.train={p['prompts']}",
               "data.max_length=96", f"train.batch_size={p['batch']}", f"train.seed={seed}",
-              "schedule.decay=constant", "tracking.progress=false"], sft_dir)
+              "schedule.decay=constant"], sft_dir)
     return os.path.join(sft_dir, "final")
 
 
@@ -72,7 +72,7 @@ def make_preferences(path: str, policy: str, prompts: str, n: int, scorer: str, 
         with open(meta_path) as f:
             if json.load(f) == meta:
                 return meta
-    rows = label(policy, prompts, scorer, out=path, noise=noise, limit=n, seed=seed, progress=False, **gen)
+    rows = label(policy, prompts, scorer, out=path, noise=noise, limit=n, seed=seed, progress=True, **gen)
     meta_out = {**meta, "pairs": len(rows)}
     with open(meta_path, "w") as f:
         json.dump({k: v for k, v in meta_out.items() if k != "pairs"}, f)
@@ -102,7 +102,7 @@ def run(out: str = "runs/overoptimization", model: str = "tiny", losses: tuple[s
             f"eval.generate.every={every}", f"eval.generate.prompts={p['eval_prompts']}",
             f"eval.generate.n_prompts={p['n_eval']}", f"eval.generate.max_new_tokens={p['max_new_tokens']}",
             f"eval.generate.scorer={scorer}", f"eval.generate.seed={seed}",
-            f"diagnostics.entanglement.every={every}", "tracking.progress=false", *extra]
+            f"diagnostics.entanglement.every={every}", *extra]
     runs, points = {}, {}
     for loss in losses:
         for name, ref in variants(steps, soft_alpha, soft_tau, hard_tau).items():

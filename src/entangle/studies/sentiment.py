@@ -76,7 +76,7 @@ def run(out: str = "runs/sentiment", model: str = "tiny", configs: tuple[str, ..
         data = [f"data.train={source(c, 'train', s['n_train'], seed)}",
                 f"data.eval={source(c, 'test', s['n_test'], seed)}", "data.max_length=96",
                 f"train.batch_size={s['batch']}", f"train.eval_batch_size={s['batch']}", f"train.seed={seed}",
-                "schedule.warmup_steps=0", "schedule.decay=constant", "tracking.progress=false"]
+                "schedule.warmup_steps=0", "schedule.decay=constant"]
         sft_dir, dpo_dir = os.path.join(out, f"sft-{c}"), os.path.join(out, c)
         log.info("sentiment study, %s: SFT warm-up (%d steps), then DPO (%d steps)", c, s["sft_steps"], s["steps"])
         run_once([f"model.name={base}", "loss.name=sft", "reference.type=none", f"optimizer.lr={s['sft_lr']}",
