@@ -121,3 +121,13 @@ def test_stateful_loss_learns_from_training_batches_only(tmp_path):
     for x, y in zip(*rows):
         assert {k: x[k] for k in keys} == {k: y[k] for k in keys}
     assert "eval/loss" in rows[1][0] and "eval/loss" not in rows[0][0]
+
+
+def test_auto_precision_is_mixed_on_cuda_and_float32_on_cpu():
+    """Pure bf16 loses small updates (no float32 master copy): `auto` trains float32 weights under bf16 autocast
+    on CUDA; an explicit dtype is taken as asked."""
+    from entangle.build import precision
+
+    assert precision("auto", cuda=True) == ("float32", "bf16")
+    assert precision("auto", cuda=False) == ("float32", "no")
+    assert precision("bfloat16", cuda=True) == ("bfloat16", "no")

@@ -146,6 +146,15 @@ def check_resume_config(cfg: DictConfig, run_dir: str, checkpoint: str, is_main:
             f.write(json.dumps({"checkpoint": checkpoint, "changed": changed}) + "\n")
 
 
+def precision(dtype: str, cuda: bool) -> tuple[str, str]:
+    """`(weights dtype, Accelerate mixed_precision)` of a training run. `auto` on CUDA is mixed precision as HF
+    Trainer and TRL run it: float32 master weights, bf16 autocast (pure bf16 loses small updates: at lr 1e-6 most
+    weights never change); `auto` on CPU is float32 (bf16 is ~50x slower there). An explicit dtype is pure."""
+    if dtype == "auto":
+        return "float32", "bf16" if cuda else "no"
+    return dtype, "no"
+
+
 def make_accelerator(cfg: DictConfig):
     from accelerate import Accelerator
 
@@ -156,7 +165,8 @@ def make_accelerator(cfg: DictConfig):
     for t in trackers:
         if importlib.util.find_spec(t) is None and not (t == "tensorboard" and importlib.util.find_spec("tensorboardX")):
             raise TrainingError(f"tracking.report_to={t} needs the {t} package: pip install {t}")
-    acc = Accelerator(cpu=cpu, log_with=trackers or None, project_dir=cfg.train.output_dir)
+    acc = Accelerator(cpu=cpu, log_with=trackers or None, project_dir=cfg.train.output_dir,
+                      mixed_precision=precision(cfg.model.dtype, not cpu)[1])
     if acc.distributed_type.name == "DEEPSPEED":
         _deepspeed_settings(acc, cfg.train)
     return acc
@@ -269,7 +279,8 @@ def build(cfg: DictConfig, hooks: Sequence[StepHook] = ()) -> Run:
     acc.wait_for_everyone()
     set_seed(tc.seed)
     lora = LoraSettings(**OmegaConf.to_container(mc.lora))
-    model, tokenizer = load_model(mc.name, mc.dtype, str(acc.device), lora, mc.trust_remote_code, seed=tc.seed)
+    dtype = precision(mc.dtype, acc.device.type == "cuda")[0]
+    model, tokenizer = load_model(mc.name, dtype, str(acc.device), lora, mc.trust_remote_code, seed=tc.seed)
     train_pairs, train_stats = load_pairs(cfg.data.train, tokenizer, cfg.data, cfg.data.split, cfg.data.max_train_examples)
     eval_pairs, eval_stats = [], None
     if cfg.data.eval:

@@ -30,7 +30,8 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     name: str = "tiny"              # tiny | tiny-gpt2 | smollm2-135m | a local folder | a hub id
-    dtype: str = "auto"             # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
+    dtype: str = "auto"             # auto: float32 on CPU; on CUDA mixed precision (float32 weights, bf16 autocast)
+                                    # | float32 | bfloat16 | float16 (pure: no float32 master weights)
     trust_remote_code: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
 
