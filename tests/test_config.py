@@ -105,3 +105,15 @@ def test_every_numeric_key_has_a_declared_range_and_every_loss_hyper_parameter_t
     with pytest.raises(ValueError, match="needs a valid range"):
         losses.register(losses.LossSpec("unranged", loss=lambda p, weird: p.z, defaults={"weird": 1.0},
                                         uses_reference=False, length_normalized=False, citation="-"))
+
+
+def test_input_paths_in_a_config_file_are_relative_to_the_file(tmp_path, monkeypatch):
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "pairs.jsonl").write_text("")
+    (tmp_path / "cfgs" / "c.yaml").write_text("data:\n  train: ../data/pairs.jsonl\n  eval: synthetic:sentiment\n")
+    monkeypatch.chdir("/")
+    cfg = config.load(str(tmp_path / "cfgs" / "c.yaml"), ["data.max_length=64"])
+    assert cfg.data.train == str(tmp_path / "data" / "pairs.jsonl") and cfg.data.eval == "synthetic:sentiment"
+    # overrides on the command line stay relative to the working directory
+    assert config.load(str(tmp_path / "cfgs" / "c.yaml"), ["data.train=x.jsonl"]).data.train == "x.jsonl"

@@ -261,13 +261,31 @@ def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, DictConfig):
             raise ConfigError(f"{path}: the config must be a mapping of sections (model, data, loss, ...)")
-        cfg = _merge(cfg, data, path)
+        cfg = _merge(cfg, _relative_to(data, path), path)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.max_steps=10)")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
     validate(cfg)
     return cfg
+
+
+INPUT_PATHS = ("model.name", "data.train", "data.eval", "eval.generate.prompts")
+
+
+def _relative_to(data: DictConfig, path: str) -> DictConfig:
+    """Input paths written in a YAML file are relative to that file, so a config works from any folder: a
+    relative path that exists beside the file becomes absolute (hub ids and `synthetic:` stay as they are)."""
+    import os
+
+    here = os.path.dirname(os.path.abspath(path))
+    for key in INPUT_PATHS:
+        value = OmegaConf.select(data, key, default=None)
+        if isinstance(value, str) and value and not os.path.isabs(value) and ":" not in value:
+            candidate = os.path.normpath(os.path.join(here, value))
+            if os.path.exists(candidate):
+                OmegaConf.update(data, key, candidate)
+    return data
 
 
 def _merge(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:
