@@ -131,3 +131,19 @@ def test_auto_precision_is_mixed_on_cuda_and_float32_on_cpu():
     assert precision("auto", cuda=True) == ("float32", "bf16")
     assert precision("auto", cuda=False) == ("float32", "no")
     assert precision("bfloat16", cuda=True) == ("bfloat16", "no")
+
+
+def test_in_memory_data_trains_and_an_object_in_the_config_is_refused(tmp_path):
+    import datasets
+
+    from entangle.errors import ConfigError
+
+    rows = [{"prompt": f"Q{i}?", "chosen": " yes", "rejected": " no"} for i in range(8)]
+    run = build(cfg(tmp_path / "run", "train.max_steps=2"), train_data=datasets.Dataset.from_list(rows),
+                eval_data=rows[:2])
+    assert len(run.train_pairs) == 8 and len(run.eval_pairs) == 2
+    fit(run)
+    bad = cfg(tmp_path / "x")
+    bad.data.train = datasets.Dataset.from_list(rows)        # OmegaConf keeps str() of the object
+    with pytest.raises(ConfigError, match="holds the text of a Python object"):
+        build(bad)

@@ -22,11 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from entangle import __version__, losses, synthetic
 from entangle.checkpoint import hf_model, is_sharded, resolve_resume
-from entangle.config import reference_type, trust_region
-from entangle.data import read_examples, tokenize_pairs
+from entangle.config import reference_type, trust_region, validate
+from entangle.data import parse_pair, read_examples, tokenize_pairs
 from entangle.diagnostics.probe import EntanglementProbe
 from entangle.diagnostics.views import TokenMaskViews
-from entangle.errors import TrainingError
+from entangle.errors import DataError, TrainingError
 from entangle.hooks import HookContext, StepHook
 from entangle.logps import Policy
 from entangle.mitigations import PairwiseNormalizer, make_token_mask
@@ -80,9 +80,22 @@ class Run:
                            step_pairs or [], self.eval_pairs, self.train_pairs, self.is_main)
 
 
-def load_pairs(source: str, tokenizer, cfg: DictConfig, split: str, limit: int | None):
-    """Read, validate and tokenise one source (`cfg` is the `data` section) -> (pairs, stats dict)."""
-    if source.startswith("synthetic:"):
+def load_pairs(source, tokenizer, cfg: DictConfig, split: str, limit: int | None):
+    """Read, validate and tokenise one source (`cfg` is the `data` section) -> (pairs, stats dict). `source` is
+    what `data.train` accepts, or in-memory records (a `datasets.Dataset`, a list of dicts)."""
+    if not isinstance(source, str):
+        examples, skipped = [], 0
+        for i, rec in enumerate(source):
+            try:
+                examples.append(parse_pair(dict(rec), f"in-memory record {i + 1}", dict(cfg.columns)))
+            except DataError:
+                if not cfg.skip_bad:
+                    raise
+                skipped += 1
+            if limit and len(examples) >= limit:
+                break
+        source = "in-memory data"
+    elif source.startswith("synthetic:"):
         examples, skipped = synthetic.from_source(source), 0
         examples = examples[:limit] if limit else examples
     else:
@@ -262,10 +275,13 @@ def make_generation_eval(cfg: DictConfig, model, tokenizer, total_steps: int, ac
                           g.every, total_steps)
 
 
-def build(cfg: DictConfig, hooks: Sequence[StepHook] = ()) -> Run:
-    """Assemble the run `cfg` describes (its directory checked first); `hooks` join the configured ones."""
+def build(cfg: DictConfig, hooks: Sequence[StepHook] = (), train_data=None, eval_data=None) -> Run:
+    """Assemble the run `cfg` describes (its directory checked first); `hooks` join the configured ones.
+    `train_data` / `eval_data`: in-memory records (a `datasets.Dataset`, a list of dicts) instead of
+    `data.train` / `data.eval`."""
     from accelerate.utils import set_seed
 
+    validate(cfg)   # again: a config edited in Python after loading is checked like a loaded one
     tc, mc = cfg.train, cfg.model
     acc = make_accelerator(cfg)
     check_inputs(cfg)
@@ -281,11 +297,12 @@ def build(cfg: DictConfig, hooks: Sequence[StepHook] = ()) -> Run:
     lora = LoraSettings(**OmegaConf.to_container(mc.lora))
     dtype = precision(mc.dtype, acc.device.type == "cuda")[0]
     model, tokenizer = load_model(mc.name, dtype, str(acc.device), lora, mc.trust_remote_code, seed=tc.seed)
-    train_pairs, train_stats = load_pairs(cfg.data.train, tokenizer, cfg.data, cfg.data.split, cfg.data.max_train_examples)
+    train_pairs, train_stats = load_pairs(cfg.data.train if train_data is None else train_data, tokenizer, cfg.data,
+                                          cfg.data.split, cfg.data.max_train_examples)
     eval_pairs, eval_stats = [], None
-    if cfg.data.eval:
-        eval_pairs, eval_stats = load_pairs(cfg.data.eval, tokenizer, cfg.data, cfg.data.eval_split,
-                                            cfg.data.max_eval_examples)
+    if cfg.data.eval or eval_data is not None:
+        eval_pairs, eval_stats = load_pairs(cfg.data.eval if eval_data is None else eval_data, tokenizer, cfg.data,
+                                            cfg.data.eval_split, cfg.data.max_eval_examples)
     loss_fn = losses.get(cfg.loss.name, **OmegaConf.to_container(cfg.loss.params))
     refs = make_references(cfg, model, train_pairs, eval_pairs, tokenizer.pad_token_id, acc)
     global_batch = tc.batch_size * tc.grad_accum * acc.num_processes

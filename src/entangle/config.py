@@ -305,6 +305,12 @@ def validate(cfg: DictConfig) -> None:
         if t not in TRACKERS:
             raise ConfigError(f"config key 'tracking.report_to' has {t!r}; valid: {', '.join(TRACKERS)}")
     _check_ranges(cfg)
+    for key in INPUT_PATHS:
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, str) and "\n" in value:   # str() of an object assigned in Python (a Dataset, a model)
+            raise ConfigError(f"config key {key!r} holds the text of a Python object ({value.splitlines()[0][:40]}...); "
+                              "give a path or name, or pass in-memory data as entangle.build(cfg, train_data=..., "
+                              "eval_data=...)")
     if len(cfg.optimizer.betas) != 2:
         raise ConfigError("config key 'optimizer.betas' must be a pair like [0.9, 0.999]")
     try:
