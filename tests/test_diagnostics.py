@@ -116,6 +116,8 @@ def test_case_classification_agrees_with_a_small_sgd_step(tok):
 def run_cfg(out, *extra):
     return config.load(None, ["model.name=tiny", "model.dtype=float64",
                               "data.train=synthetic:sentiment?config=long&n=32", "data.max_length=96",
+                              "data.max_prompt_length=96",   # whole prompts, responses cut to fit (the pairs
+                                                             # these tests' tolerances were worked out on)
                               "train.batch_size=2", "train.grad_accum=2", "train.max_steps=2",
                               "optimizer.lr=1e-3", "tracking.progress=false", f"train.output_dir={out}",
                               "diagnostics.entanglement.every=1", *extra])

@@ -103,7 +103,8 @@ class Range:
 # Valid ranges by hyper-parameter name (a spec's own `ranges` override these). beta <= 0 would learn nothing
 # or prefer the rejected responses; label_smoothing >= 0.5 flips the labels (robust DPO divides by 1 - 2 eps).
 RANGES = {
-    "beta": Range(0.0), "label_smoothing": Range(0.0, 0.5, low_closed=True), "delta": Range(0.0),
+    "beta": Range(0.0), "label_smoothing": Range(0.0, 0.5, low_closed=True),
+    "delta": Range(-math.inf),   # SLiC's hinge margin: any real number (<= 0: pairs past a zero margin stop learning)
     "lam": Range(0.0, low_closed=True), "gamma_beta_ratio": Range(0.0, low_closed=True),
     "alpha": Range(0.0, low_closed=True), "discopop_tau": Range(0.0), "desirable_weight": Range(0.0),
     "undesirable_weight": Range(0.0),
