@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from entangle import __version__, losses, synthetic
+from entangle import losses, synthetic
 from entangle.checkpoint import hf_model, is_sharded, resolve_resume
 from entangle.config import reference_type, trust_region, validate
 from entangle.data import parse_pair, read_examples, tokenize_pairs
@@ -34,6 +34,7 @@ from entangle.models import LoraSettings, count_parameters, is_peft, load_model
 from entangle.reference import Reference, make_reference, precompute_reference
 from entangle.rundir import check_output_dir, git_sha, is_run, prepare_run_dir
 from entangle.step import StepParts
+from entangle.version import __version__
 
 log = logging.getLogger("entangle")
 

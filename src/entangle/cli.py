@@ -182,6 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config", nargs="?")
     c.add_argument("overrides", nargs="*")
     c.set_defaults(func=_config)
+    _study_parsers(sub)
+    r = sub.add_parser("report", help="HTML report (plots embedded) of run or study directories, overlaid")
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    r.add_argument("--out", help="output folder (default: RUN_DIR/report for one directory, else ./report)")
+    r.add_argument("--title")
+    r.set_defaults(func=_report)
+    _sampling_parsers(sub)
+    losses_p = sub.add_parser("losses", help="list the registered losses and their defaults")
+    losses_p.set_defaults(func=_losses)
+    return p
+
+
+def _study_parsers(sub) -> None:
+    """`entangle study NAME`: one subcommand per study."""
     st = sub.add_parser("study", help="the papers' experiments").add_subparsers(dest="study", required=True)
     tr = st.add_parser("trust-region", help="static vs soft vs hard reference on the same model and data")
     tr.add_argument("--model", default="tiny", help="tiny (default) | smollm2-135m | a folder or hub id")
@@ -246,11 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     oo.add_argument("--out", default="runs/overoptimization")
     oo.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     oo.set_defaults(func=_study_overoptimization)
-    r = sub.add_parser("report", help="HTML report (plots embedded) of run or study directories, overlaid")
-    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    r.add_argument("--out", help="output folder (default: RUN_DIR/report for one directory, else ./report)")
-    r.add_argument("--title")
-    r.set_defaults(func=_report)
+
+
+def _sampling_parsers(sub) -> None:
+    """`entangle generate`, `entangle eval`, `entangle label`."""
     g = sub.add_parser("generate", help="sample completions from a model or run (batched, KV cache, seeded)")
     _sampling_args(g)
     g.add_argument("--out", required=True, help="output JSONL, one row per sample")
@@ -271,9 +284,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Bradley-Terry temperature: P(a > b) = sigmoid((s_a - s_b) / T); 0: the higher score wins")
     la.add_argument("--out", required=True, help="output preference JSONL (prompt/chosen/rejected)")
     la.set_defaults(func=_label)
-    losses_p = sub.add_parser("losses", help="list the registered losses and their defaults")
-    losses_p.set_defaults(func=_losses)
-    return p
 
 
 def _split_config_arg(args) -> None:
