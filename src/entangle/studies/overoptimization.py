@@ -29,9 +29,11 @@ PRESETS = {
              "eval_prompts": "synthetic:sentiment?config=short&n=64&split=test&seed=0", "n_label": 256,
              "n_heldout": 32, "steps": 60, "lr": 1e-3, "batch": 16, "max_length": 96, "evals": 6, "n_eval": 32,
              "max_new_tokens": 8, "sft_steps": 40, "sft_lr": 3e-3},
+    # smollm2: lr 5e-5 so that 40 steps move the policy measurably (at 1e-5 the static run ended at a KL
+    # of 0.26 +- 0.17 nats from samples, indistinguishable from the SFT policy)
     "smollm2-135m": {"prompts": os.path.join(HH, "helpful-base.train.jsonl"),
                      "eval_prompts": os.path.join(HH, "helpful-base.test.jsonl"), "n_label": 192, "n_heldout": 32,
-                     "steps": 40, "lr": 1e-5, "batch": 4, "max_length": 224, "evals": 4, "n_eval": 32,
+                     "steps": 40, "lr": 5e-5, "batch": 4, "max_length": 224, "evals": 4, "n_eval": 32,
                      "max_new_tokens": 48},
 }
 DEFAULT_LOSSES = ("dpo", "ipo")
