@@ -198,3 +198,19 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
     assert proc.returncode == 2, proc.stderr[-800:]
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and message in err[0] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_kl_to_the_moved_reference(tmp_path, lora):
+    """A hard update (alpha 1) after the last step makes the reference the final policy: kl/reference is 0
+    (float64, up to the rounding between the sampling forward and a full forward), kl/initial is not."""
+    from entangle.api import evaluate
+
+    extra = ["model.lora.r=4"] if lora else []
+    train(config.load(None, ["model.name=tiny", "model.dtype=float64", "data.train=synthetic:sentiment?config=short&n=32",
+                             "data.max_length=64", "optimizer.lr=1e-2", "train.batch_size=4", "train.max_steps=4",
+                             "reference.type=hard", "reference.tau=2", "tracking.progress=false",
+                             f"train.output_dir={tmp_path / 'run'}", *extra]))
+    assert (tmp_path / "run" / "reference-final.safetensors").exists()
+    f = evaluate(str(tmp_path / "run"), PROMPTS, "vader", n=1, max_new_tokens=6, dtype="float64", progress=False)
+    assert f["kl/reference"] == pytest.approx(0.0, abs=1e-6) and f["kl/initial"] > 1e-3

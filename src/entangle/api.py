@@ -17,7 +17,8 @@ from entangle.errors import DataError
 from entangle.evaluation import check_scorer_spec, get_scorer, write_evaluation
 from entangle.evaluation import evaluate as evaluate_policy
 from entangle.generation import generate as generate_rows
-from entangle.generation import load_initial, load_policy, load_prompts, resolve, write_samples
+from entangle.generation import (load_initial, load_moving_reference, load_policy, load_prompts, resolve,
+                                 write_samples)
 
 
 def _device(device: str) -> str:
@@ -76,7 +77,9 @@ def evaluate(model: str, prompts: str | list | None, scorer: str = "vader", out:
     policy = load_policy(model, dtype, dev)
     start = load_policy(initial, dtype, dev) if initial else load_initial(policy, dtype, dev)
     base = load_policy(baseline, dtype, dev) if baseline else None
-    figures, rows = evaluate_policy(policy, texts, get_scorer(scorer, dev, template), start, base, reused, **settings)
+    moving = load_moving_reference(model, policy)   # a trust-region run: KL to where its reference ended too
+    figures, rows = evaluate_policy(policy, texts, get_scorer(scorer, dev, template), start, base, reused, moving,
+                                    **settings)
     meta = {"model": model, "initial": start.source, "baseline": baseline or start.source, "scorer": scorer,
             "prompts": prompts if isinstance(prompts, str) else None, "samples_file": samples,
             "settings": settings}

@@ -110,7 +110,7 @@ def _eval(args) -> int:
     figures = evaluate(args.model, args.prompts, args.scorer, out=args.out, baseline=args.baseline,
                        initial=args.initial, samples=args.samples, limit=args.limit, split=args.split,
                        device=args.device, dtype=args.dtype, judge_template=args.judge_template, **_gen_settings(args))
-    for k in ("gold/mean", "kl/initial", "win_rate", "length/mean"):
+    for k in ("gold/mean", "kl/initial", "kl/reference", "win_rate", "length/mean"):
         if figures.get(k) is not None:
             print(f"{k:12} {figures[k]:10.4f} +- {figures[k + '_se']:.4f}  (n={figures[k + '_n']})")
     print(f"distinct_2   {figures['distinct_2']:10.4f}\nevaluation: {args.out}/eval.json, samples: {args.out}/samples.jsonl")

@@ -190,6 +190,8 @@ def summarise(samples: Sequence[dict]) -> dict:
         _figure(out, "gold/mean", [s["score"] for s in samples])
     if samples and "logp_initial" in samples[0]:
         _figure(out, "kl/initial", [s["logp"] - s["logp_initial"] for s in samples])
+    if samples and "logp_reference" in samples[0]:
+        _figure(out, "kl/reference", [s["logp"] - s["logp_reference"] for s in samples])
     if samples and "win" in samples[0]:
         _figure(out, "win_rate", [s["win"] for s in samples])
     _figure(out, "length/mean", [s["tokens"] for s in samples])
@@ -246,10 +248,12 @@ def baseline_samples(model, tokenizer, prompts: Sequence, gen: dict) -> list[dic
 
 
 def evaluate(policy: LoadedPolicy, prompts: Sequence, scorer: Scorer, initial: LoadedPolicy | None = None,
-             baseline: LoadedPolicy | None = None, samples: list[dict] | None = None, **gen) -> tuple[dict, list[dict]]:
+             baseline: LoadedPolicy | None = None, samples: list[dict] | None = None, reference=None,
+             **gen) -> tuple[dict, list[dict]]:
     """Sample (or reuse `samples`), score, and compare with the initial policy -> (figures, samples).
 
     `baseline` (default: the initial policy) is sampled with the same settings and seed for the win rate.
+    `reference`: a run's moved trust-region reference (`generation.load_moving_reference`): adds `kl/reference`.
     `gen`: n, max_new_tokens, temperature, top_p, seed, batch_size, max_prompt_length, progress."""
     pad = policy.tokenizer.pad_token_id
     if samples is None:
@@ -263,6 +267,9 @@ def evaluate(policy: LoadedPolicy, prompts: Sequence, scorer: Scorer, initial: L
         completion_logps(initial.model, samples, pad, gen.get("batch_size", 8)).tolist()
     for s, lp in zip(samples, init_logps):
         s["logp_initial"] = lp
+    if reference is not None:
+        for s, lp in zip(samples, completion_logps(reference, samples, pad, gen.get("batch_size", 8)).tolist()):
+            s["logp_reference"] = lp
     baseline = baseline or initial
     if baseline.model is policy.model:   # the same model, seed and batches: the same samples
         base_rows = [{k: s[k] for k in ("prompt", "completion", "tokens")} for s in samples]

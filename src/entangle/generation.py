@@ -22,11 +22,12 @@ from omegaconf import OmegaConf
 
 from entangle import synthetic
 from entangle.checkpoint import load_weights
-from entangle.config import load_saved
+from entangle.config import load_saved, trust_region
 from entangle.data import Batch, Text, encode_prompt, pad_sequences, read_prompts
 from entangle.errors import DataError, ModelError
 from entangle.logps import sequence_logps
 from entangle.models import LoraSettings, load_model
+from entangle.reference import Reference, TrustRegionReference
 
 
 @dataclass
@@ -68,6 +69,28 @@ def load_policy(spec: str, dtype: str = "auto", device: str = "cpu", trust_remot
     model, tok = load_model(mc.name, dtype, device, lora, mc.trust_remote_code, seed=cfg.train.seed)
     load_weights(model, folder)
     return LoadedPolicy(model.eval(), tok, spec, mc.name, cfg.train.seed, lora.r > 0)
+
+
+def load_moving_reference(spec: str, policy: "LoadedPolicy"):
+    """The trust-region reference where a run (its final state) or a checkpoint left it, or None when the
+    run's reference never moved. Rebuilt exactly: full weights, or the LoRA base plus its dense deltas."""
+    from safetensors import safe_open
+
+    kind, run_dir, folder = resolve(spec)
+    if kind == "model":
+        return None
+    path = os.path.join(run_dir, "reference-final.safetensors") if kind == "run" else \
+        os.path.join(spec, "reference.safetensors")
+    if not os.path.exists(path):
+        return None
+    cfg = load_saved(run_dir)
+    alpha, tau = trust_region(cfg)
+    with safe_open(path, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata() or {}
+    ref = TrustRegionReference(policy.model, alpha, tau)
+    ref.load_state_tensors(tensors, int(meta.get("ref_updates", 0)))
+    return ref
 
 
 def load_initial(policy: LoadedPolicy, dtype: str = "auto", device: str = "cpu") -> LoadedPolicy:
@@ -166,7 +189,11 @@ def _token_logps(logits: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.
 def completion_logps(model, rows: Sequence[dict], pad_id: int, batch_size: int = 8) -> torch.Tensor:
     """log pi(completion | prompt) of each row (`prompt_ids`, `completion_ids`) under `model`: [len(rows)],
     float64 on the CPU, from right-padded forwards of rows of similar length. An empty completion has
-    log-probability 0."""
+    log-probability 0. `model` may also be a `reference.Reference` (its `logps` of each batch)."""
+    if isinstance(model, Reference):
+        reference, model = model, model.model
+    else:
+        reference = None
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda k: -(len(rows[k]["prompt_ids"]) + len(rows[k]["completion_ids"])))
     out = torch.zeros(len(rows), dtype=torch.float64)
@@ -174,7 +201,8 @@ def completion_logps(model, rows: Sequence[dict], pad_id: int, batch_size: int =
         chunk = order[b : b + batch_size]
         ids, attn, resp = pad_sequences([(rows[k]["prompt_ids"], rows[k]["completion_ids"]) for k in chunk], pad_id)
         batch = Batch(ids, attn, resp, torch.arange(len(chunk))).to(device)
-        out[chunk] = sequence_logps(model, batch, pack=False).logps.double().cpu()
+        lp = reference.logps(batch) if reference is not None else sequence_logps(model, batch, pack=False).logps
+        out[chunk] = lp.double().cpu()
     return out
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
 
 from entangle import data
 from entangle.build import Run, build
@@ -30,6 +31,7 @@ from entangle.rundir import JsonlLog
 from entangle.step import eval_batch, train_step
 
 log = logging.getLogger("entangle")
+FINAL_REFERENCE = "reference-final.safetensors"   # beside final/: the moving reference where training ended
 
 
 @dataclass
@@ -223,8 +225,12 @@ def finish(run: Run, status: str, reason: str | None, last: dict, last_eval: dic
     acc, run_dir = run.accelerator, run.cfg.train.output_dir
     if status == "finished":
         save_weights(acc, run.policy, os.path.join(run_dir, "final"))
+        ref_state, ref_tensors = run.reference.state()
         if run.is_main:
             run.tokenizer.save_pretrained(os.path.join(run_dir, "final"))
+            if ref_tensors:   # a moving reference's final state: `entangle eval` reports kl/reference with it
+                save_file({k: v.contiguous() for k, v in ref_tensors.items()},
+                          os.path.join(run_dir, FINAL_REFERENCE), metadata={k: str(v) for k, v in ref_state.items()})
         for h in run.hooks:
             h.on_fit_end(run.context(last.get("step", start_step)))
     summary = {"status": status, "stop_reason": reason, "steps": last.get("step", start_step),
