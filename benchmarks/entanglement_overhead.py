@@ -18,7 +18,7 @@ import time
 
 from entangle import config
 from entangle.checkpoint import hf_model
-from entangle.data import collate_pairs
+from entangle.batching import collate_pairs
 from entangle.diagnostics.probe import EntanglementProbe
 from entangle.step import train_step
 

@@ -155,9 +155,9 @@ def run_entangle(model: str, pairs: list[dict], a) -> dict:
 
 def sequential(cfg) -> None:
     """Both trainers take the pairs in file order: entangle's seeded permutation is replaced here."""
-    import entangle.data as data
+    import entangle.batching as batching
 
-    data.batch_indices = lambda n, step, global_batch, seed: list(range(step * global_batch,
+    batching.batch_indices = lambda n, step, global_batch, seed: list(range(step * global_batch,
                                                                         (step + 1) * global_batch))
 
 

@@ -75,14 +75,14 @@ def mask_cfg(out, *extra):
 def test_the_masked_margin_is_the_weighted_token_sum_with_the_same_weights_on_the_reference():
     """At step 0 every weight is mask_init = 0.9, so the masked sums are 0.9 x the plain sums and the
     DPO logit is 0.9 x the unmasked one; the loss adds mask_l1 x the mean weight (0.9)."""
-    from entangle import data, losses, models, reference, synthetic
+    from entangle import batching, data, losses, models, reference, synthetic
     from entangle.logps import Policy, sequence_logps
     from entangle.mitigations import TokenMask
     from entangle.step import pair_forward
 
     model, tok = models.load_model("tiny", dtype="float64")
     pairs, _ = data.tokenize_pairs(synthetic.from_source("synthetic:sentiment?config=short&n=3"), tok, 256)
-    batch = data.collate_pairs(pairs, tok.pad_token_id)
+    batch = batching.collate_pairs(pairs, tok.pad_token_id)
     assert batch.n_rows == 6
     policy = Policy(model, TokenMask(model.config.hidden_size, 0.9).double())
     out = sequence_logps(policy, batch, token_level=True)

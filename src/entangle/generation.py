@@ -23,7 +23,8 @@ from omegaconf import OmegaConf
 from entangle import synthetic
 from entangle.checkpoint import load_weights
 from entangle.config import load_saved, trust_region
-from entangle.data import Batch, Text, encode_prompt, pad_sequences, read_prompts
+from entangle.data import Text, encode_prompt, read_prompts
+from entangle.batching import Batch, pad_sequences
 from entangle.errors import DataError, ModelError
 from entangle.logps import sequence_logps
 from entangle.models import LoraSettings, load_model

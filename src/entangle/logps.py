@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from entangle.data import Batch
+from entangle.batching import Batch
 from entangle.errors import ModelError
 from entangle.models import is_peft
 

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from entangle import data
+from entangle import batching
 from entangle.build import Run, build
 from entangle.checkpoint import (hf_model, list_checkpoints, load_checkpoint, load_extra, save_checkpoint,
                                  save_weights, write_json)
@@ -78,9 +78,9 @@ def fit(run: Run, callbacks: Sequence[Callable[[dict, StopFlag], None]] = ()) ->
         for step in range(start_step + 1, run.total_steps + 1):
             t_step = time.time()
             # 1. This step's pairs: a seeded permutation per epoch; this process's share, in micro-batches.
-            idx = data.batch_indices(len(run.train_pairs), step - 1, run.global_batch, tc.seed)
-            mine = data.process_share(idx, acc.process_index, tc.batch_size * tc.grad_accum)
-            micro = data.micro_batches(run.train_pairs, mine, tc.batch_size, run.tokenizer.pad_token_id,
+            idx = batching.batch_indices(len(run.train_pairs), step - 1, run.global_batch, tc.seed)
+            mine = batching.process_share(idx, acc.process_index, tc.batch_size * tc.grad_accum)
+            micro = batching.micro_batches(run.train_pairs, mine, tc.batch_size, run.tokenizer.pad_token_id,
                                        tc.prefix_sharing, acc.device)
             if tc.activation_checkpointing:  # hooks that read activations off the forward: no recompute
                 set_activation_checkpointing(hf_model(acc, run.policy),
@@ -155,7 +155,7 @@ def evaluate(run: Run, step: int) -> dict:
         chunk = mine[s : s + tc.eval_batch_size]
         # A process out of pairs still runs a batch (sharded forwards gather across processes) and adds
         # zeros, so that every process reduces the same metrics.
-        batch = data.collate_pairs(chunk or pairs[:1], run.tokenizer.pad_token_id, tc.prefix_sharing).to(acc.device)
+        batch = batching.collate_pairs(chunk or pairs[:1], run.tokenizer.pad_token_id, tc.prefix_sharing).to(acc.device)
         m = eval_batch(run.policy, run.loss_fn, run.eval_reference, batch, run.eval_initial, run.mask_l1)
         total.update(m if chunk else m.zeros_like())
     run.policy.train()

@@ -26,7 +26,7 @@ import math
 import torch
 
 from entangle import losses
-from entangle.data import Batch
+from entangle.batching import Batch
 from entangle.diagnostics.brute import row_gradients
 from entangle.diagnostics.ghost import wide
 from entangle.diagnostics.recording import RowRecording

@@ -18,7 +18,8 @@ from typing import Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from entangle.data import Batch, TokenizedPair, collate_pairs
+from entangle.data import TokenizedPair
+from entangle.batching import Batch, collate_pairs
 from entangle.errors import ConfigError
 from entangle.logps import Policy, sequence_logps
 from entangle.models import cache_dir, is_peft

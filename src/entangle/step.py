@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from entangle.data import Batch
+from entangle.batching import Batch
 from entangle.hooks import StepHook
 from entangle.logps import PairLogps, sequence_logps
 from entangle.losses import Loss

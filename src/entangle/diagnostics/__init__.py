@@ -14,7 +14,8 @@ import logging
 
 import torch
 
-from entangle.data import TokenizedPair, collate_pairs
+from entangle.data import TokenizedPair
+from entangle.batching import collate_pairs
 from entangle.diagnostics.brute import brute_force_stats
 from entangle.diagnostics.ghost import GradientRecorder, Unsupported, row_layout
 from entangle.logps import sequence_logps

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from entangle.data import Batch
+from entangle.batching import Batch
 from entangle.logps import sequence_logps
 
 

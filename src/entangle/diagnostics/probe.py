@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from entangle import losses
-from entangle.data import Batch
+from entangle.batching import Batch
 from entangle.diagnostics import brute_force_stats, classify, predicted_changes, with_cos
 from entangle.diagnostics.ghost import wide
 from entangle.diagnostics.recording import RowRecording

@@ -12,7 +12,8 @@ import os
 import torch
 
 from entangle.checkpoint import write_json
-from entangle.data import TokenizedPair, collate_pairs
+from entangle.data import TokenizedPair
+from entangle.batching import collate_pairs
 from entangle.hooks import HookContext, StepHook
 from entangle.logps import Policy, sequence_logps
 

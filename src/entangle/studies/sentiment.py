@@ -223,7 +223,7 @@ def _heldout_token_logps(model_path: str, stamp: float, source: str, split: str,
     import torch
 
     from entangle import config
-    from entangle.data import collate_pairs
+    from entangle.batching import collate_pairs
     from entangle.logps import sequence_logps
     from entangle.build import load_pairs
     from entangle.models import load_model
