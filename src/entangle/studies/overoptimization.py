@@ -126,8 +126,9 @@ def curve(rows: list[dict]) -> list[dict]:
     held-out chosen/rejected log-probs, and the entanglement case fractions logged nearest before it."""
     out, cases = [], {}
     for r in rows:
-        if "entanglement/case1" in r:
-            cases = {f"case{c}": r[f"entanglement/case{c}"] for c in (1, 2, 3)}
+        if "entanglement/case1" in r:   # predicted for a plain gradient step, and along the optimiser's update
+            cases = {f"{kind}case{c}": r[f"entanglement/{kind}case{c}"] for c in (1, 2, 3) for kind in ("", "step_")
+                     if f"entanglement/{kind}case{c}" in r}
         if "eval/kl/initial" not in r:
             continue
         point = {"step": r["step"]}
@@ -174,7 +175,7 @@ def frontier_gap(static: list[dict], moving: list[dict]) -> dict:
 
 def format_table(summary: dict) -> str:
     lines = [f"{'run':12} {'step':>5} {'sqrt KL':>8} {'gold':>15} {'win vs SFT':>11} {'length':>7} "
-             f"{'chosen logp':>12} {'case2':>6}"]
+             f"{'chosen logp':>12} {'rejected':>9} {'case2 (AdamW step)':>18}"]
     for key, pts in summary["points"].items():
         for p in pts:
             def f(v, spec):
@@ -182,7 +183,7 @@ def format_table(summary: dict) -> str:
             gold = f"{f(p['gold/mean'], '.3f')} +- {f(p['gold/mean_se'], '.3f')}"
             lines.append(f"{key:12} {p['step']:5d} {f(max(p['kl/initial'], 0) ** 0.5, '8.3f')} {gold:>15} "
                          f"{f(p['win_rate'], '11.2f')} {f(p['length/mean'], '7.1f')} {f(p['logps/chosen'], '12.2f')} "
-                         f"{f(p.get('case2'), '6.2f')}")
+                         f"{f(p['logps/rejected'], '9.2f')} {f(p.get('step_case2'), '18.2f')}")
     lines.append("")
     for loss, v in summary["verdicts"].items():
         for name, r in v.items():
