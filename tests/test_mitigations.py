@@ -121,7 +121,7 @@ def test_masks_are_learned_bounded_and_saved(tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["reference.type=precomputed"], "reference.type=precomputed keeps sequence sums"),
-    (["loss.mask_init=1.0"], "loss.mask_init must be in (0, 1)"),
+    (["loss.mask_init=1.0"], "'loss.mask_init' must be in (0, 1)"),
     (["loss.token_mask=dense"], "'loss.token_mask' is 'dense'; valid: none, sparse"),
 ])
 def test_bad_mask_settings_are_refused_with_one_line(tmp_path, extra, message):
