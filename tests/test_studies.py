@@ -180,7 +180,8 @@ def test_overoptimization_study_on_tiny_reads_real_evaluations_and_reuses_runs(t
     summary = oo.run(str(out), **kw)
     assert set(summary["points"]) == {"dpo-static", "dpo-soft", "dpo-hard"}
     static = summary["points"]["dpo-static"]
-    assert [p["step"] for p in static] == [0, 2, 4] and static[0]["kl/initial"] == 0.0
+    # step 0 is the SFT policy: KL 0 up to float32 rounding between the sampling forward and a full forward
+    assert [p["step"] for p in static] == [0, 2, 4] and abs(static[0]["kl/initial"]) < 1e-4
     assert static[0]["gold/mean"] == summary["points"]["dpo-hard"][0]["gold/mean"]   # all start at the SFT policy
     prefs = [json.loads(x) for x in (out / "preferences.jsonl").read_text().splitlines()]
     assert prefs and {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"} <= set(prefs[0])
