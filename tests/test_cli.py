@@ -24,6 +24,7 @@ def test_losses_lists_the_registry():
     assert "dpo (alias sigmoid): reference=yes" in out and "simpo: reference=no, length-normalised=yes" in out
 
 
+@pytest.mark.slow   # one process start each (~2 s of imports)
 @pytest.mark.parametrize("args, message", [
     (["train", "train.batchsize=3"], "did you mean 'train.batch_size'"),
     (["train", "configs/nope.yaml"], "no such config file"),
@@ -37,6 +38,7 @@ def test_config_errors_are_one_line(args, message):
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow   # a process start
 def test_bad_data_names_file_line_and_field(tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"},
                                                   {"prompt": "a", "chosen": "b"}])
@@ -68,6 +70,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
     assert [r["step"] for r in lines][-3:] == [step, step + 1, step + 2]
 
 
+@pytest.mark.slow   # a process start
 def test_missing_tracker_package_is_an_install_hint(tmp_path):
     import importlib.util
 
