@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from entangle import losses, synthetic
 from entangle.checkpoint import hf_model, is_sharded, resolve_resume
 from entangle.config import reference_type, trust_region, validate
-from entangle.data import parse_pair, read_examples, tokenize_pairs
+from entangle.data import missing_file, parse_pair, read_examples, tokenize_pairs
 from entangle.diagnostics.probe import EntanglementProbe
 from entangle.diagnostics.views import TokenMaskViews
 from entangle.errors import DataError, TrainingError
@@ -116,8 +116,7 @@ def check_inputs(cfg: DictConfig) -> None:
     """Input files exist, before any model loads (hub ids and `synthetic:` sources pass through)."""
     for key in ("data.train", "data.eval", "eval.generate.prompts"):
         source = OmegaConf.select(cfg, key)
-        if source and not source.startswith("synthetic:") and not os.path.exists(source) and \
-                (source.endswith((".jsonl", ".json", ".parquet", ".gz")) or source.startswith((".", "/"))):
+        if source and missing_file(source):
             raise TrainingError(f"{key}={source}: no such file or folder")
 
 

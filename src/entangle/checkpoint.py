@@ -161,7 +161,7 @@ def _save_checkpoint(run_dir: str, step: int, accelerator, model, optimizer, sch
             torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         for name, tensors in (extra_tensors or {}).items():
-            save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(tmp, f"{name}.safetensors"))
+            save_tensors(os.path.join(tmp, f"{name}.safetensors"), tensors)
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump(trainer_state, f, indent=1)
     accelerator.wait_for_everyone()
@@ -201,6 +201,12 @@ def load_checkpoint(folder: str, accelerator, model, optimizer, scheduler) -> di
         set_rng_state(_rng_from_saved(torch.load(rng_file, weights_only=True)))
     with open(os.path.join(folder, "trainer_state.json")) as f:
         return json.load(f)
+
+
+def save_tensors(path: str, tensors: dict, metadata: dict | None = None) -> None:
+    """A safetensors file of named tensors (state beside the weights: a reference, ...)."""
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path,
+              metadata=None if metadata is None else {k: str(v) for k, v in metadata.items()})
 
 
 def load_extra(folder: str, name: str) -> dict | None:

@@ -62,6 +62,13 @@ DEFAULT_COLUMNS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected
 # ------------------------------------------------------------------------------------ reading
 
 
+def missing_file(source: str) -> bool:
+    """A source that names a local file or folder (a data-file extension, or a path) that does not exist;
+    hub ids and `synthetic:` sources are not files."""
+    return (not source.startswith("synthetic:") and not os.path.exists(source)
+            and (source.endswith((".jsonl", ".json", ".parquet", ".gz")) or source.startswith((".", "/"))))
+
+
 def iter_records(source: str, split: str = "train") -> Iterator[tuple[str, Any]]:
     """Yield `(where, record)` from a JSONL/JSON/Parquet file, a `datasets` folder or a hub id."""
     if os.path.isfile(source):

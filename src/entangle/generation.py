@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from entangle import synthetic
 from entangle.checkpoint import load_weights
 from entangle.config import load_saved, trust_region
-from entangle.data import Text, encode_prompt, read_prompts
+from entangle.data import Text, encode_prompt, missing_file, read_prompts
 from entangle.batching import Batch, pad_sequences
 from entangle.errors import DataError, ModelError
 from entangle.logps import sequence_logps
@@ -107,7 +107,7 @@ def load_prompts(source: str, split: str = "train", limit: int | None = None, co
     if source.startswith("synthetic:"):
         prompts = [ex.prompt for ex in synthetic.from_source(source)]
         return prompts[:limit] if limit else prompts
-    if not os.path.exists(source) and source.endswith((".jsonl", ".json", ".parquet", ".gz")):
+    if missing_file(source):
         raise DataError(f"{source}: no such file")
     return read_prompts(source, columns, split, limit)
 

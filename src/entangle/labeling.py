@@ -14,6 +14,7 @@ import math
 import random
 from typing import Sequence
 
+from entangle.errors import ConfigError
 from entangle.evaluation import Scorer
 from entangle.generation import LoadedPolicy, generate, write_samples
 
@@ -31,7 +32,7 @@ def label_pairs(policy: LoadedPolicy, prompts: Sequence, scorer: Scorer, noise: 
     `{prompt, chosen, rejected, score_chosen, score_rejected, p_chosen}` (p_chosen: the model's probability
     of the label that was drawn)."""
     if scorer.pairwise:
-        raise ValueError("labelling needs a pointwise gold scorer (vader, rm:, python:), not a judge")
+        raise ConfigError("labelling needs a pointwise gold scorer (vader, rm:, python:), not a judge")
     samples = generate(policy.model, policy.tokenizer, prompts, **{**gen, "n": 2, "seed": seed}, logps=False)
     scores = scorer.score([s["prompt"] for s in samples], [s["completion"] for s in samples])
     rng = random.Random(seed)

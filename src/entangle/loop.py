@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
 
 from entangle import batching
 from entangle.build import Run, build
 from entangle.checkpoint import (hf_model, list_checkpoints, load_checkpoint, load_extra, save_checkpoint,
-                                 save_weights, write_json)
+                                 save_tensors, save_weights, write_json)
 from entangle.errors import TrainingError
 from entangle.metrics import Metrics
 from entangle.models import set_activation_checkpointing
@@ -229,8 +228,7 @@ def finish(run: Run, status: str, reason: str | None, last: dict, last_eval: dic
         if run.is_main:
             run.tokenizer.save_pretrained(os.path.join(run_dir, "final"))
             if ref_tensors:   # a moving reference's final state: `entangle eval` reports kl/reference with it
-                save_file({k: v.contiguous() for k, v in ref_tensors.items()},
-                          os.path.join(run_dir, FINAL_REFERENCE), metadata={k: str(v) for k, v in ref_state.items()})
+                save_tensors(os.path.join(run_dir, FINAL_REFERENCE), ref_tensors, ref_state)
         for h in run.hooks:
             h.on_fit_end(run.context(last.get("step", start_step)))
     summary = {"status": status, "stop_reason": reason, "steps": last.get("step", start_step),

@@ -41,13 +41,10 @@ def _status(run_dir: str) -> str | None:
         return None
 
 
-saved_config = config.load_saved
-
-
 def same_settings(run_dir: str, cfg) -> bool:
     """True when the config saved in `run_dir` computes the same thing as `cfg`."""
     try:
-        saved = OmegaConf.to_container(saved_config(run_dir), resolve=True)
+        saved = OmegaConf.to_container(config.load_saved(run_dir), resolve=True)
     except (OSError, ValueError, OmegaConfBaseException):
         return False
     return _settings(saved) == _settings(cfg)

@@ -17,7 +17,8 @@ import os
 from statistics import mean
 
 from entangle import synthetic
-from entangle.studies import run_once, saved_config, write_summary
+from entangle.config import load_saved
+from entangle.studies import run_once, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ def token_changes(start_model: str, run_dir: str) -> dict:
     """Where the held-out log-probs of `run_dir` (its eval pairs) moved from `start_model`: each
     response's change split into the tokens where chosen and rejected differ (the sentiment word) and
     the tokens they share (suffix, EOS); means over pairs."""
-    d = saved_config(run_dir).data
+    d = load_saved(run_dir).data
     key = (d.eval, d.eval_split, d.max_eval_examples, d.max_length, d.max_prompt_length)
     pairs, batch, start = _heldout_token_logps(start_model, _stamp(start_model), *key)
     end_model = os.path.join(run_dir, "final")
