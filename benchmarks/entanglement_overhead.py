@@ -18,7 +18,7 @@ import time
 
 from entangle import config
 from entangle.checkpoint import hf_model
-from entangle.batching import collate_pairs
+from entangle.batching import collate
 from entangle.diagnostics.probe import EntanglementProbe
 from entangle.step import train_step
 
@@ -39,7 +39,7 @@ def build_parts(model_name: str, lora: bool, data: str, batch: int, max_length: 
               "fast+": EntanglementProbe(lm, 1, method="fast"),
               "exact": EntanglementProbe(lm, 1, method="exact", update=False, batch_mean=False)}
     pairs = run.train_pairs
-    batches = [collate_pairs(pairs[i : i + batch], run.tokenizer.pad_token_id)
+    batches = [collate(pairs[i : i + batch], run.tokenizer.pad_token_id)
                for i in range(0, len(pairs) - batch + 1, batch)]
     return run.step_parts, probes, batches
 

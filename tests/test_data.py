@@ -148,13 +148,13 @@ def test_unpaired_rows_for_kto(tmp_path, tok):
         data.read_examples(p, unpaired=True)
     ex, skipped = data.read_examples(p, unpaired=True, skip_bad=True)
     items, _ = data.tokenize_unpaired(ex, tok)
-    batch = batching.collate_unpaired(items * 2, tok.pad_token_id)
+    batch = batching.collate(items * 2, tok.pad_token_id)
     assert batch.n_rows == 4 and batch.extra["labels"].tolist() == [True, True]
 
 
 def test_collate_layout(tok):
     pairs = [data.TokenizedPair([1, 2], [3, 4, 5], [6], 0), data.TokenizedPair([7], [8], [9, 10], 1)]
-    b = batching.collate_pairs(pairs, pad_id=0)
+    b = batching.collate(pairs, pad_id=0)
     assert b.input_ids.tolist() == [[1, 2, 3, 4, 5], [7, 8, 0, 0, 0], [1, 2, 6, 0, 0], [7, 9, 10, 0, 0]]
     assert b.response_mask.sum(1).tolist() == [3, 1, 1, 2]
     assert b.attention_mask.sum(1).tolist() == [5, 2, 3, 3]

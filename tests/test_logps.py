@@ -12,7 +12,7 @@ from entangle.logps import naive_logps, sequence_logps
 def batch_of(tok, texts):
     exs = [data.PreferenceExample(p, c, r) for p, c, r in texts]
     pairs, _ = data.tokenize_pairs(exs, tok)
-    return batching.collate_pairs(pairs, tok.pad_token_id)
+    return batching.collate(pairs, tok.pad_token_id)
 
 
 TEXTS = [("Statement: it rained.\nSentiment:", " Negative.", " Positive sentiment."),
@@ -63,7 +63,7 @@ def test_smollm2_response_only_equals_naive():
                                   [{"role": "assistant", "content": "Lyon, I think."}]),
            data.PreferenceExample("\n\nHuman: Say hi.\n\nAssistant:", " Hi!", " No.")]
     pairs, _ = data.tokenize_pairs(exs, tok)
-    batch = batching.collate_pairs(pairs, tok.pad_token_id)
+    batch = batching.collate(pairs, tok.pad_token_id)
     with torch.no_grad():
         out = sequence_logps(model, batch)
         ref = naive_logps(model, batch)
@@ -83,7 +83,7 @@ def test_prefix_shared_rows_equal_the_concatenated_batch(tok, arch, lora, dtype,
     model, _ = models.load_model(arch, dtype=dtype, lora=lora_cfg, tokenizer=tok)
     exs = [data.PreferenceExample(p, c, r) for p, c, r in TEXTS]
     pairs, _ = data.tokenize_pairs(exs, tok)
-    batch = batching.collate_pairs(pairs, tok.pad_token_id, pack=True)
+    batch = batching.collate(pairs, tok.pad_token_id, pack=True)
     packed = batch.extra["packed"]
     assert packed.input_ids.shape[1] < 2 * batch.input_ids.shape[1]   # the prompt runs once
     one = sequence_logps(model, batch)
@@ -107,7 +107,7 @@ def test_unknown_architectures_fall_back_to_the_concatenated_batch_and_say_so(to
     model.config.model_type = "an-unknown-architecture"
     exs = [data.PreferenceExample(p, c, r) for p, c, r in TEXTS]
     pairs, _ = data.tokenize_pairs(exs, tok)
-    batch = batching.collate_pairs(pairs, tok.pad_token_id, pack=True)
+    batch = batching.collate(pairs, tok.pad_token_id, pack=True)
     with caplog.at_level(logging.INFO):
         assert not logps_module.can_pack(model)
         out = sequence_logps(model, batch)

@@ -197,9 +197,13 @@ def test_kto_closed_form_and_coefficients():
     fn = losses.get("kto", beta=0.1)
     policy, ref = t([-4.0, -7.0]), t([-5.0, -5.0])
     kl_p, kl_r = t([-3.0, -6.0]), t([-3.5, -6.5])
-    got = fn(policy, ref, [True, False], kl_p, kl_r)
+    z0 = fn.reference_point((kl_p - kl_r).sum(), 2)
+    assert float(z0) == 0.5 and float(fn.reference_point(t([-3.0]).sum(), 2)) == 0.0   # clamped at 0
+    got = fn(policy, ref, [True, False], z0)
     torch.testing.assert_close(got, t([1 - sig(0.05), 1 - sig(0.25)]))
-    d = losses.unpaired_coefficients(fn, policy, ref, [True, False], kl_p, kl_r)
+    weighted = losses.get("kto", beta=0.1, desirable_weight=2.0, undesirable_weight=0.5)(policy, ref, [True, False], z0)
+    torch.testing.assert_close(weighted, t([2 * (1 - sig(0.05)), 0.5 * (1 - sig(0.25))]))
+    d = losses.unpaired_coefficients(fn, policy, ref, [True, False], z0)
     assert d[0] > 0 and d[1] < 0  # desirable pushed up, undesirable down
     torch.testing.assert_close(d, t([0.1 * sig(0.05) * (1 - sig(0.05)), -0.1 * sig(0.25) * (1 - sig(0.25))]))
 

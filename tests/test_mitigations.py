@@ -82,7 +82,7 @@ def test_the_masked_margin_is_the_weighted_token_sum_with_the_same_weights_on_th
 
     model, tok = models.load_model("tiny", dtype="float64")
     pairs, _ = data.tokenize_pairs(synthetic.from_source("synthetic:sentiment?config=short&n=3"), tok, 256)
-    batch = batching.collate_pairs(pairs, tok.pad_token_id)
+    batch = batching.collate(pairs, tok.pad_token_id)
     assert batch.n_rows == 6
     policy = Policy(model, TokenMask(model.config.hidden_size, 0.9).double())
     out = sequence_logps(policy, batch, token_level=True)

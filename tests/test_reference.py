@@ -15,7 +15,7 @@ def pairs_for(tok, max_length=None):
 def test_frozen_reference_does_not_move_with_the_policy(tok):
     model, _ = models.load_model("tiny", tokenizer=tok)
     ref = reference.make_reference("frozen", model)
-    batch = batching.collate_pairs(pairs_for(tok), tok.pad_token_id)
+    batch = batching.collate(pairs_for(tok), tok.pad_token_id)
     before = ref.logps(batch)
     with torch.no_grad():
         for p in model.parameters():
@@ -28,7 +28,7 @@ def test_lora_reference_is_the_base_model_without_a_copy(tok):
     model, _ = models.load_model("tiny", tokenizer=tok, lora=models.LoraSettings(r=4))
     ref = reference.make_reference("frozen", model)
     assert ref.model is model  # no second copy in memory
-    batch = batching.collate_pairs(pairs_for(tok), tok.pad_token_id)
+    batch = batching.collate(pairs_for(tok), tok.pad_token_id)
     base = ref.logps(batch)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -46,7 +46,7 @@ def test_precomputed_cache_is_reused_and_invalidated_by_tokenisation(tok, monkey
     pairs = pairs_for(tok)
     r1 = reference.precompute_reference(model, pairs, tok.pad_token_id, batch_size=2)
     assert os.path.exists(r1.path)
-    batch = batching.collate_pairs(pairs[1:3], tok.pad_token_id)
+    batch = batching.collate(pairs[1:3], tok.pad_token_id)
     torch.testing.assert_close(r1.logps(batch), reference.FrozenReference(model).logps(batch))
 
     computed = []

@@ -62,7 +62,7 @@ def test_lora_reference_is_base_plus_dense_blended_delta(tok):
         for n, d in ref.delta.items():
             params[n.removeprefix("base_model.model.") + ".weight"].add_(d.double())
     exs = [data.PreferenceExample("Statement: nice.\nSentiment:", " Positive.", " Negative.")]
-    batch = batching.collate_pairs(data.tokenize_pairs(exs, tok)[0], tok.pad_token_id)
+    batch = batching.collate(data.tokenize_pairs(exs, tok)[0], tok.pad_token_id)
     with torch.no_grad():
         torch.testing.assert_close(ref.logps(batch).double(), sequence_logps(plain, batch).logps,
                                    rtol=1e-5, atol=1e-5)

@@ -1,7 +1,8 @@
 """Batches for the model: pad and collate tokenised pairs, the prefix-shared layout, and each step's pairs.
 
-    batch = collate_pairs(pairs[:4], pad_id)             # concatenated [2B, T]: chosen rows, then rejected rows
-    batch = collate_pairs(pairs[:4], pad_id, pack=True)  # plus the prefix-shared rows [prompt, chosen, rejected]
+    batch = collate(pairs[:4], pad_id)             # concatenated [2B, T]: chosen rows, then rejected rows
+    batch = collate(pairs[:4], pad_id, pack=True)  # plus the prefix-shared rows [prompt, chosen, rejected]
+    batch = collate(examples[:4], pad_id)          # KTO: the example rows, then their KL rows; extra["labels"]
     idx = batch_indices(len(pairs), step, global_batch, seed)   # a seeded permutation per epoch
 """
 
@@ -12,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from entangle.data import TokenizedCompletion, TokenizedPair
+from entangle.data import TokenizedPair
 
 
 # ------------------------------------------------------------------------------------ collating
@@ -20,17 +21,25 @@ from entangle.data import TokenizedCompletion, TokenizedPair
 
 @dataclass
 class Batch:
-    """Sequences padded on the right. Pairs are laid out chosen rows first, then rejected rows."""
+    """Sequences padded on the right. Every item has two rows, laid out first rows first: a pair's chosen rows,
+    then its rejected rows; a KTO example's own rows, then its KL rows."""
 
     input_ids: torch.Tensor       # [N, T]
     attention_mask: torch.Tensor  # [N, T] 1 for real tokens
     response_mask: torch.Tensor   # [N, T] True where the token is a response token (scored)
-    index: torch.Tensor           # [n_pairs] source positions
+    index: torch.Tensor           # [B] source positions of the items
     extra: dict = field(default_factory=dict)
 
     @property
     def n_rows(self) -> int:
         return self.input_ids.shape[0]
+
+    def select(self, rows: slice) -> "Batch":
+        """The rows `rows` alone (padding trimmed); `index` and the labels stay, the packed layout goes."""
+        width = int(self.attention_mask[rows].sum(1).max())
+        extra = {k: v for k, v in self.extra.items() if k != "packed"}
+        return Batch(self.input_ids[rows, :width], self.attention_mask[rows, :width], self.response_mask[rows, :width],
+                     self.index, extra)
 
     def to(self, device) -> "Batch":
         def move(t):
@@ -55,15 +64,20 @@ def pad_sequences(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> t
     return ids, attn, resp
 
 
-def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int, pack: bool = False) -> Batch:
-    """B pairs -> one concatenated batch of 2B rows (chosen 0..B-1, rejected B..2B-1).
+def collate(items: Sequence, pad_id: int, pack: bool = False) -> Batch:
+    """B items (pairs, or KTO examples) -> one concatenated batch of 2B rows: each item's first row at 0..B-1
+    (chosen, or the example), its second at B..2B-1 (rejected, or the KL row); KTO labels in `extra["labels"]`.
 
-    `pack` adds the prefix-shared layout (`batch.extra["packed"]`, see `pack_pairs`), which the
+    `pack` adds the prefix-shared layout of pairs (`batch.extra["packed"]`, see `pack_pairs`), which the
     log-prob computation uses where the model allows it; the concatenated rows stay the reference."""
-    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    ids, attn, resp = pad_sequences(rows, pad_id)
-    extra = {"packed": pack_pairs(pairs, pad_id)} if pack else {}
-    return Batch(ids, attn, resp, torch.tensor([p.index for p in pairs], dtype=torch.long), extra)
+    first, second = zip(*(it.rows() for it in items))
+    ids, attn, resp = pad_sequences(list(first) + list(second), pad_id)
+    extra = {}
+    if hasattr(items[0], "label"):
+        extra["labels"] = torch.tensor([it.label for it in items], dtype=torch.bool)
+    elif pack:
+        extra["packed"] = pack_pairs(items, pad_id)
+    return Batch(ids, attn, resp, torch.tensor([it.index for it in items], dtype=torch.long), extra)
 
 
 @dataclass
@@ -117,16 +131,6 @@ def pack_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> PackedPairs:
     return PackedPairs(ids, allowed, pos, t(src_row), t(src_pos), t(targets), t(out_row), lengths)
 
 
-def collate_unpaired(items: Sequence[TokenizedCompletion], pad_id: int) -> Batch:
-    """B completions -> B rows, plus B KL rows pairing each prompt with the next row's completion."""
-    n = len(items)
-    rows = [(c.prompt_ids, c.completion_ids) for c in items]
-    rows += [(items[i].prompt_ids, items[(i + 1) % n].completion_ids) for i in range(n)]
-    ids, attn, resp = pad_sequences(rows, pad_id)
-    labels = torch.tensor([c.label for c in items], dtype=torch.bool)
-    return Batch(ids, attn, resp, torch.tensor([c.index for c in items], dtype=torch.long), {"labels": labels})
-
-
 # ------------------------------------------------------------------------------------ sampling
 
 
@@ -144,8 +148,8 @@ def process_share(indices: Sequence[int], process_index: int, per_process: int) 
     return list(indices[process_index * per_process : (process_index + 1) * per_process])
 
 
-def micro_batches(pairs: Sequence[TokenizedPair], indices: Sequence[int], batch_size: int, pad_id: int,
+def micro_batches(items: Sequence, indices: Sequence[int], batch_size: int, pad_id: int,
                   pack: bool, device) -> list[Batch]:
-    """Collated micro-batches of `batch_size` pairs over `indices`, on `device`."""
-    return [collate_pairs([pairs[i] for i in indices[k : k + batch_size]], pad_id, pack).to(device)
+    """Collated micro-batches of `batch_size` items over `indices`, on `device`."""
+    return [collate([items[i] for i in indices[k : k + batch_size]], pad_id, pack).to(device)
             for k in range(0, len(indices), batch_size)]

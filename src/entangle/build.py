@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from entangle import losses, synthetic
 from entangle.checkpoint import hf_model, is_sharded, resolve_resume
 from entangle.config import reference_type, trust_region, validate
-from entangle.data import missing_file, parse_pair, read_examples, tokenize_pairs
+from entangle.data import (check_labels, missing_file, parse_kto, parse_pair, read_examples, tokenize_pairs,
+                           tokenize_unpaired)
 from entangle.diagnostics.probe import EntanglementProbe
 from entangle.diagnostics.views import TokenMaskViews
 from entangle.errors import DataError, TrainingError
@@ -81,35 +82,44 @@ class Run:
                            step_pairs or [], self.eval_pairs, self.train_pairs, self.is_main)
 
 
-def load_pairs(source, tokenizer, cfg: DictConfig, split: str, limit: int | None):
-    """Read, validate and tokenise one source (`cfg` is the `data` section) -> (pairs, stats dict). `source` is
-    what `data.train` accepts, or in-memory records (a `datasets.Dataset`, a list of dicts)."""
+def load_pairs(source, tokenizer, cfg: DictConfig, split: str, limit: int | None, unpaired: bool = False,
+               seed: int = 0):
+    """Read, validate and tokenise one source (`cfg` is the `data` section) -> (items, stats dict): preference
+    pairs, or with `unpaired` KTO examples (unpaired rows, or pairs split in two; `seed` picks their KL rows).
+    `source` is what `data.train` accepts, or in-memory records (a `datasets.Dataset`, a list of dicts)."""
+    parse = parse_kto if unpaired else (lambda *a: [parse_pair(*a)])
     if not isinstance(source, str):
         examples, skipped = [], 0
         for i, rec in enumerate(source):
             try:
-                examples.append(parse_pair(dict(rec), f"in-memory record {i + 1}", dict(cfg.columns)))
+                examples.extend(parse(dict(rec), f"in-memory record {i + 1}", dict(cfg.columns)))
             except DataError:
                 if not cfg.skip_bad:
                     raise
                 skipped += 1
             if limit and len(examples) >= limit:
                 break
-        source = "in-memory data"
+        examples, source = examples[:limit] if limit else examples, "in-memory data"
     elif source.startswith("synthetic:"):
         examples, skipped = synthetic.from_source(source), 0
         examples = examples[:limit] if limit else examples
+        if unpaired:
+            examples = [e for p in examples for e in parse_kto(p.__dict__, p.where)]
     else:
-        examples, skipped = read_examples(source, dict(cfg.columns), cfg.skip_bad, split, limit)
-    pairs, stats = tokenize_pairs(examples, tokenizer, cfg.max_length, cfg.max_prompt_length)
+        examples, skipped = read_examples(source, dict(cfg.columns), cfg.skip_bad, split, limit, unpaired)
+    if unpaired:
+        items, stats = tokenize_unpaired(examples, tokenizer, cfg.max_length, cfg.max_prompt_length, seed)
+    else:
+        items, stats = tokenize_pairs(examples, tokenizer, cfg.max_length, cfg.max_prompt_length)
     stats.n_skipped = skipped
-    if not pairs:
-        raise TrainingError(f"{source}: every pair was dropped by truncation; raise data.max_length")
+    kind = "examples" if unpaired else "pairs"
+    if not items:
+        raise TrainingError(f"{source}: every one of the {kind} was dropped by truncation; raise data.max_length")
     if stats.n_dropped:
-        log.warning("%s: %d of %d pairs dropped (a response truncated to nothing, or chosen = rejected after "
+        log.warning("%s: %d of %d %s dropped (a response truncated to nothing, or chosen = rejected after "
                     "truncation); raise data.max_length or lower data.max_prompt_length", source, stats.n_dropped,
-                    stats.n_examples)
-    return pairs, stats.as_dict()
+                    stats.n_examples, kind)
+    return items, stats.as_dict()
 
 
 def check_inputs(cfg: DictConfig) -> None:
@@ -297,19 +307,24 @@ def build(cfg: DictConfig, hooks: Sequence[StepHook] = (), train_data=None, eval
     lora = LoraSettings(**OmegaConf.to_container(mc.lora))
     dtype = precision(mc.dtype, acc.device.type == "cuda")[0]
     model, tokenizer = load_model(mc.name, dtype, str(acc.device), lora, mc.trust_remote_code, seed=tc.seed)
+    loss_fn = losses.get(cfg.loss.name, **OmegaConf.to_container(cfg.loss.params))
+    unpaired = not loss_fn.paired
     train_pairs, train_stats = load_pairs(cfg.data.train if train_data is None else train_data, tokenizer, cfg.data,
-                                          cfg.data.split, cfg.data.max_train_examples)
+                                          cfg.data.split, cfg.data.max_train_examples, unpaired, tc.seed)
     eval_pairs, eval_stats = [], None
     if cfg.data.eval or eval_data is not None:
         eval_pairs, eval_stats = load_pairs(cfg.data.eval if eval_data is None else eval_data, tokenizer, cfg.data,
-                                            cfg.data.eval_split, cfg.data.max_eval_examples)
-    loss_fn = losses.get(cfg.loss.name, **OmegaConf.to_container(cfg.loss.params))
+                                            cfg.data.eval_split, cfg.data.max_eval_examples, unpaired, tc.seed + 1)
+    if unpaired:
+        train_stats["desirable"], train_stats["undesirable"] = check_labels(
+            train_pairs, "data.train" if train_data is None else "train_data", loss_fn.params["desirable_weight"],
+            loss_fn.params["undesirable_weight"])
     refs = make_references(cfg, model, train_pairs, eval_pairs, tokenizer.pad_token_id, acc)
     global_batch = tc.batch_size * tc.grad_accum * acc.num_processes
     steps_per_epoch = len(train_pairs) // global_batch
     if steps_per_epoch == 0:
-        raise TrainingError(f"{len(train_pairs)} training pairs cannot fill one step of {global_batch} "
-                            "(batch_size x grad_accum x processes); lower train.batch_size")
+        raise TrainingError(f"{len(train_pairs)} training {'examples' if unpaired else 'pairs'} cannot fill one step "
+                            f"of {global_batch} (batch_size x grad_accum x processes); lower train.batch_size")
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
     if cfg.eval.generate.every:
         hooks = [make_generation_eval(cfg, model, tokenizer, total_steps, acc), *hooks]

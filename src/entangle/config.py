@@ -295,6 +295,18 @@ def _merge(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:
         raise _explain(e, source) from None
 
 
+def _validate_unpaired(cfg: DictConfig, name: str) -> None:
+    """What needs a pair (a chosen and a rejected response of one prompt in the same batch) cannot run with an
+    unpaired loss; the README's KTO section says why the entanglement diagnostics are refused."""
+    paired_only = {"diagnostics.entanglement.every": bool(cfg.diagnostics.entanglement.every),
+                   "optimizer.pairwise_normalized": cfg.optimizer.pairwise_normalized,
+                   "loss.token_mask": cfg.loss.token_mask != "none"}
+    for key, on in paired_only.items():
+        if on:
+            raise ConfigError(f"config key {key!r} needs preference pairs in one batch, and loss {name!r} trains "
+                              "unpaired examples; turn it off (see the README's KTO section)")
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks that need more than types: choices, ranges, loss hyper-parameters."""
     for key, choices in CHOICES.items():
@@ -318,8 +330,7 @@ def validate(cfg: DictConfig) -> None:
     except ConfigError as e:
         raise ConfigError(f"config key 'loss': {e}") from None
     if not fn.paired:
-        raise ConfigError(f"loss {fn.name!r} is unpaired; `entangle train` trains paired losses "
-                          f"(valid: {', '.join(n for n in losses.names() if n != 'kto')})")
+        _validate_unpaired(cfg, fn.name)
     if cfg.reference.type not in ("auto", "none") and not fn.uses_reference:
         raise ConfigError(f"loss {fn.name!r} uses no reference model; set reference.type=none (or auto)")
     if cfg.reference.type == "none" and fn.uses_reference:

@@ -11,11 +11,16 @@ before the final assistant turn); implicit prompts (chosen and rejected share a 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
+import torch
+
 from entangle.errors import DataError
+
+log = logging.getLogger(__name__)
 
 Text = str | list[dict[str, str]]  # a plain string or a list of chat messages
 
@@ -42,6 +47,10 @@ class TokenizedPair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     index: int  # position in the source, stable across runs (keys the reference cache)
+
+    def rows(self) -> tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]:
+        """The two `(prompt, response)` rows of this item in a batch: chosen, then rejected."""
+        return (self.prompt_ids, self.chosen_ids), (self.prompt_ids, self.rejected_ids)
 
 
 @dataclass
@@ -255,6 +264,17 @@ def parse_unpaired(rec: Any, where: str, columns: Mapping[str, str] | None = Non
     return UnpairedExample(prompt, completion, label, where)
 
 
+def parse_kto(rec: Any, where: str, columns: Mapping[str, str] | None = None) -> list[UnpairedExample]:
+    """The KTO examples of one record: a `prompt/completion/label` row, or a preference pair split in two
+    (its chosen response desirable, its rejected one undesirable), as TRL users run KTO on paired data."""
+    cols = _columns(rec, where, columns, "prompt/completion/label or prompt/chosen/rejected")
+    if cols["label"] not in rec and cols["chosen"] in rec and cols["rejected"] in rec:
+        pair = parse_pair(rec, where, columns)
+        return [UnpairedExample(pair.prompt, pair.chosen, True, where),
+                UnpairedExample(pair.prompt, pair.rejected, False, where)]
+    return [parse_unpaired(rec, where, columns)]
+
+
 def parse_prompt(rec: Any, where: str, columns: Mapping[str, str] | None = None) -> Text:
     """The prompt of one record: its `prompt` field, or the shared prompt of chosen/rejected conversations."""
     cols = _columns(rec, where, columns, "a 'prompt' field")
@@ -282,14 +302,15 @@ def read_prompts(source: str, columns: Mapping[str, str] | None = None, split: s
 
 def read_examples(source: str, columns: Mapping[str, str] | None = None, skip_bad: bool = False,
                   split: str = "train", limit: int | None = None, unpaired: bool = False):
-    """Read and validate every record; returns `(examples, n_skipped)`.
+    """Read and validate every record; returns `(examples, n_skipped)`. `unpaired`: KTO examples
+    (`parse_kto`: unpaired rows, or preference pairs split in two), `limit` counting examples.
 
     A bad record raises DataError naming file, line and field, unless `skip_bad` (then counted)."""
-    parse = parse_unpaired if unpaired else parse_pair
+    parse = parse_kto if unpaired else (lambda *a: [parse_pair(*a)])
     out, skipped = [], 0
     for where, rec in iter_records(source, split):
         try:
-            out.append(parse(rec, where, columns))
+            out.extend(parse(rec, where, columns))
         except DataError:
             if not skip_bad:
                 raise
@@ -298,7 +319,7 @@ def read_examples(source: str, columns: Mapping[str, str] | None = None, skip_ba
             break
     if not out:
         raise DataError(f"{source}: no usable records" + (f" ({skipped} skipped as bad)" if skipped else ""))
-    return out, skipped
+    return out[:limit] if limit is not None else out, skipped
 
 
 # ------------------------------------------------------------------------------------ tokenising
@@ -393,14 +414,24 @@ def tokenize_pairs(examples: Sequence[PreferenceExample], tokenizer, max_length:
 
 @dataclass
 class TokenizedCompletion:
+    """One KTO example, and the mismatched completion its KL row scores (`kl_ids`: another example's
+    completion after this prompt, fixed once per dataset as TRL's KL dataset is)."""
+
     prompt_ids: list[int]
     completion_ids: list[int]
-    label: bool
+    label: bool   # True: desirable
     index: int
+    kl_ids: list[int] = field(default_factory=list)
+
+    def rows(self) -> tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]:
+        """The two `(prompt, response)` rows of this item in a batch: the example, then its KL row."""
+        return (self.prompt_ids, self.completion_ids), (self.prompt_ids, self.kl_ids)
 
 
 def tokenize_unpaired(examples: Sequence[UnpairedExample], tokenizer, max_length: int | None = None,
-                      max_prompt_length: int | None = None) -> tuple[list[TokenizedCompletion], TokenStats]:
+                      max_prompt_length: int | None = None, seed: int = 0) -> tuple[list[TokenizedCompletion], TokenStats]:
+    """Tokenise once, then give each example its KL completion: in a seeded permutation of the examples,
+    the next one's completion (truncated to fit `max_length` after this prompt)."""
     stats, out = TokenStats(n_examples=len(examples)), []
     for i, ex in enumerate(examples):
         p, c = encode_prompt_response(tokenizer, ex.prompt, ex.completion, ex.where)
@@ -410,4 +441,27 @@ def tokenize_unpaired(examples: Sequence[UnpairedExample], tokenizer, max_length
             continue
         stats.n_truncated += cut
         out.append(TokenizedCompletion(p, c, ex.label, i))
+    order = torch.randperm(len(out), generator=torch.Generator().manual_seed(seed)).tolist()
+    for k, j in enumerate(order):
+        item, partner = out[j], out[order[(k + 1) % len(order)]]
+        room = len(partner.completion_ids) if max_length is None else max(max_length - len(item.prompt_ids), 1)
+        item.kl_ids = partner.completion_ids[:room]
     return out, stats
+
+
+def check_labels(items: Sequence[TokenizedCompletion], source: str, desirable_weight: float,
+                 undesirable_weight: float) -> tuple[int, int]:
+    """(desirable, undesirable) counts; a set with one kind only is a DataError. Warns when the weighted
+    ratio lies outside [1, 4/3], the KTO paper's advice for imbalanced data (sec. 4.3)."""
+    n_d = sum(1 for it in items if it.label)
+    n_u = len(items) - n_d
+    if not n_d or not n_u:
+        kind = "desirable (label true)" if n_u == 0 else "undesirable (label false)"
+        raise DataError(f"{source}: all {len(items)} examples are {kind}; KTO needs both desirable and "
+                        "undesirable examples")
+    ratio = desirable_weight * n_d / (undesirable_weight * n_u)
+    if not 1.0 <= ratio <= 4 / 3:
+        log.warning("%s: %d desirable and %d undesirable examples; desirable_weight * %d / (undesirable_weight * %d)"
+                    " = %.2f lies outside [1, 4/3], the KTO paper's advice; adjust loss.params.desirable_weight or "
+                    "undesirable_weight", source, n_d, n_u, n_d, n_u, ratio)
+    return n_d, n_u

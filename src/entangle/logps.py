@@ -67,6 +67,25 @@ class PairLogps:
 
 
 @dataclass
+class CompletionLogps:
+    """What KTO reads for B examples: `(B,)` tensors and the step's reference point z0 (a scalar)."""
+
+    policy_logps: torch.Tensor
+    reference_logps: torch.Tensor
+    labels: torch.Tensor        # bool, True = desirable
+    lengths: torch.Tensor
+    z0: torch.Tensor
+
+    def args(self) -> tuple:
+        """The positional arguments of `losses.UnpairedLoss`: (policy, reference, labels, z0)."""
+        return self.policy_logps, self.reference_logps, self.labels, self.z0
+
+    @property
+    def n_pairs(self) -> int:
+        return self.policy_logps.numel()
+
+
+@dataclass
 class LogpsOut:
     logps: torch.Tensor                # [N] summed response log-probs (float32 or wider)
     lengths: torch.Tensor              # [N] response token counts
@@ -127,7 +146,7 @@ def sequence_logps(model, batch: Batch, token_level: bool = False, pack: bool = 
     """Summed log-probs of each row's response tokens given everything before them.
 
     `model` is a causal LM, a `Policy`, or a DDP/FSDP wrapper of a `Policy`. When the batch carries the
-    prefix-shared layout (`collate_pairs(..., pack=True)`), `pack` is true, no token-level output is
+    prefix-shared layout (`collate(..., pack=True)`), `pack` is true, no token-level output is
     asked for and the model can take it, each pair runs as one row `[prompt, chosen, rejected]`."""
     inner = getattr(model, "module", model)
     lm = inner.model if isinstance(inner, Policy) else model

@@ -128,9 +128,12 @@ def fit(run: Run, callbacks: Sequence[Callable[[dict, StopFlag], None]] = ()) ->
 def step_row(run: Run, step: int, metrics: Metrics, seconds: float) -> dict:
     """The logged row of one step: reduced metrics, the reference's own, throughput; warns on a skipped step."""
     m = metrics.reduce(run.accelerator)
+    goal = run.step_parts.objective
     row = {"step": step, "epoch": round(step / run.steps_per_epoch, 4),
            **{k: v for k, v in m.items() if k not in ("n_pairs", "n_tokens", "skipped")}, **run.reference.metrics(),
-           "tokens_per_s": m["n_tokens"] / seconds, "pairs_per_s": m["n_pairs"] / seconds, "step_time_s": seconds}
+           "tokens_per_s": m["n_tokens"] / seconds, f"{goal.unit}_per_s": m["n_pairs"] / seconds,
+           "step_time_s": seconds}
+    goal.complete(row)
     if m["skipped"]:
         row["skipped_nonfinite"] = 1
         if run.is_main:
@@ -154,11 +157,12 @@ def evaluate(run: Run, step: int) -> dict:
         chunk = mine[s : s + tc.eval_batch_size]
         # A process out of pairs still runs a batch (sharded forwards gather across processes) and adds
         # zeros, so that every process reduces the same metrics.
-        batch = batching.collate_pairs(chunk or pairs[:1], run.tokenizer.pad_token_id, tc.prefix_sharing).to(acc.device)
+        batch = batching.collate(chunk or pairs[:1], run.tokenizer.pad_token_id, tc.prefix_sharing).to(acc.device)
         m = eval_batch(run.policy, run.loss_fn, run.eval_reference, batch, run.eval_initial, run.mask_l1)
         total.update(m if chunk else m.zeros_like())
     run.policy.train()
-    return {f"eval/{k}": v for k, v in total.reduce(acc).items() if k not in ("n_pairs", "n_tokens")} | out
+    metrics = {f"eval/{k}": v for k, v in total.reduce(acc).items() if k not in ("n_pairs", "n_tokens")}
+    return run.step_parts.objective.complete(metrics) | out
 
 
 def resume(run: Run, logs: Sequence[JsonlLog]) -> tuple[int, int]:
@@ -207,12 +211,13 @@ def announce(run: Run) -> None:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         with open(os.path.join(cfg.train.output_dir, "config.yaml"), "w") as f:
             f.write(OmegaConf.to_yaml({**resolved, "_run": {k: info[k] for k in ("version", "git_sha")}}))
-        st = info["data"]["train"]
-        log.info("%s | %d/%d trainable parameters | %d train pairs (%d truncated, %d dropped, %d skipped) | "
-                 "global batch %d pairs | %d steps (%d per epoch) | reference: %s", cfg.model.name,
-                 info["trainable_parameters"], info["total_parameters"], len(run.train_pairs), st["n_truncated"],
-                 st["n_dropped"], st["n_skipped"], run.global_batch, run.total_steps, run.steps_per_epoch,
-                 info["reference"])
+        st, unit = info["data"]["train"], run.step_parts.objective.unit
+        labels = f" ({st['desirable']} desirable, {st['undesirable']} undesirable)" if "desirable" in st else ""
+        log.info("%s | %d/%d trainable parameters | %d train %s%s (%d truncated, %d dropped, %d skipped) | "
+                 "global batch %d %s | %d steps (%d per epoch) | reference: %s", cfg.model.name,
+                 info["trainable_parameters"], info["total_parameters"], len(run.train_pairs), unit, labels,
+                 st["n_truncated"], st["n_dropped"], st["n_skipped"], run.global_batch, unit, run.total_steps,
+                 run.steps_per_epoch, info["reference"])
     if cfg.tracking.report_to:
         run.accelerator.init_trackers(cfg.tracking.project,
                                       config={k: str(v) for k, v in OmegaConf.to_container(cfg).items()})
@@ -254,8 +259,9 @@ class Progress:
 
     def update(self, row: dict) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3f}",
-                                 acc=f"{row['rewards/accuracies']:.2f}", refresh=False)
+            shown = {"loss": ("loss", ".4f"), "margin": ("rewards/margins", ".3f"),
+                     "acc": ("rewards/accuracies", ".2f"), "kl": ("kl", ".3f")}
+            self.bar.set_postfix({k: format(row[key], f) for k, (key, f) in shown.items() if key in row}, refresh=False)
             self.bar.update(1)
 
     def close(self) -> None:

@@ -407,30 +407,33 @@ register(LossSpec(  # SPPO (hard labels), Wu et al. eq. 3.5; not a margin loss
 
 
 class UnpairedLoss(Loss):
-    """KTO (Ethayarajh et al., arXiv:2402.01306 eq. 8): one completion per row with a label.
+    """KTO (Ethayarajh et al., arXiv:2402.01306 eq. 8; TRL's KTOTrainer): one completion per row with a label.
 
         fn = losses.get("kto", beta=0.1)
-        per_row = fn(policy_logps, ref_logps, labels, policy_kl_logps, ref_kl_logps)   # [n]
-    `policy_kl_logps`/`ref_kl_logps` are log-probs of mismatched (x, y') pairs; z0 is their
-    detached mean log-ratio clamped at 0."""
+        z0 = fn.reference_point(kl_log_ratio_sum, n_kl_rows)      # detached, clamped at 0
+        per_row = fn(policy_logps, reference_logps, labels, z0)    # [n]
+    The reference point z0 estimates KL(pi || pi_ref) from mismatched (x, y') rows: the mean of
+    log pi(y'|x) - log pi_ref(y'|x) over them (the step's whole batch in training), clamped at 0."""
 
     paired = False
 
-    def __call__(self, policy_logps, ref_logps, labels, policy_kl_logps=None, ref_kl_logps=None) -> Tensor:
-        return kto_loss(policy_logps, ref_logps, labels, self.kl(policy_kl_logps, ref_kl_logps), **self.params)
+    def __call__(self, policy_logps, reference_logps, labels, z0=0.0) -> Tensor:
+        return kto_loss(policy_logps, reference_logps, labels, z0, **self.params)
 
     @staticmethod
-    def kl(policy_kl_logps, ref_kl_logps) -> Tensor:
-        if policy_kl_logps is None or ref_kl_logps is None:
-            return torch.tensor(0.0)
-        return (policy_kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
+    def reference_point(kl_log_ratio_sum, n_kl_rows) -> Tensor:
+        mean = torch.as_tensor(kl_log_ratio_sum, dtype=torch.float32) / max(float(n_kl_rows), 1.0)
+        return mean.clamp(min=0).detach()
 
-    def rewards(self, policy_logps, ref_logps) -> Tensor:
-        return self.params["beta"] * (policy_logps - ref_logps).detach()
+    def rewards(self, policy_logps, reference_logps) -> Tensor:
+        """Implicit rewards as TRL logs them: beta * (log pi - log pi_ref) per row."""
+        return self.params["beta"] * (policy_logps - reference_logps).detach()
 
 
-def kto_loss(policy_logps, ref_logps, labels, z0, beta, desirable_weight, undesirable_weight) -> Tensor:
-    r = policy_logps - ref_logps
+def kto_loss(policy_logps, reference_logps, labels, z0, beta, desirable_weight, undesirable_weight) -> Tensor:
+    """lambda_D (1 - sigma(beta (r - z0))) for a desirable row, lambda_U (1 - sigma(beta (z0 - r))) for an
+    undesirable one, with r = log pi - log pi_ref; shapes [n]."""
+    r = policy_logps - reference_logps
     labels = torch.as_tensor(labels, dtype=torch.bool, device=r.device)
     z0 = torch.as_tensor(z0, dtype=r.dtype, device=r.device)
     desirable = desirable_weight * (1 - torch.sigmoid(beta * (r - z0)))
@@ -455,10 +458,9 @@ register(LossSpec(
 ))
 
 
-def unpaired_coefficients(fn: UnpairedLoss, policy_logps, ref_logps, labels, policy_kl_logps=None,
-                          ref_kl_logps=None) -> Tensor:
+def unpaired_coefficients(fn: UnpairedLoss, policy_logps, reference_logps, labels, z0=0.0) -> Tensor:
     """`d = -dl/dlog pi` per row for KTO (z0 held fixed, as it is detached in the loss)."""
     x = policy_logps.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        (g,) = torch.autograd.grad(fn(x, ref_logps.detach(), labels, policy_kl_logps, ref_kl_logps).sum(), [x])
+        (g,) = torch.autograd.grad(fn(x, reference_logps.detach(), labels, z0).sum(), [x])
     return -g

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from entangle.data import TokenizedPair
-from entangle.batching import Batch, collate_pairs
+from entangle.batching import Batch, collate
 from entangle.errors import ConfigError
 from entangle.logps import Policy, sequence_logps
 from entangle.models import cache_dir, is_peft
@@ -154,7 +154,7 @@ def fingerprint(model, pairs: Sequence[TokenizedPair]) -> str:
         h.update(str(t.dtype).encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     for p in pairs:
-        h.update(repr((p.index, p.prompt_ids, p.chosen_ids, p.rejected_ids)).encode())
+        h.update(repr((p.index, p.rows())).encode())
     return h.hexdigest()
 
 
@@ -170,7 +170,7 @@ def precompute_reference(policy, pairs: Sequence[TokenizedPair], pad_id: int, ba
         device = next(policy.parameters()).device
         chosen, rejected = [], []
         for s in range(0, len(pairs), batch_size):
-            lp = frozen.logps(collate_pairs(pairs[s : s + batch_size], pad_id, pack=True).to(device)).float().cpu()
+            lp = frozen.logps(collate(pairs[s : s + batch_size], pad_id, pack=True).to(device)).float().cpu()
             c, r = lp.chunk(2)
             chosen.append(c)
             rejected.append(r)

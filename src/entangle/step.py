@@ -1,7 +1,10 @@
 """One optimisation step, in numbered stages; whatever watches or alters it is a `StepHook` (hooks.py).
 
     metrics, rows = train_step(parts, micro_batches, step)    # Metrics (reduced by the caller), rows or None
-    metrics = eval_batch(model, loss_fn, reference, batch)     # held-out pairs, no gradient, no loss state
+    metrics = eval_batch(model, loss_fn, reference, batch)     # held-out items, no gradient, no loss state
+
+What a batch item is comes from the loss: a preference pair (`pair_forward`, the margin family) or a
+KTO example with its KL row (`unpaired_forward`); `objective(loss_fn)` picks the one.
 
 Metric sums stay on the device and are reduced over processes once per step (`Metrics.reduce`), so
 means are exact under gradient accumulation and several processes (accuracies never exceed 1).
@@ -18,8 +21,8 @@ import torch
 
 from entangle.batching import Batch
 from entangle.hooks import StepHook
-from entangle.logps import PairLogps, sequence_logps
-from entangle.losses import Loss
+from entangle.logps import CompletionLogps, PairLogps, sequence_logps
+from entangle.losses import Loss, UnpairedLoss
 from entangle.metrics import Metrics
 from entangle.mitigations import mask_penalty
 from entangle.reference import Reference
@@ -37,6 +40,10 @@ class StepParts:
     initial: Reference | None = None   # the initial policy, for ref/kl_to_init
     hooks: Sequence[StepHook] = field(default_factory=tuple)
     mask_l1: float = 0.0               # loss.mask_l1 (only read when the policy holds a token mask)
+
+    @property
+    def objective(self) -> "Objective":
+        return objective(self.loss_fn)
 
 
 def pair_logps(model, reference: Reference, batch: Batch, hooks: Sequence[StepHook] = (),
@@ -103,6 +110,106 @@ def pair_forward(model, loss_fn: Loss, reference: Reference, batch: Batch, initi
     return per_pair, m, logps
 
 
+def kl_log_ratio(model, reference: Reference, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """KTO's KL rows, without gradient: (sum over them of log pi - log pi_ref, the reference log-probs of all
+    2B rows [2B], B)."""
+    B = batch.n_rows // 2
+    with torch.no_grad():
+        reference_logps = reference.logps(batch).detach()                            # [2B]
+        policy_kl = sequence_logps(model, batch.select(slice(B, 2 * B)), pack=False).logps   # [B]
+    return (policy_kl.detach() - reference_logps[B:]).sum(), reference_logps, B
+
+
+def unpaired_forward(model, loss_fn: UnpairedLoss, reference: Reference, batch: Batch, z0=None,
+                     reference_logps=None, initial: Reference | None = None, hooks: Sequence[StepHook] = ()):
+    """KTO on B examples (rows 0..B-1; their KL rows B..2B-1) -> (loss [B], Metrics, CompletionLogps).
+
+    `z0`: the step's reference point (`Unpaired.begin_step`); None estimates it from this batch's own KL rows
+    (held-out batches). Metric names are TRL's KTOTrainer's: rewards/chosen is the mean over desirable rows."""
+    B = batch.n_rows // 2
+    if z0 is None or reference_logps is None:
+        kl_sum, reference_logps, n = kl_log_ratio(model, reference, batch)
+        z0 = loss_fn.reference_point(kl_sum, n)
+    out = sequence_logps(model, batch.select(slice(0, B)), pack=False)        # logps [B]
+    for h in hooks:
+        h.on_logps(out.logps)
+    labels = batch.extra["labels"]
+    logps = CompletionLogps(out.logps, reference_logps[:B], labels, out.lengths, z0)
+    per_example = loss_fn(*logps.args())                                      # [B]  (losses.kto_loss)
+    rewards = loss_fn.rewards(out.logps, reference_logps[:B])
+    policy = out.logps.detach()
+    m = Metrics()
+    m.add("loss", per_example.detach().sum())
+    for side, mask in (("chosen", labels), ("rejected", ~labels)):
+        m.add(f"rewards/{side}", (rewards * mask).sum(), per=f"count/{side}")
+        m.add(f"logps/{side}", (policy * mask).sum(), per=f"count/{side}")
+        m.add(f"count/{side}", mask.float().sum(), "sum")
+    m.add("kl", z0 * B)                                                       # the mean z0 over the rows
+    m.add("n_pairs", float(B), "sum")
+    m.add("n_tokens", batch.attention_mask[:B].sum(), "sum")
+    if initial is not None:
+        init = initial.logps(batch)[:B]                                       # [B]
+        m.add("ref/kl_to_init", (policy - init).sum())
+    return per_example, m, logps
+
+
+class Objective:
+    """What one item of a batch is, and how a step reads it. `unit` names the items in the log."""
+
+    unit = "pairs"
+
+    def begin_step(self, parts: StepParts, micro_batches: Sequence[Batch]) -> None:
+        """Whatever the whole step's batch decides before the first micro-batch's loss."""
+
+    def forward(self, parts: StepParts, batch: Batch, hooks: Sequence[StepHook], pack: bool):
+        return pair_forward(parts.model, parts.loss_fn, parts.reference, batch, parts.initial, hooks, parts.mask_l1,
+                            pack)
+
+    def evaluate(self, model, loss_fn, reference, batch, initial, mask_l1) -> Metrics:
+        return pair_forward(model, loss_fn, reference, batch, initial, mask_l1=mask_l1, train=False)[1]
+
+    def complete(self, row: dict) -> dict:
+        """Metrics derived after the reduction (KTO's margin of the two means)."""
+        return row
+
+
+class Unpaired(Objective):
+    """KTO: z0 is estimated once per step over the KL rows of every micro-batch on every process (exact under
+    gradient accumulation and DDP; TRL estimates it per micro-batch, which is the same with grad_accum=1)."""
+
+    unit = "examples"
+
+    def __init__(self):
+        self.z0, self.reference_logps = None, {}
+
+    def begin_step(self, parts: StepParts, micro_batches: Sequence[Batch]) -> None:
+        total, n, self.reference_logps = 0.0, 0, {}
+        for batch in micro_batches:
+            kl_sum, self.reference_logps[id(batch)], b = kl_log_ratio(parts.model, parts.reference, batch)
+            total, n = total + kl_sum, n + b
+        summed = parts.accelerator.reduce(torch.stack([torch.as_tensor(total, dtype=torch.float32),
+                                                       torch.tensor(float(n))]).to(parts.accelerator.device), "sum")
+        self.z0 = parts.loss_fn.reference_point(summed[0], float(summed[1]))
+
+    def forward(self, parts: StepParts, batch: Batch, hooks: Sequence[StepHook], pack: bool):
+        return unpaired_forward(parts.model, parts.loss_fn, parts.reference, batch, self.z0,
+                                self.reference_logps.pop(id(batch)), parts.initial, hooks)
+
+    def evaluate(self, model, loss_fn, reference, batch, initial, mask_l1) -> Metrics:
+        return unpaired_forward(model, loss_fn, reference, batch, initial=initial)[1]
+
+    def complete(self, row: dict) -> dict:
+        for prefix in ("", "eval/"):
+            if f"{prefix}rewards/chosen" in row and f"{prefix}rewards/rejected" in row:
+                row[f"{prefix}rewards/margins"] = row[f"{prefix}rewards/chosen"] - row[f"{prefix}rewards/rejected"]
+        return row
+
+
+def objective(loss_fn: Loss) -> Objective:
+    """The objective of a loss: pairs for the margin family, examples for KTO."""
+    return Objective() if loss_fn.paired else Unpaired()
+
+
 def _lengths(logps: PairLogps) -> torch.Tensor:
     return torch.cat([logps.chosen_lengths, logps.rejected_lengths])
 
@@ -129,10 +236,13 @@ def train_step(parts: StepParts, micro_batches: Sequence[Batch], step: int) -> t
     Returns this process's metric sums and the per-pair rows of the hooks that write them (None if none)."""
     acc, model, optimizer = parts.accelerator, parts.model, parts.optimizer
     hooks = [h for h in parts.hooks if h.due(step)]
-    # 1. Learning rate for this step (the scheduler advanced after the previous step).
+    # 1. Learning rate for this step (the scheduler advanced after the previous step); what the step's
+    #    whole batch decides first (KTO's reference point z0).
     lr = parts.scheduler.get_last_lr()[0]
     for h in hooks:
         h.on_step_start(step, lr)
+    goal = parts.objective
+    goal.begin_step(parts, micro_batches)
     n_pairs = sum(b.n_rows // 2 for b in micro_batches)
     pack = not any(h.needs_rows for h in hooks)     # per-row hooks read two rows per pair
     # DeepSpeed's engine divides by its accumulation count itself, and steps inside the last backward.
@@ -141,11 +251,10 @@ def train_step(parts: StepParts, micro_batches: Sequence[Batch], step: int) -> t
     for i, batch in enumerate(micro_batches):
         # 2. Gradients synchronise across processes only on the last micro-batch.
         with _accumulating(acc, model, last=i == len(micro_batches) - 1):
-            # 3. Policy forward, reference log-probs if the loss has one, per-pair loss.
+            # 3. Policy forward, reference log-probs if the loss has one, per-pair (per-example) loss.
             for h in hooks:
                 h.before_forward(batch)
-            per_pair, batch_metrics, logps = pair_forward(model, parts.loss_fn, parts.reference, batch, parts.initial,
-                                                          hooks, parts.mask_l1, pack)
+            per_pair, batch_metrics, logps = goal.forward(parts, batch, hooks, pack)
             # 4. Backward of this micro-batch's share of the step's mean loss.
             acc.backward(per_pair.sum() * scale / n_pairs)
         # 5. Hooks read (or add to) what that backward left.
@@ -184,4 +293,4 @@ def train_step(parts: StepParts, micro_batches: Sequence[Batch], step: int) -> t
 def eval_batch(model, loss_fn: Loss, reference: Reference, batch: Batch, initial: Reference | None = None,
                mask_l1: float = 0.0) -> Metrics:
     """Metric sums of one held-out batch (never updates loss state)."""
-    return pair_forward(model, loss_fn, reference, batch, initial, mask_l1=mask_l1, train=False)[1]
+    return objective(loss_fn).evaluate(model, loss_fn, reference, batch, initial, mask_l1)

@@ -15,7 +15,7 @@ import logging
 import torch
 
 from entangle.data import TokenizedPair
-from entangle.batching import collate_pairs
+from entangle.batching import collate
 from entangle.diagnostics.brute import brute_force_stats
 from entangle.diagnostics.ghost import GradientRecorder, Unsupported, row_layout
 from entangle.logps import sequence_logps
@@ -41,7 +41,7 @@ def entanglement_stats(model, pairs, method: str = "fast", pad_id: int = 0) -> d
              TokenizedPair(list(p["prompt_ids"]), list(p["chosen_ids"]), list(p["rejected_ids"]), i)
              for i, p in enumerate(pairs)]
     device = next(model.parameters()).device
-    batch = collate_pairs(items, pad_id).to(device)
+    batch = collate(items, pad_id).to(device)
     if method == "fast":
         rec = GradientRecorder(model)
         try:

@@ -13,7 +13,7 @@ import torch
 
 from entangle.checkpoint import write_json
 from entangle.data import TokenizedPair
-from entangle.batching import collate_pairs
+from entangle.batching import collate
 from entangle.hooks import HookContext, StepHook
 from entangle.logps import Policy, sequence_logps
 
@@ -41,7 +41,7 @@ def save_mask_views(run_dir: str, name: str, policy: Policy, tokenizer, pairs: l
     """`token_masks/NAME.json`: the learned token weights m_t of each pair's chosen and rejected tokens.
     `policy` may be the prepared wrapper; in a sharded run every process calls this (the forward gathers)
     and one writes."""
-    batch = collate_pairs(pairs, pad_id).to(device or next(policy.parameters()).device)
+    batch = collate(pairs, pad_id).to(device or next(policy.parameters()).device)
     weights = sequence_logps(policy, batch).weights.float().cpu()          # [2B, T]
     if not write:
         return

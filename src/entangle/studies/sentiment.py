@@ -224,7 +224,7 @@ def _heldout_token_logps(model_path: str, stamp: float, source: str, split: str,
     import torch
 
     from entangle import config
-    from entangle.batching import collate_pairs
+    from entangle.batching import collate
     from entangle.logps import sequence_logps
     from entangle.build import load_pairs
     from entangle.models import load_model
@@ -233,7 +233,7 @@ def _heldout_token_logps(model_path: str, stamp: float, source: str, split: str,
     data_cfg = config.load().data
     data_cfg.max_length, data_cfg.max_prompt_length = max_length, max_prompt_length
     pairs, _ = load_pairs(source, tok, data_cfg, split, limit)
-    batch = collate_pairs(pairs, tok.pad_token_id)
+    batch = collate(pairs, tok.pad_token_id)
     with torch.no_grad():
         return pairs, batch, sequence_logps(model, batch, token_level=True).token_logps
 
