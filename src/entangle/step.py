@@ -148,8 +148,10 @@ def unpaired_forward(model, loss_fn: UnpairedLoss, reference: Reference, batch: 
     m.add("n_pairs", float(B), "sum")
     m.add("n_tokens", batch.attention_mask[:B].sum(), "sum")
     if initial is not None:
-        init = initial.logps(batch)[:B]                                       # [B]
-        m.add("ref/kl_to_init", (policy - init).sum())
+        delta = policy - initial.logps(batch)[:B]                             # [B] log pi - log pi_init
+        m.add("ref/kl_to_init", delta.sum())
+        m.add("ref/chosen_vs_init", (delta * labels).sum(), per="count/chosen")
+        m.add("ref/rejected_vs_init", (delta * ~labels).sum(), per="count/rejected")
     return per_example, m, logps
 
 
@@ -199,9 +201,12 @@ class Unpaired(Objective):
         return unpaired_forward(model, loss_fn, reference, batch, initial=initial)[1]
 
     def complete(self, row: dict) -> dict:
+        """rewards/margins and ref/margin_vs_init: the desirable mean minus the undesirable mean."""
         for prefix in ("", "eval/"):
-            if f"{prefix}rewards/chosen" in row and f"{prefix}rewards/rejected" in row:
-                row[f"{prefix}rewards/margins"] = row[f"{prefix}rewards/chosen"] - row[f"{prefix}rewards/rejected"]
+            for margin, (chosen, rejected) in (("rewards/margins", ("rewards/chosen", "rewards/rejected")),
+                                               ("ref/margin_vs_init", ("ref/chosen_vs_init", "ref/rejected_vs_init"))):
+                if f"{prefix}{chosen}" in row and f"{prefix}{rejected}" in row:
+                    row[f"{prefix}{margin}"] = row[f"{prefix}{chosen}"] - row[f"{prefix}{rejected}"]
         return row
 
 
