@@ -67,7 +67,7 @@ def _summarise(rows: list[dict]) -> dict:
     return {"eval_logps_chosen": [first["eval/logps/chosen"], last["eval/logps/chosen"]],
             "eval_logps_rejected": [first["eval/logps/rejected"], last["eval/logps/rejected"]],
             "eval_margin_vs_init_final": last["eval/ref/margin_vs_init"],
-            "eval_accuracy_vs_init_final": last.get("eval/ref/accuracy_vs_init", float("nan")),   # pairs only
+            "eval_accuracy_vs_init_final": last.get("eval/ref/accuracy_vs_init"),   # pairs only (None for KTO)
             "kl_to_init_final": train_rows[-1]["ref/kl_to_init"] if train_rows else None,
             "ref_updates": train_rows[-1].get("ref/updates", 0) if train_rows else 0}
 
@@ -77,7 +77,7 @@ def format_table(summary: dict) -> str:
     for name, r in summary["results"].items():
         c, j = r["eval_logps_chosen"], r["eval_logps_rejected"]
         kl, acc = r["kl_to_init_final"], r["eval_accuracy_vs_init_final"]
-        acc = f"{acc:6.2f}" if acc == acc else f"{'-':>6}"     # KTO's examples have no per-pair accuracy
+        acc = f"{acc:6.2f}" if acc is not None else f"{'-':>6}"     # KTO's examples have no per-pair accuracy
         lines.append(f"{name:8} {c[0]:11.2f} -> {c[1]:9.2f} {j[0]:9.2f} -> {j[1]:9.2f} "
                      f"{r['eval_margin_vs_init_final']:8.3f} {acc} {kl if kl is not None else float('nan'):8.3f}")
     return "\n".join(lines)
