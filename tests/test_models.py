@@ -1,6 +1,9 @@
 """Model and tokenizer loading: the trained word-level tokenizer and tiny model folders."""
 
+import pytest
+
 from entangle import models
+from entangle.errors import ModelError
 
 
 def test_trained_tokenizer_makes_words_single_tokens_and_is_deterministic(tmp_path):
@@ -22,3 +25,19 @@ def test_save_tiny_folder_loads_like_any_local_model(tmp_path):
     assert model.config.vocab_size == len(tok) and not (tmp_path / "base.tmp").exists()
     fresh = models.tiny_model(tok, seed=3)
     assert all((p == q).all() for p, q in zip(model.parameters(), fresh.parameters()))
+
+
+def test_an_unknown_hub_id_fails_at_once_with_one_line(monkeypatch):
+    """No retries: an id that is neither a folder nor cached needs the hub to answer within seconds."""
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    t = time.time()
+    # offline (this machine): "... not in the Hugging Face cache, and the hub is not reachable"; online: "no such model"
+    with pytest.raises(ModelError, match="'nobody/no-such-model': no such local folder"):
+        models.load_model("nobody/no-such-model")
+    assert time.time() - t < 10
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")                          # offline: the cache only, no network at all
+    assert models.hub_options("nobody/no-such-model") == {"local_files_only": True}
+    with pytest.raises(ModelError, match="cannot load"):
+        models.load_model("nobody/no-such-model")

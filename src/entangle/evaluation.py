@@ -65,10 +65,13 @@ class RewardModel(Scorer):
     def __init__(self, path: str, batch_size: int = 8, device: str = "cpu"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from entangle.models import hub_options
+
         self.name, self.batch_size = f"rm:{path}", batch_size
+        options = hub_options(path)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(path, **options)
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, **options).to(device).eval()
         except (OSError, ValueError) as e:
             raise ModelError(f"rm:{path}: cannot load a reward model there ({type(e).__name__}); give a local "
                              "folder of an AutoModelForSequenceClassification") from None

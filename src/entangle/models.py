@@ -176,14 +176,38 @@ def smollm2_folder() -> str:
 BUILTIN = ("tiny", "tiny-gpt2", "smollm2-135m")
 
 
+def hub_options(name: str) -> dict:
+    """`from_pretrained` options for `name`: none for a local folder; `local_files_only` for a hub id already in
+    the Hugging Face cache or with HF_HUB_OFFLINE set; otherwise the hub must answer within seconds, or this is a
+    one-line ModelError at once (transformers would retry for about a minute, warning at every try)."""
+    if os.path.isdir(name):
+        return {}
+    import huggingface_hub
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or \
+            isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str):
+        return {"local_files_only": True}
+    try:
+        huggingface_hub.HfApi().model_info(name, timeout=5)
+    except huggingface_hub.errors.RepositoryNotFoundError:
+        raise ModelError(f"model {name!r}: no such local folder, and no such model on the hub; check the name, "
+                         f"or use one of {', '.join(BUILTIN)}") from None
+    except Exception as e:
+        raise ModelError(f"model {name!r}: no such local folder, not in the Hugging Face cache, and the hub is not "
+                         f"reachable from here ({type(e).__name__}); give a local folder, or one of "
+                         f"{', '.join(BUILTIN)}") from None
+    return {}
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     if name in ("tiny", "tiny-gpt2"):
         return byte_tokenizer()
     from transformers import AutoTokenizer
 
     path = smollm2_folder() if name == "smollm2-135m" else name
+    options = hub_options(path)
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **options)
     except Exception as e:
         raise ModelError(f"cannot load the tokenizer of {name!r} ({type(e).__name__}); give a local folder, "
                          f"a hub id reachable from here, or one of {', '.join(BUILTIN)}") from None
@@ -204,7 +228,8 @@ def load_model(name: str, dtype: str = "auto", device: str = "cpu", lora: LoraSe
 
         path = smollm2_folder() if name == "smollm2-135m" else name
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                         **hub_options(path))
         except Exception as e:
             raise ModelError(f"cannot load model {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if name == "smollm2-135m":   # the real hub id, so that a saved LoRA adapter names a base others can load
