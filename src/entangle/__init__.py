@@ -7,9 +7,9 @@ from entangle.errors import ConfigError, DataError, EntangleError, ModelError, T
 
 
 def __getattr__(name):
-    """`entangle.generate`, `entangle.evaluate`, `entangle.label` (api.py), `entangle.build`, `entangle.fit`, `entangle.train`,
+    """`entangle.generate`, `entangle.evaluate`, `entangle.label`, `entangle.scan` (api.py), `entangle.build`, `entangle.fit`, `entangle.train`,
     loaded on first use so that `import entangle` stays light."""
-    if name in ("generate", "evaluate", "label"):
+    if name in ("generate", "evaluate", "label", "scan"):
         from entangle import api
 
         return getattr(api, name)

@@ -1,4 +1,7 @@
-"""The Python API of sampling and evaluation, as the CLI runs them (`entangle generate`, `entangle eval`).
+"""The Python API of sampling, evaluation and the data scan, as the CLI runs them (`entangle generate`, `eval`,
+`label`, `scan`).
+
+    result = entangle.scan("smollm2-135m", "pairs.jsonl", out="runs/scan", drop_case=[2])   # rows, summary, kept
 
     rows = entangle.generate("runs/x", "prompts.jsonl", n=2, max_new_tokens=64, out="samples.jsonl")
     figures = entangle.evaluate("runs/x", "prompts.jsonl", "vader", out="runs/x/eval")
@@ -10,6 +13,7 @@ Inputs are checked before any model loads: the scorer string, the prompts, the r
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 
@@ -115,3 +119,104 @@ def label(model: str, prompts: str | list, scorer: str = "vader", out: str | Non
     if out:
         write_preferences(out, rows)
     return rows
+
+
+def scan(model: str, data: str, out: str | None = None, loss: str = "dpo", loss_params: dict | None = None,
+         method: str = "fast", tokens: int = 3, batch_size: int = 4, max_length: int | None = 512,
+         max_prompt_length: int | None = None, limit: int | None = None, split: str = "train", lora_r: int = 0,
+         drop_case: tuple[int, ...] = (), max_cos: float | None = None, max_ches_quantile: float | None = None,
+         max_ches_norm_quantile: float | None = None, keep_path: str | None = None, device: str = "auto",
+         dtype: str = "auto", progress: bool = False) -> dict:
+    """`entangle scan`: every pair of `data` scored at `model` before training (`scanning.py`). With `out`:
+    `out/scan.jsonl`, `out/summary.json`, `out/report.html`; with any filter, the pairs that pass are written
+    in the input's format to `keep_path` (default `out/kept.<ext>`). Returns {"rows", "summary", "kept", ...}."""
+    from entangle import losses, scanning
+    from entangle.checkpoint import write_json
+    from entangle.data import missing_file, read_examples, tokenize_pairs
+    from entangle.errors import ConfigError
+    from entangle.models import LoraSettings, load_model
+
+    checks = [(method in ("fast", "exact"), f"--method must be fast or exact (got {method!r})"),
+              (batch_size >= 1, f"--batch-size must be >= 1 (got {batch_size})"),
+              (tokens >= 0, f"--tokens must be >= 0 (got {tokens})"),
+              (max_length is None or max_length >= 2, f"--max-length must be >= 2 (got {max_length})"),
+              (lora_r >= 0, f"--lora-r must be >= 0 (got {lora_r})"),
+              (all(c in (0, 1, 2, 3) for c in drop_case), f"--drop-case takes cases 0-3 (got {list(drop_case)})"),
+              (max_cos is None or -1 <= max_cos <= 1, f"--max-cos must be in [-1, 1] (got {max_cos})")]
+    for q, name in ((max_ches_quantile, "--max-ches-quantile"), (max_ches_norm_quantile, "--max-ches-norm-quantile")):
+        checks.append((q is None or 0 < q <= 1, f"{name} must be in (0, 1] (got {q})"))
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    fn = losses.get(loss, **(loss_params or {}))
+    if not fn.paired:
+        raise ConfigError(f"--loss {loss}: the scan scores preference pairs; give a paired loss")
+    filtering = bool(drop_case) or any(v is not None for v in (max_cos, max_ches_quantile, max_ches_norm_quantile))
+    if (filtering or keep_path) and not (out or keep_path):
+        raise ConfigError("a filter writes the pairs that pass: give --out (or --keep PATH)")
+    if missing_file(data):
+        raise DataError(f"--data {data}: no such file or folder")
+    if out:
+        _writable_folder(out)
+    if data.startswith("synthetic:"):
+        from entangle import synthetic
+
+        examples = synthetic.from_source(data)[:limit]
+    else:
+        examples, _ = read_examples(data, split=split, limit=limit)   # every record checked before any model loads
+    resolve(model)
+    dev = _device(device)
+    if lora_r and resolve(model)[0] == "model":
+        lm, tokenizer = load_model(model, dtype, dev, LoraSettings(r=lora_r))
+    else:
+        loaded = load_policy(model, dtype, dev)
+        lm, tokenizer = loaded.model, loaded.tokenizer
+    pairs, stats = tokenize_pairs(examples, tokenizer, max_length, max_prompt_length)
+    if not pairs:
+        raise DataError(f"{data}: every pair was dropped by truncation; raise --max-length")
+    rows = scanning.scan(lm, tokenizer, pairs, loss, loss_params, method, batch_size, progress)
+    summary = {"model": model, "data": data, "loss": loss, "method": method, "max_length": max_length,
+               "pairs_read": len(examples), "pairs_dropped": stats.n_dropped, **scanning.summarise(rows)}
+    result = {"rows": rows, "summary": summary, "kept": None}
+    if filtering or keep_path:
+        kept = scanning.keep(rows, drop_case, max_cos, max_ches_quantile, max_ches_norm_quantile)
+        target = keep_path or os.path.join(out, scanning.filtered_name(data))
+        scanning.write_filtered(data, kept, target, split)
+        summary["filter"] = {"drop_case": list(drop_case), "max_cos": max_cos, "max_ches_quantile": max_ches_quantile,
+                             "max_ches_norm_quantile": max_ches_norm_quantile, "kept": len(kept), "file": target}
+        result["kept"] = kept
+    if out:
+        from entangle.diagnostics.tokens import to_json, token_gradients
+        from entangle.report import write_scan_report
+
+        with open(os.path.join(out, "scan.jsonl.tmp"), "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        os.replace(os.path.join(out, "scan.jsonl.tmp"), os.path.join(out, "scan.jsonl"))
+        by_index = {p.index: p for p in pairs}
+        views = []
+        for r in sorted(rows, key=lambda r: r["cos"], reverse=True)[:tokens]:
+            p = by_index[r["index"]]   # the first 24 tokens of each response: exact (a token sees only its past)
+            views.append({"pair": p.index, **to_json(token_gradients(lm, p.prompt_ids, p.chosen_ids[:24],
+                                                                     p.rejected_ids[:24], tokenizer))})
+        lm.zero_grad(set_to_none=True)
+        texts = {i: tuple(_flat_text(t)[-160:] if k == 0 else _flat_text(t) for k, t in
+                          enumerate((ex.prompt, ex.chosen, ex.rejected))) for i, ex in enumerate(examples)}
+        result["report"] = write_scan_report(rows, summary, out, texts, views, f"entangle scan: {model} on {data}")
+        write_json(os.path.join(out, "summary.json"), summary)
+    return result
+
+
+def _flat_text(t) -> str:
+    return t if isinstance(t, str) else " | ".join(f"{m['role']}: {m['content']}" for m in t)
+
+
+def _writable_folder(out: str) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"--out {out} is a file; give a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out {out}: cannot create it ({e.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise DataError(f"--out {out} is not writable; give a folder you can write")

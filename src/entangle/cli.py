@@ -128,6 +128,62 @@ def _label(args) -> int:
     return 0
 
 
+def _scan(args) -> int:
+    from entangle.api import scan
+
+    params = {}
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        try:
+            params[key] = float(value) if sep else None
+        except ValueError:
+            params[key] = None
+        if params[key] is None:
+            raise ConfigError(f"--param {item!r}: give KEY=NUMBER, e.g. --param beta=0.1")
+    result = scan(args.model, args.data, out=args.out, loss=args.loss, loss_params=params, method=args.method,
+                  tokens=args.tokens, batch_size=args.batch_size, max_length=args.max_length,
+                  max_prompt_length=args.max_prompt_length, limit=args.limit, split=args.split, lora_r=args.lora_r,
+                  drop_case=tuple(args.drop_case), max_cos=args.max_cos, max_ches_quantile=args.max_ches_quantile,
+                  max_ches_norm_quantile=args.max_ches_norm_quantile, keep_path=args.keep, device=args.device,
+                  dtype=args.dtype, progress=not args.quiet)
+    s = result["summary"]
+    cases = s["cases"]
+    print(f"{s['pairs']} pairs: case 1 {cases['1']:.1%}, case 2 {cases['2']:.1%}, case 3 {cases['3']:.1%}; "
+          f"median cos {s['cos']['q50']:.3f}, median CHES (norm.) {s['ches_norm']['q50']:.4g}")
+    if "filter" in s:
+        print(f"kept {s['filter']['kept']} of {s['pairs']} pairs: {s['filter']['file']}")
+    print(f"scan: {args.out}/scan.jsonl, report: {result['report']}")
+    return 0
+
+
+def _scan_parser(sub) -> None:
+    sc = sub.add_parser("scan", help="score every pair for entanglement (and CHES) at the initial model, before "
+                        "training; optionally write the pairs that pass filters")
+    sc.add_argument("model", metavar="MODEL_OR_RUN", help="any model.name (tiny, smollm2-135m, a folder, a hub id), "
+                    "a run directory or a checkpoint folder")
+    sc.add_argument("--data", required=True, help="preference pairs (any format `entangle train` reads)")
+    sc.add_argument("--out", required=True, help="folder for scan.jsonl, summary.json, report.html")
+    sc.add_argument("--loss", default="dpo", help="the loss whose d_w / d_l and predicted case are reported")
+    sc.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a loss hyper-parameter")
+    sc.add_argument("--method", default="fast", help="fast (one backward per batch) | exact (per pair)")
+    sc.add_argument("--tokens", type=int, default=3, help="token views of the N most entangled pairs (0: none)")
+    sc.add_argument("--batch-size", type=int, default=4, help="pairs per forward/backward")
+    sc.add_argument("--max-length", type=int, default=512)
+    sc.add_argument("--max-prompt-length", type=int)
+    sc.add_argument("--limit", type=int, help="first N pairs")
+    sc.add_argument("--split", default="train", help="split for datasets folders and hub ids")
+    sc.add_argument("--lora-r", type=int, default=0, help="scan the gradients of fresh LoRA adapters of rank R")
+    sc.add_argument("--drop-case", type=int, nargs="+", default=[], metavar="CASE",
+                    help="filter: drop pairs whose predicted case is one of these (2: both down)")
+    sc.add_argument("--max-cos", type=float, help="filter: drop pairs whose gradient cosine is above this")
+    sc.add_argument("--max-ches-quantile", type=float, help="filter: drop pairs with CHES above this quantile")
+    sc.add_argument("--max-ches-norm-quantile", type=float, help="filter: the same for length-normalised CHES")
+    sc.add_argument("--keep", help="where the pairs that pass go (default OUT/kept.<the input's extension>)")
+    sc.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    sc.add_argument("--dtype", default="auto")
+    sc.set_defaults(func=_scan)
+
+
 def _sampling_args(p) -> None:
     p.add_argument("model", metavar="MODEL_OR_RUN", help="a run directory (its final/), a checkpoint folder, "
                    "or any model.name (tiny, smollm2-135m, a folder, a hub id)")
@@ -189,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--title")
     r.set_defaults(func=_report)
     _sampling_parsers(sub)
+    _scan_parser(sub)
     losses_p = sub.add_parser("losses", help="list the registered losses and their defaults")
     losses_p.set_defaults(func=_losses)
     return p

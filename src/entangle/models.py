@@ -231,6 +231,10 @@ def load_model(name: str, dtype: str = "auto", device: str = "cpu", lora: LoraSe
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
                                                          **hub_options(path))
         except Exception as e:
+            if "Unrecognized configuration class" in str(e):
+                kind = str(e).split("<class '")[-1].split("'>")[0].rsplit(".", 1)[-1]
+                raise ModelError(f"model {name!r} is not a causal language model ({kind}); entangle needs one that "
+                                 "AutoModelForCausalLM loads") from None
             raise ModelError(f"cannot load model {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if name == "smollm2-135m":   # the real hub id, so that a saved LoRA adapter names a base others can load
         model.name_or_path = model.config._name_or_path = SMOLLM2_HUB_ID

@@ -85,7 +85,7 @@ def plot_metrics(runs: dict[str, list[dict]], panels: list[tuple[str, list[str]]
 CHANGE_KINDS = {"real": "realised", "step": "first-order (optimiser's update)", "pred": "first-order (gradient step)"}
 
 
-def plot_case_plane(pairs: dict[str, list[dict]], path: str, which: str = "pred") -> str:
+def plot_case_plane(pairs: dict[str, list[dict]], path: str, which: str = "pred", title: str | None = None) -> str:
     """Per-pair (d log pi_w, d log pi_l) of one step each, one colour per run; the quadrants are the cases.
     `which`: `real` (realised), `step` (first order along the optimiser's update), `pred` (SGD step)."""
     plt = _pyplot()
@@ -111,10 +111,34 @@ def plot_case_plane(pairs: dict[str, list[dict]], path: str, which: str = "pred"
     what = CHANGE_KINDS[which]
     ax.set_xlabel(f"{what} change of log pi(chosen)")
     ax.set_ylabel(f"{what} change of log pi(rejected)")
-    ax.set_title(f"Per-pair log-prob changes, second half of training ({what})", fontsize=10)
+    ax.set_title(title or f"Per-pair log-prob changes, second half of training ({what})", fontsize=10)
     ax.grid(alpha=0.3)
     if ax.collections:
         ax.legend(fontsize=8, loc="upper center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_distributions(rows: list[dict], panels: list[tuple[str, str]], path: str, title: str | None = None) -> str:
+    """One histogram per (key, panel title) over `rows`, split by predicted case (stacked)."""
+    plt = _pyplot()
+    cols = min(3, len(panels))
+    n_rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4.6 * cols, 3.4 * n_rows), squeeze=False)
+    names = {1: "case 1: chosen up", 2: "case 2: both down", 3: "case 3: both up", 0: "chosen down, rejected up"}
+    cases = [c for c in (1, 2, 3, 0) if any(r["case"] == c for r in rows)]
+    for ax, (key, panel_title) in zip(axes.flat, panels):
+        ax.hist([[r[key] for r in rows if r["case"] == c] for c in cases], bins=30, stacked=True,
+                label=[names[c] for c in cases])
+        ax.set_title(panel_title, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -17,8 +17,8 @@ import logging
 import os
 
 from entangle.errors import DataError
-from entangle.plots import (has_any, plot_case_plane, plot_gold_vs_kl, plot_metrics, plot_position_views,
-                             plot_token_masks, plot_token_views)
+from entangle.plots import (has_any, plot_case_plane, plot_distributions, plot_gold_vs_kl, plot_metrics,
+                             plot_position_views, plot_token_masks, plot_token_views)
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +184,54 @@ def write_report(paths: list[str], out: str, title: str | None = None) -> str:
         f.write(page)
     os.replace(tmp, path)
     return path
+
+
+def write_scan_report(rows: list[dict], summary: dict, out: str, texts: dict[int, tuple[str, str, str]],
+                      token_views: list[dict], title: str, top: int = 12) -> str:
+    """`out/report.html` of `entangle scan`: distributions, the case split, the most entangled pairs."""
+    cases = summary["cases"]
+    head = (f"<section><h2>{summary['pairs']} pairs</h2><p>Predicted case of a plain gradient step on each pair "
+            f"alone: case 1 (chosen up, rejected down) {cases['1']:.1%}, case 2 (both down) {cases['2']:.1%}, "
+            f"case 3 (both up) {cases['3']:.1%}, chosen down and rejected up {cases['0']:.1%}.</p>"
+            + _quantile_table(summary) + "</section>")
+    sections = [head]
+    png = plot_distributions(rows, [("cos", "cos(grad log pi_w, grad log pi_l)"), ("ches_norm", "CHES (length-normalised)"),
+                                    ("shared_tokens", "share of tokens in common"), ("d_w", "d_w at the start"),
+                                    ("inner", "<grad log pi_w, grad log pi_l>"), ("ches", "CHES")],
+                             os.path.join(out, "distributions.png"))
+    sections.append(_figure("Distributions (stacked by predicted case)", png, SCAN_NOTE))
+    png = plot_case_plane({"pairs": rows}, os.path.join(out, "case_plane.png"), "pred",
+                          title="Per-pair first-order changes of one SGD step (per unit learning rate)")
+    sections.append(_figure("Predicted changes: which case each pair is in", png))
+    ranked = sorted(rows, key=lambda r: r["cos"], reverse=True)[:top]
+    cells = "".join(
+        f"<tr><td>{r['index']}</td><td>{r['cos']:.3f}</td><td>{r['case']}</td><td>{r['ches_norm']:.4g}</td>"
+        f"<td>{r['shared_tokens']:.2f}</td>" + "".join(f"<td>{html.escape(_clip(t))}</td>" for t in texts[r['index']])
+        + "</tr>" for r in ranked)
+    sections.append("<section><h2>The most entangled pairs (highest cosine)</h2><table><tr><th>index</th><th>cos</th>"
+                    "<th>case</th><th>CHES (norm.)</th><th>shared</th><th>prompt (end)</th><th>chosen</th>"
+                    f"<th>rejected</th></tr>{cells}</table></section>")
+    if token_views:
+        png = plot_token_views(token_views, os.path.join(out, "tokens.png"),
+                               title="per-token gradient cosines, most entangled pairs (first tokens of each response)")
+        sections.append(_figure("Token view of the most entangled pairs", png, TOKEN_NOTE))
+    page = PAGE.format(title=html.escape(title), body="\n".join(sections))
+    path = os.path.join(out, "report.html")
+    with open(path + ".tmp", "w") as f:
+        f.write(page)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def _clip(text: str, n: int = 160) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _quantile_table(summary: dict) -> str:
+    keys = [k for k in ("cos", "inner", "ches", "ches_norm", "shared_tokens", "d_w", "d_l") if summary.get(k)]
+    body = "".join(f"<tr><td>{k}</td>" + "".join(f"<td>{_fmt(summary[k][q])}</td>" for q in ("q10", "q50", "q90"))
+                   + "</tr>" for k in keys)
+    return f"<table><tr><th>statistic</th><th>10%</th><th>median</th><th>90%</th></tr>{body}</table>"
 
 
 def _generation_sections(run_dirs: dict[str, str], metrics: dict[str, list[dict]], out: str) -> list[str]:
@@ -394,6 +442,12 @@ GOLD_NOTE = ("Each point is one evaluation of held-out prompts (eval.generate): 
 TOKEN_NOTE = ("Cell (i, j): cosine between the gradient of the i-th chosen token's log-prob and that of the j-th "
               "rejected token's log-prob. Red: the two tokens pull the model the same way (entangled); blue: "
               "opposite ways (the contrast DPO wants).")
+
+SCAN_NOTE = ("Measured at the model as given, before any training step, one pair at a time: cos is the cosine of "
+             "the chosen and rejected log-prob gradients; CHES (Razin et al. 2024) compares the last-layer hidden "
+             "states of the two responses (high: the rejected response's states resemble the chosen one's, the "
+             "pairs that paper filters out); case is the sign pattern of the first-order changes of one plain "
+             "gradient step on the pair alone.")
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>

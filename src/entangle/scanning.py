@@ -1,0 +1,183 @@
+"""`entangle scan`: score every preference pair for entanglement at the initial model, before training.
+
+    rows = scan(model, tokenizer, pairs, loss="dpo")        # one dict per pair (entanglement.jsonl's names)
+    kept = keep(rows, drop_case=[2], max_cos=0.9, max_ches_quantile=0.9)     # the indices that pass
+    write_filtered("pairs.jsonl", kept, "kept.jsonl")        # the same records, in the input's format
+
+Per pair: the inner product, norms and cosine of the chosen and rejected log-prob gradients (the exact
+machinery of `entanglement_stats`, batched), the loss's d_w / d_l at the start (policy = reference),
+the predicted case of a plain gradient step and its first-order changes per unit learning rate, the
+CHES score of Razin et al. (2024, "Unintentional Unalignment", eq. 3) and its length-normalised form,
+the share of tokens the two responses have in common, and lengths.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from typing import Sequence
+
+import torch
+
+from entangle import losses
+from entangle.batching import Batch, collate
+from entangle.data import TokenizedPair, iter_records
+from entangle.diagnostics import classify, entanglement_stats, predicted_changes
+from entangle.errors import DataError
+from entangle.logps import response_logits, split_model, upcast
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def response_states(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward without gradient -> (log-prob sums [N], sums of the last-layer hidden states that predict
+    each row's response tokens [N, d], response lengths [N]). The hidden states are the LM head's input."""
+    ids, attn, resp = batch.input_ids, batch.attention_mask, batch.response_mask
+    N, T = ids.shape
+    target = resp[:, 1:]                                                        # [N, T-1]
+    rows = torch.arange(N, device=ids.device)[:, None].expand(N, T - 1)[target]  # [K]
+    parts = split_model(model)
+    if parts is not None:
+        decoder, head, cfg = parts
+        hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state   # [N, T, d]
+        features = hidden[:, :-1][target]                                       # [K, d]
+        logits = response_logits(head, cfg, features)                           # [K, V]
+    else:
+        out = model(input_ids=ids, attention_mask=attn, use_cache=False, output_hidden_states=True)
+        features = out.hidden_states[-1][:, :-1][target]
+        logits = upcast(out.logits[:, :-1][target])
+    tok = -torch.nn.functional.cross_entropy(logits, ids[:, 1:][target], reduction="none")   # [K]
+    logps = torch.zeros(N, dtype=tok.dtype, device=ids.device).index_add(0, rows, tok)
+    sums = torch.zeros(N, features.shape[1], dtype=torch.float64, device=ids.device)
+    sums.index_add_(0, rows, features.double())
+    return logps, sums, target.sum(1)
+
+
+def ches(chosen_sums: torch.Tensor, rejected_sums: torch.Tensor, chosen_lengths, rejected_lengths):
+    """CHES = <sum h(y+), sum h(y-)> - |sum h(y+)|^2, and the length-normalised form with the means
+    (sum h / |y|) in place of the sums; shapes [B, d] -> [B], [B]."""
+    raw = (chosen_sums * rejected_sums).sum(1) - (chosen_sums ** 2).sum(1)
+    mw = chosen_sums / chosen_lengths.double().clamp_min(1)[:, None]
+    ml = rejected_sums / rejected_lengths.double().clamp_min(1)[:, None]
+    return raw, (mw * ml).sum(1) - (mw ** 2).sum(1)
+
+
+def shared_tokens(a: Sequence[int], b: Sequence[int]) -> float:
+    """The share of tokens two responses have in common: 2 |a ∩ b| / (|a| + |b|), as multisets."""
+    common = sum((Counter(a) & Counter(b)).values())
+    return 2 * common / max(len(a) + len(b), 1)
+
+
+def scan(model, tokenizer, pairs: Sequence[TokenizedPair], loss: str = "dpo", loss_params: dict | None = None,
+         method: str = "fast", batch_size: int = 4, progress: bool = False) -> list[dict]:
+    """One row per pair, in the order given (see the module docstring for the fields)."""
+    fn = losses.get(loss, **(loss_params or {}))
+    if not fn.paired:
+        raise DataError(f"loss {loss!r} is unpaired; the scan scores preference pairs (use a paired loss)")
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    rows: list[dict] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(pairs), desc="scan", unit="pair", dynamic_ncols=True)
+    model.eval()   # no dropout: the statistics of the model as it is
+    for s in range(0, len(pairs), batch_size):
+        chunk = list(pairs[s : s + batch_size])
+        batch = collate(chunk, pad).to(device)
+        B = len(chunk)
+        logps, sums, lengths = response_states(model, batch)
+        stats = entanglement_stats(model, chunk, method, pad)
+        pc, pr = logps[:B].double(), logps[B:].double()
+        lc, lr = lengths[:B], lengths[B:]
+        ref = (pc, pr) if fn.uses_reference else (None, None)   # at the start the reference is the policy
+        d_w, d_l = (t.double().cpu() for t in losses.coefficients(fn, pc, pr, *ref, lc, lr))
+        stats = {k: v.double().cpu() for k, v in stats.items()}
+        pred_w, pred_l = predicted_changes(stats, d_w, d_l, 1.0)
+        case = classify(pred_w, pred_l)
+        raw, norm = (t.cpu() for t in ches(sums[:B], sums[B:], lc, lr))
+        for i, p in enumerate(chunk):
+            rows.append({
+                "index": p.index, "inner": float(stats["inner"][i]), "norm_w2": float(stats["norm_w2"][i]),
+                "norm_l2": float(stats["norm_l2"][i]), "cos": float(stats["cos"][i]), "d_w": float(d_w[i]),
+                "d_l": float(d_l[i]), "case": int(case[i]), "pred_dlogp_w": float(pred_w[i]),
+                "pred_dlogp_l": float(pred_l[i]), "ches": float(raw[i]), "ches_norm": float(norm[i]),
+                "shared_tokens": shared_tokens(p.chosen_ids, p.rejected_ids), "len_w": int(lc[i]),
+                "len_l": int(lr[i]), "len_prompt": len(p.prompt_ids), "logp_w": float(pc[i]),
+                "logp_l": float(pr[i])})
+        if bar is not None:
+            bar.update(B)
+    if bar is not None:
+        bar.close()
+    return rows
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))
+
+
+def keep(rows: Sequence[dict], drop_case: Sequence[int] = (), max_cos: float | None = None,
+         max_ches_quantile: float | None = None, max_ches_norm_quantile: float | None = None) -> list[int]:
+    """The `index` of every row that passes all the filters given (quantiles over the scanned rows)."""
+    limits = {}
+    if max_ches_quantile is not None:
+        limits["ches"] = quantile([r["ches"] for r in rows], max_ches_quantile)
+    if max_ches_norm_quantile is not None:
+        limits["ches_norm"] = quantile([r["ches_norm"] for r in rows], max_ches_norm_quantile)
+    if max_cos is not None:
+        limits["cos"] = max_cos
+    return [r["index"] for r in rows
+            if r["case"] not in set(drop_case) and all(r[k] <= v for k, v in limits.items())]
+
+
+def source_records(source: str, split: str = "train") -> list:
+    """The records of a data source as read (generated `synthetic:` pairs as prompt/chosen/rejected dicts)."""
+    if source.startswith("synthetic:"):
+        from entangle import synthetic
+
+        return [{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected} for e in synthetic.from_source(source)]
+    return [rec for _, rec in iter_records(source, split)]
+
+
+def write_filtered(source: str, indices: Sequence[int], out: str, split: str = "train") -> int:
+    """Write the records of `source` at `indices` (record positions) to `out`, in `out`'s format: JSONL, JSON (a
+    list) or Parquet. Written to a temporary file and renamed, so `out` is never half-written."""
+    wanted = set(indices)
+    records = [rec for i, rec in enumerate(source_records(source, split)) if i in wanted]
+    tmp = f"{out}.tmp{os.getpid()}"
+    if out.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(records), tmp)
+    elif out.endswith(".json"):
+        with open(tmp, "w") as f:
+            json.dump(records, f, ensure_ascii=False)
+    else:
+        with open(tmp, "w") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    return len(records)
+
+
+def filtered_name(source: str) -> str:
+    """`kept.<ext>` with the input's extension (a folder or hub dataset is written as JSONL)."""
+    for ext in (".jsonl", ".json", ".parquet"):
+        if source.endswith(ext) or source.endswith(ext + ".gz"):
+            return f"kept{ext}"
+    return "kept.jsonl"
+
+
+def summarise(rows: Sequence[dict]) -> dict:
+    """Counts, case shares and quantiles of the main statistics."""
+    n = len(rows)
+    out = {"pairs": n, "cases": {str(c): sum(r["case"] == c for r in rows) / max(n, 1) for c in (0, 1, 2, 3)}}
+    for key in ("cos", "inner", "ches", "ches_norm", "shared_tokens", "d_w", "d_l"):
+        vals = [r[key] for r in rows]
+        out[key] = {f"q{int(q * 100)}": quantile(vals, q) for q in (0.1, 0.5, 0.9)} if vals else {}
+    return out
