@@ -47,13 +47,14 @@ def test_rows_equal_the_exact_per_pair_api(name, lora):
             (pred_w > 0, pred_l > 0)]
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
-def test_ches_equals_a_direct_computation_from_hidden_states(name):
-    """Razin et al. eq. 3 from `output_hidden_states`, one pair at a time, no shared code with the scan."""
+@pytest.mark.parametrize("name,method", [("tiny", "fast"), ("tiny-gpt2", "fast"), ("tiny", "exact")])
+def test_ches_equals_a_direct_computation_from_hidden_states(name, method):
+    """Razin et al. eq. 3 from `output_hidden_states`, one pair at a time, no shared code with the scan
+    (fast: read off the LM head's input during the recorded pass; exact: a separate forward)."""
     model, tok = models.load_model(name)
     model.eval()
     pairs = pairs_for(tok, 4)
-    rows = scanning.scan(model, tok, pairs, "dpo", batch_size=3)
+    rows = scanning.scan(model, tok, pairs, "dpo", method=method, batch_size=3)
     for p, r in zip(pairs, rows):
         sums = []
         for response in (p.chosen_ids, p.rejected_ids):

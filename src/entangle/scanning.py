@@ -24,9 +24,10 @@ import torch
 from entangle import losses
 from entangle.batching import Batch, collate
 from entangle.data import TokenizedPair, iter_records
-from entangle.diagnostics import classify, entanglement_stats, predicted_changes
+from entangle.diagnostics import classify, entanglement_stats, predicted_changes, with_cos
+from entangle.diagnostics.ghost import GradientRecorder, Unsupported, row_layout
 from entangle.errors import DataError
-from entangle.logps import response_logits, split_model, upcast
+from entangle.logps import HeadRows, response_logits, sequence_logps, split_model, upcast
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,39 @@ def response_states(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, to
     sums = torch.zeros(N, features.shape[1], dtype=torch.float64, device=ids.device)
     sums.index_add_(0, rows, features.double())
     return logps, sums, target.sum(1)
+
+
+def recorded_pass(model, batch: Batch):
+    """The fast path in one forward and one backward: (gradient statistics, log-prob sums [N], hidden-state sums
+    [N, d], lengths [N]), the hidden states read off the LM head's input; None where the recorder cannot apply."""
+    parts = split_model(model)
+    if parts is None:
+        return None
+    seen = {}
+
+    def grab(module, args):
+        seen["x"], seen["rows"] = args[0].detach(), HeadRows.rows
+
+    handle = parts[1].register_forward_pre_hook(grab)
+    rec = GradientRecorder(model)
+    try:
+        model.zero_grad(set_to_none=True)
+        rec.start(batch.n_rows, *row_layout(batch))
+        out = sequence_logps(model, batch, pack=False)
+        rec.stop()
+        out.logps.sum().backward()   # coefficient 1 per row: the output gradients are d log pi_r / d out
+        stats = with_cos(rec.result(torch.ones(batch.n_rows)))
+    except Unsupported as e:
+        log.info("scan: fast path not applicable (%s); using the exact one", e)
+        return None
+    finally:
+        rec.close()
+        handle.remove()
+        model.zero_grad(set_to_none=True)
+    x = seen["x"]
+    sums = torch.zeros(batch.n_rows, x.shape[1], dtype=torch.float64, device=x.device).index_add(0, seen["rows"],
+                                                                                                x.double())
+    return stats, out.logps.detach(), sums, out.lengths
 
 
 def ches(chosen_sums: torch.Tensor, rejected_sums: torch.Tensor, chosen_lengths, rejected_lengths):
@@ -90,8 +124,12 @@ def scan(model, tokenizer, pairs: Sequence[TokenizedPair], loss: str = "dpo", lo
         chunk = list(pairs[s : s + batch_size])
         batch = collate(chunk, pad).to(device)
         B = len(chunk)
-        logps, sums, lengths = response_states(model, batch)
-        stats = entanglement_stats(model, chunk, method, pad)
+        got = recorded_pass(model, batch) if method == "fast" else None
+        if got is None:
+            stats = entanglement_stats(model, chunk, "exact", pad)
+            logps, sums, lengths = response_states(model, batch)
+        else:
+            stats, logps, sums, lengths = got
         pc, pr = logps[:B].double(), logps[B:].double()
         lc, lr = lengths[:B], lengths[B:]
         ref = (pc, pr) if fn.uses_reference else (None, None)   # at the start the reference is the policy
