@@ -213,3 +213,32 @@ def test_frontier_gap_by_hand():
     got = frontier_gap(static, moving)
     assert got["matched_points"] == 2 and got["beyond_static_kl"] == 1
     assert got["mean_gap"] == pytest.approx(0.5) and got["verdict"] == "higher"
+
+
+def test_sgd_learning_rate_matches_the_margin_movement_by_hand():
+    """AdamW moved the margin by 0.3 per step; SGD's move per unit lr is d_w|g_w|^2 - (d_w+d_l)<g_w,g_l> + d_l|g_l|^2."""
+    rows = [{"step": 0}] + [{"entanglement/step_dlogp_w": 0.1, "entanglement/step_dlogp_l": -0.2,
+                             "entanglement/batch_inner": 2.0, "entanglement/batch_norm_w": 2.0,
+                             "entanglement/batch_norm_l": 3.0, "entanglement/d_w": 0.05, "entanglement/d_l": 0.05}] * 3
+    per_lr = 0.05 * 4 - 0.1 * 2.0 + 0.05 * 9
+    assert sentiment.sgd_lr(rows) == pytest.approx(0.3 / per_lr)
+    with pytest.raises(ValueError, match="cannot match margins"):
+        sentiment.sgd_lr([{**rows[1], "entanglement/step_dlogp_w": -0.5}])
+
+
+def test_sentiment_study_with_sgd_matches_adamws_first_step_exactly(tmp_path, monkeypatch):
+    """At the first DPO step policy = reference, so every pair has d = beta/2 and the calibration is exact:
+    the SGD run's first-order margin move along its own update equals AdamW's at step 1."""
+    monkeypatch.setattr(sentiment, "CALIBRATION_STEPS", 1)
+    out = tmp_path / "sent"
+    summary = sentiment.run(str(out), model="tiny", configs=("single",), steps=2, sft_steps=3, n_train=64, batch=8,
+                            extra=["data.max_eval_examples=8"], mitigations=(), optimizers=("adamw", "sgd"))
+    assert set(summary["runs"]) == {"single", "single-sgd"} and len(summary["predictions_sgd"]) == 2
+    cfg = (out / "single-sgd" / "config.yaml").read_text()
+    assert "name: sgd" in cfg and "max_grad_norm: null" in cfg and "momentum: 0" in cfg
+    from entangle.report import load_metrics
+
+    first = {name: next(r for r in load_metrics(str(out / name)) if r.get("step") == 1) for name in summary["runs"]}
+    move = {k: r["entanglement/step_dlogp_w"] - r["entanglement/step_dlogp_l"] for k, r in first.items()}
+    assert move["single-sgd"] == pytest.approx(move["single"], rel=1e-3)
+    assert "(SGD, lr" in sentiment.format_table(summary)

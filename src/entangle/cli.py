@@ -70,7 +70,8 @@ def _study_sentiment(args) -> int:
     summary = sentiment.run(args.out, model=args.model, configs=configs, seed=args.seed, extra=args.overrides,
                             steps=args.steps, sft_steps=args.sft_steps, lr=args.lr, sft_lr=args.sft_lr,
                             beta=args.beta, batch=args.batch_size, n_train=args.n_train,
-                            mitigations=() if args.no_mitigations else sentiment.MITIGATIONS)
+                            mitigations=() if args.no_mitigations else sentiment.MITIGATIONS,
+                            optimizers=("adamw", "sgd") if args.optimizer == "sgd" else ("adamw",))
     print(sentiment.format_table(summary))
     print(f"study: {args.out}/summary.json\nreport: {os.path.join(args.out, summary['report'])}")
     return 0
@@ -280,6 +281,9 @@ def _study_parsers(sub) -> None:
     se.add_argument("--batch-size", type=int, help="pairs per step")
     se.add_argument("--n-train", type=int, help="generated training statements")
     se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"),
+                    help="sgd: also run each DPO phase with plain gradient descent (no momentum, clipping or decay) "
+                    "at the learning rate that moves the margin as the AdamW run does, side by side")
     se.add_argument("--no-mitigations", action="store_true",
                     help="skip the long-suffix re-runs with the mitigations (pairwise-normalised update, "
                          "sparse token mask)")

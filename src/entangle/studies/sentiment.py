@@ -65,14 +65,22 @@ def base_model(out: str, model: str, s: dict, seed: int) -> str:
     return folder
 
 
+OPTIMIZERS = ("adamw", "sgd")
+CALIBRATION_STEPS = 5   # the AdamW steps whose margin movement the SGD learning rate matches (`sgd_lr`)
+
+
 def run(out: str = "runs/sentiment", model: str = "tiny", configs: tuple[str, ...] = CONFIGS, seed: int = 0,
-        extra: list[str] = (), report: bool = True, mitigations: tuple[str, ...] = MITIGATIONS, **overrides) -> dict:
+        extra: list[str] = (), report: bool = True, mitigations: tuple[str, ...] = MITIGATIONS,
+        optimizers: tuple[str, ...] = ("adamw",), **overrides) -> dict:
     """Train every configuration, check the paper's predictions, write summary.json and the report.
-    `mitigations` re-run the long-suffix DPO phase with each mitigation (`OUT/long-NAME/`)."""
+    `mitigations` re-run the long-suffix DPO phase with each mitigation (`OUT/long-NAME/`). With "sgd" in
+    `optimizers`, each configuration's DPO phase also runs with plain gradient descent (`OUT/CONFIG-sgd/`: no
+    momentum, no clipping, no weight decay) at the learning rate that moves the margin as the AdamW run does
+    (`sgd_lr`), and the predictions are checked under each optimiser."""
     s = settings(model, **overrides)
     os.makedirs(out, exist_ok=True)
     base = base_model(out, model, s, seed)
-    results, mitigated = {}, {}
+    results, mitigated, sgd, sgd_lrs = {}, {}, {}, {}
     for c in configs:
         data = [f"data.train={source(c, 'train', s['n_train'], seed)}",
                 f"data.eval={source(c, 'test', s['n_test'], seed)}", "data.max_length=96",
@@ -88,8 +96,17 @@ def run(out: str = "runs/sentiment", model: str = "tiny", configs: tuple[str, ..
                "train.eval_at_start=true", "diagnostics.entanglement.every=1",
                "diagnostics.entanglement.realised=true", *data, *extra]
         start, test = os.path.join(sft_dir, "final"), source(c, "test", s["n_test"], seed)
-        results[c] = summarise(run_once(dpo, dpo_dir))
+        adamw_rows = run_once(dpo, dpo_dir)
+        results[c] = summarise(adamw_rows)
         results[c]["heldout_token_changes"] = token_changes(start, dpo_dir)
+        if "sgd" in optimizers:
+            sgd_lrs[c] = sgd_lr(adamw_rows, CALIBRATION_STEPS)
+            log.info("sentiment study, %s: DPO with SGD at lr %.4g (matched to AdamW's margin movement)", c, sgd_lrs[c])
+            sgd_dir = os.path.join(out, f"{c}-sgd")
+            sgd[f"{c}-sgd"] = summarise(run_once([*dpo, "optimizer.name=sgd", f"optimizer.lr={sgd_lrs[c]:.6g}",
+                                                  "optimizer.momentum=0", "optimizer.weight_decay=0",
+                                                  "train.max_grad_norm=null"], sgd_dir))
+            sgd[f"{c}-sgd"]["heldout_token_changes"] = token_changes(start, sgd_dir)
         if c == "long":
             token_views(dpo_dir, start, test)
             for m in mitigations:
@@ -99,9 +116,30 @@ def run(out: str = "runs/sentiment", model: str = "tiny", configs: tuple[str, ..
                 mitigated[f"long-{m}"]["heldout_token_changes"] = token_changes(start, m_dir)
     summary = {"study": "sentiment", "model": model, "seed": seed, "settings": s,
                "responses": {c: list(synthetic.RESPONSES[c]) for c in configs},
-               "runs": {c: c for c in [*configs, *mitigated]}, "results": {**results, **mitigated},
+               "runs": {c: c for c in [*configs, *mitigated, *sgd]}, "results": {**results, **mitigated, **sgd},
                "predictions": predictions(results), "mitigations": mitigation_outcomes(results, mitigated)}
+    if sgd:
+        summary["sgd_lr"] = sgd_lrs
+        summary["predictions_sgd"] = predictions({k[: -len("-sgd")]: v for k, v in sgd.items()})
     return write_summary(out, summary, report, f"Sentiment study: {model}")
+
+
+def sgd_lr(adamw_rows: list[dict], steps: int = 5) -> float:
+    """The SGD learning rate that moves the batch-mean margin, to first order, as much as the AdamW run's
+    update did over its first `steps` steps. AdamW's move: the mean over pairs of `step_dlogp_w - step_dlogp_l`
+    (along its actual update); SGD's per unit learning rate on the batch-mean loss, with the batch-mean
+    gradients ḡ_w, ḡ_l and the batch's mean d_w, d_l: d_w|ḡ_w|² - (d_w + d_l)<ḡ_w, ḡ_l> + d_l|ḡ_l|²."""
+    use = [r for r in adamw_rows if "entanglement/step_dlogp_w" in r and "entanglement/batch_inner" in r][:steps]
+    if not use:
+        raise ValueError("the AdamW run has no step_dlogp / batch statistics to calibrate SGD against")
+    moved = mean(r["entanglement/step_dlogp_w"] - r["entanglement/step_dlogp_l"] for r in use)
+    per_lr = mean(r["entanglement/d_w"] * r["entanglement/batch_norm_w"] ** 2
+                  - (r["entanglement/d_w"] + r["entanglement/d_l"]) * r["entanglement/batch_inner"]
+                  + r["entanglement/d_l"] * r["entanglement/batch_norm_l"] ** 2 for r in use)
+    if moved <= 0 or per_lr <= 0:
+        raise ValueError(f"cannot match margins: AdamW moved the margin by {moved:.3g} per step and SGD's "
+                         f"first-order move per unit learning rate is {per_lr:.3g}")
+    return moved / per_lr
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -244,16 +282,21 @@ def format_table(summary: dict) -> str:
     lines = ["case fractions c1 c2 c3 to first order along a plain gradient step, along the optimiser's update, "
              "and realised",
              f"{'config':13} {'held-out chosen logp':>20} {'held-out rejected':>19} {'cos':>6}   "
-             f"{'grad step':<15}{'update':<15}{'realised':<15}{'acc':>4}"]
+             f"{'grad step':<15}{'update':<15}{'realised':<15}{'acc':>4} {'margin':>7}"]
     for c, r in summary["results"].items():
         ch, rj = r["heldout_logps_chosen"], r["heldout_logps_rejected"]
         cases = [" ".join(f"{f[k]:.2f}" for k in ("case1", "case2", "case3")) if f else "-"
                  for f in (r.get("case_fractions"), r.get("step_case_fractions"), r.get("real_case_fractions"))]
         lines.append(f"{c:13} {ch[0]:8.3f} -> {ch[1]:8.3f} {rj[0]:8.3f} -> {rj[1]:8.3f} {r['cos_last_half']:+6.3f}   "
-                     f"{cases[0]:<15}{cases[1]:<15}{cases[2]:<15}{r['heldout_accuracy_final']:4.2f}")
+                     f"{cases[0]:<15}{cases[1]:<15}{cases[2]:<15}{r['heldout_accuracy_final']:4.2f} "
+                     f"{r['heldout_margin_final']:7.3f}")
     lines.append("")
     for p in summary["predictions"]:
         lines.append(f"{'held  ' if p['held'] else 'FAILED'} {p['config']}: {p['claim']} ({p['measured']})")
+    for p in summary.get("predictions_sgd", []):
+        lr = summary["sgd_lr"].get(p["config"])
+        lines.append(f"{'held  ' if p['held'] else 'FAILED'} {p['config']} (SGD{f', lr {lr:.3g}' if lr else ''}): "
+                     f"{p['claim']} ({p['measured']})")
     for c, r in summary["results"].items():
         t = r.get("heldout_token_changes")
         if t:
