@@ -242,3 +242,22 @@ def test_sentiment_study_with_sgd_matches_adamws_first_step_exactly(tmp_path, mo
     move = {k: r["entanglement/step_dlogp_w"] - r["entanglement/step_dlogp_l"] for k, r in first.items()}
     assert move["single-sgd"] == pytest.approx(move["single"], rel=1e-3)
     assert "(SGD, lr" in sentiment.format_table(summary)
+
+
+def test_scan_filter_study_on_tiny_trains_each_filtered_set(tmp_path):
+    from entangle.studies import scan_filter
+
+    out = tmp_path / "sf"
+    summary = scan_filter.run(str(out), model="tiny", n_train=32, steps=2)
+    rows = [json.loads(x) for x in (out / "scan" / "scan.jsonl").read_text().splitlines()]
+    assert len(rows) == 32 and set(summary["results"]) == set(scan_filter.CRITERIA)
+    for name, criterion in scan_filter.CRITERIA.items():
+        kept = scan_filter.kept(rows, criterion)
+        lines = (out / "scan" / f"kept-{name}.jsonl").read_text().splitlines()
+        assert len(lines) == len(kept) == summary["results"][name]["pairs"]
+        assert f"kept-{name}.jsonl" in (out / name / "config.yaml").read_text()
+    assert summary["results"]["full"]["pairs"] == 32 and summary["results"]["cos-q75"]["pairs"] == 24
+    assert "held-out chosen" in scan_filter.format_table(summary)
+    before = (out / "scan" / "scan.jsonl").stat().st_mtime_ns
+    scan_filter.run(str(out), model="tiny", n_train=32, steps=2, report=False)     # the scan is reused
+    assert (out / "scan" / "scan.jsonl").stat().st_mtime_ns == before

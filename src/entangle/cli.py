@@ -216,6 +216,16 @@ def _study_overoptimization(args) -> int:
     return 0
 
 
+def _study_scan_filter(args) -> int:
+    from entangle.studies import scan_filter
+
+    summary = scan_filter.run(args.out, model=args.model, data=args.data, eval_data=args.eval_data,
+                              n_train=args.n_train, steps=args.steps, seed=args.seed, extra=args.overrides)
+    print(scan_filter.format_table(summary))
+    print(f"study: {args.out}/summary.json\nreport: {os.path.join(args.out, summary['report'])}")
+    return 0
+
+
 def _report(args) -> int:
     from entangle.report import write_report
 
@@ -321,6 +331,17 @@ def _study_parsers(sub) -> None:
     oo.add_argument("--out", default="runs/overoptimization")
     oo.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     oo.set_defaults(func=_study_overoptimization)
+    sf = st.add_parser("scan-filter", help="DPO on the full set and on the sets `entangle scan` filters (no predicted "
+                       "case 2, lowest 75%% cosine, lowest 75%% CHES): does the scan predict anything?")
+    sf.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default) | tiny | a folder or hub id")
+    sf.add_argument("--data", help="training pairs (default: HH helpful-base train; generated for tiny)")
+    sf.add_argument("--eval-data", help="held-out pairs")
+    sf.add_argument("--n-train", type=int, help="pairs scanned and trained from (default 200; 128 for tiny)")
+    sf.add_argument("--steps", type=int, help="optimiser steps per run (the same for every set)")
+    sf.add_argument("--seed", type=int, default=0)
+    sf.add_argument("--out", default="runs/scan-filter")
+    sf.add_argument("overrides", nargs="*", help="extra config overrides for every run")
+    sf.set_defaults(func=_study_scan_filter)
 
 
 def _sampling_parsers(sub) -> None:
