@@ -1,0 +1,354 @@
+"""entangle inside TRL's `DPOTrainer`: entanglement diagnostics and an exact trust-region reference as callbacks.
+
+    from entangle.integrations.trl import EntanglementCallback, TrustRegionCallback
+    trainer = DPOTrainer(model=..., args=DPOConfig(...), train_dataset=...,
+                         callbacks=[EntanglementCallback(every=1), TrustRegionCallback(alpha=0.6, tau=1)])
+
+`EntanglementCallback` measures, on every `every`-th optimiser step, entangle's per-pair statistics of the
+pairs of that step from the trainer's own forward and backward: on those steps the policy's forward computes
+the response log-probs through entangle's response-only LM head (the same numbers TRL's fused head gives, to
+float rounding) while entangle's gradient recorder listens on the policy's modules. The means go into TRL's
+own logs (`entanglement/*`, so every `report_to` sees them); `entanglement.jsonl` and `metrics.jsonl` go to
+the output directory, so `entangle report OUTPUT_DIR` draws a TRL run.
+
+`TrustRegionCallback` makes the reference move (TR-DPO): soft `θ_ref ← αθ + (1−α)θ_ref` every `tau` steps, with
+entangle's `TrustRegionReference` (float32 blends; for LoRA, base + the reference's own dense adapter delta,
+exactly), and feeds its log-probs to the trainer as precomputed reference log-probs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from transformers import TrainerCallback
+
+from entangle import losses
+from entangle.batching import Batch
+from entangle.diagnostics.probe import EntanglementProbe
+from entangle.errors import ConfigError
+from entangle.logps import HeadRows, PairLogps, response_logits, split_model
+from entangle.metrics import Metrics
+from entangle.models import is_peft, set_activation_checkpointing
+
+# TRL loss_type -> (entangle loss, the trainer attributes its hyper-parameters come from)
+LOSS_TYPES = {
+    "sigmoid": ("dpo", {"beta": "beta", "label_smoothing": "label_smoothing"}),
+    "ipo": ("ipo", {"beta": "beta"}),
+    "hinge": ("slic", {"beta": "beta"}),
+    "robust": ("robust", {"beta": "beta", "label_smoothing": "label_smoothing"}),
+    "exo_pair": ("exo", {"beta": "beta", "label_smoothing": "label_smoothing"}),
+    "nca_pair": ("nca", {"beta": "beta"}),
+    "sppo_hard": ("sppo", {"beta": "beta"}),
+    "apo_zero": ("apo_zero", {"beta": "beta"}),
+    "apo_down": ("apo_down", {"beta": "beta"}),
+    "discopop": ("discopop", {"beta": "beta", "discopop_tau": "args.discopop_tau"}),
+}
+
+
+def find_trainer():
+    """The `transformers.Trainer` whose callback is running (found on the call stack)."""
+    from transformers import Trainer
+
+    for frame in inspect.stack()[1:]:
+        candidate = frame.frame.f_locals.get("self")
+        if isinstance(candidate, Trainer):
+            return candidate
+    raise ConfigError("entangle's TRL callbacks run inside a Trainer; pass trainer=... when calling them by hand")
+
+
+def trainer_loss(trainer) -> losses.Loss:
+    """entangle's loss for the trainer's loss_type, or a ConfigError saying what is supported."""
+    types = list(getattr(trainer, "loss_types", None) or [getattr(trainer.args, "loss_type", "sigmoid")])
+    supported = ", ".join(sorted(LOSS_TYPES))
+    if len(types) != 1 or types[0] not in LOSS_TYPES:
+        raise ConfigError(f"EntanglementCallback: loss_type {types} is not supported; one of: {supported}")
+    for attr, ok, why in (("f_divergence_type", "reverse_kl", "f_divergence_type"), ("ld_alpha", None, "ld_alpha"),
+                          ("use_weighting", False, "use_weighting")):
+        value = getattr(trainer, attr, ok)
+        if value != ok and not (ok is False and not value):
+            raise ConfigError(f"EntanglementCallback: {why}={value!r} is not supported (its per-token weights are "
+                              "not one coefficient per response); use the defaults")
+    name, params = LOSS_TYPES[types[0]]
+
+    def read(path):
+        obj = trainer
+        for part in path.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    return losses.get(name, **{k: read(v) for k, v in params.items()})
+
+
+def pair_batch(inputs: dict) -> Batch:
+    """entangle's view of a TRL DPO batch: rows chosen then rejected; completion_mask marks the responses."""
+    resp = inputs["completion_mask"].bool()
+    return Batch(inputs["input_ids"], inputs["attention_mask"], resp,
+                 torch.arange(inputs["input_ids"].shape[0] // 2))
+
+
+def split_rows(batch: Batch) -> list:
+    """The pairs of a concatenated batch as entangle's `TokenizedPair`s (prompt, chosen, rejected token ids)."""
+    from entangle.data import TokenizedPair
+
+    B, out = batch.n_rows // 2, []
+    for i in range(B):
+        parts = []
+        for r in (i, B + i):
+            ids = batch.input_ids[r][batch.attention_mask[r].bool()].tolist()
+            resp = batch.response_mask[r][batch.attention_mask[r].bool()]
+            start = int(resp.float().argmax())
+            parts.append((ids[:start], ids[start:]))
+        out.append(TokenizedPair(parts[0][0], parts[0][1], parts[1][1], i))
+    return out
+
+
+@dataclass
+class _Output:
+    """What TRL's DPO loss reads off a fused-head forward (`FusedCausalLMOutput`), per token [N, T-1]."""
+
+    log_probs: torch.Tensor
+    entropy: torch.Tensor
+    mean_logits: torch.Tensor
+    is_top1: torch.Tensor
+    label_mask: torch.Tensor
+    loss: torch.Tensor
+    log_sum_sq_probs: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+def scored_forward(lm, input_ids, attention_mask=None, labels=None, **kwargs) -> tuple[_Output, torch.Tensor]:
+    """TRL's fused-head forward through entangle's response-only head -> (output, target mask [N, T-1]).
+    The LM head runs as a module on the K scored positions, so a gradient recorder sees it."""
+    decoder, head, cfg = split_model(lm)
+    N, T = input_ids.shape
+    target = (labels != -100)[:, 1:]                                                    # [N, T-1]
+    rows = torch.arange(N, device=input_ids.device)[:, None].expand(N, T - 1)[target]   # [K]
+    kwargs.pop("use_cache", None)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state
+    if HeadRows.listeners:
+        HeadRows.rows = rows
+        HeadRows.positions = torch.arange(T - 1, device=input_ids.device)[None].expand(N, T - 1)[target]
+    try:
+        logits = response_logits(head, cfg, hidden[:, :-1][target])                     # [K, V]
+    finally:
+        HeadRows.rows = HeadRows.positions = None
+    targets = input_ids[:, 1:][target]
+    logp = torch.log_softmax(logits, -1)
+    tok = logp.gather(1, targets[:, None])[:, 0]                                        # [K]
+
+    def spread(x):
+        return x.new_zeros(target.shape).masked_scatter(target, x)
+
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1)
+        extra = {"entropy": spread(entropy), "mean_logits": spread(logits.mean(-1)),
+                 "is_top1": spread(logits.argmax(-1) == targets)}
+    per_token = spread(tok)
+    loss = -per_token.sum() / target.sum().clamp(min=1)
+    return _Output(per_token, label_mask=target, loss=loss, **extra), target
+
+
+class EntanglementCallback(TrainerCallback):
+    """entangle's per-pair entanglement statistics inside TRL's DPOTrainer, every `every` optimiser steps.
+
+    method: "fast" (the recorder on the trainer's own backward; falls back to one backward per response where
+    it cannot be exact) or "exact". tokens: exact per-token views of that many pairs of each measured step
+    (`entanglement_tokens/step-N.json`). output_dir: where `entanglement.jsonl` and `metrics.jsonl` go (default:
+    the trainer's output_dir)."""
+
+    def __init__(self, every: int = 1, method: str = "fast", tokens: int | bool = False, output_dir: str | None = None,
+                 trainer=None):
+        if not isinstance(every, int) or every < 1:
+            raise ConfigError(f"EntanglementCallback: every must be an integer >= 1 (got {every!r})")
+        if method not in ("fast", "exact"):
+            raise ConfigError(f"EntanglementCallback: method must be 'fast' or 'exact' (got {method!r})")
+        self.every, self.method, self.tokens = every, method, int(tokens)
+        self.output_dir, self.trainer = output_dir, trainer
+        self.probe = None
+        self.active = False
+
+    # -- set-up
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer = self.trainer or find_trainer()
+        self.loss_fn = trainer_loss(trainer)
+        self.output_dir = self.output_dir or args.output_dir
+        lm = trainer.accelerator.unwrap_model(trainer.model)
+        self.lm = lm
+        target = lm.get_base_model() if is_peft(lm) else lm
+        if split_model(target) is None:
+            raise ConfigError(f"EntanglementCallback: {type(target).__name__} has no decoder/LM-head layout entangle "
+                              "knows (transformers causal LMs without logit scaling)")
+        self.checkpointing = bool(getattr(args, "gradient_checkpointing", False))
+        self.probe = EntanglementProbe(lm, self.every, realised=False, method=self.method, tokens=0)
+        self._patch(target, policy=True)
+        if getattr(trainer, "ref_model", None) is not None:
+            ref = trainer.accelerator.unwrap_model(trainer.ref_model)
+            self._patch(ref, policy=False)
+        self._compute_loss = trainer._compute_loss
+        trainer._compute_loss = self._wrapped_compute_loss
+        if trainer.accelerator.is_main_process:
+            os.makedirs(self.output_dir, exist_ok=True)
+            for name in ("entanglement.jsonl", "metrics.jsonl"):
+                if state.global_step == 0 and os.path.exists(os.path.join(self.output_dir, name)):
+                    os.remove(os.path.join(self.output_dir, name))
+
+    def _patch(self, module, policy: bool) -> None:
+        fused = module.forward
+
+        def forward(*args, fused_lm_head=False, labels=None, **kw):
+            if not (self.active and fused_lm_head):
+                return fused(*args, fused_lm_head=fused_lm_head, labels=labels, **kw)
+            kw.pop("shift_labels", None), kw.pop("num_items_in_batch", None)
+            ids = args[0] if args else kw.pop("input_ids")
+            out, target = scored_forward(module, ids, labels=labels, **kw)
+            sums = out.log_probs.sum(1)
+            if policy and torch.is_grad_enabled():
+                self.policy_sums, self.lengths = sums.detach(), target.sum(1)
+                first = target.float().argmax(1)                      # a response position of each row
+                rec = self.probe.recording
+                if rec is not None:
+                    out.log_probs.register_hook(
+                        lambda g: setattr(rec, "coef", g[torch.arange(g.shape[0]), first].detach()))
+            elif not torch.is_grad_enabled():
+                self.reference_sums = sums.detach()
+            return out
+
+        module.forward = forward
+        self._restore = getattr(self, "_restore", []) + [(module, fused)]
+
+    def _wrapped_compute_loss(self, model, inputs, return_outputs=False):
+        if self.active and model.training:
+            self.batch = pair_batch(inputs)
+            self.reference_sums = None
+            if "ref_chosen_logps" in inputs:
+                self.reference_sums = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).detach()
+            self.probe.before_forward(self.batch)
+        return self._compute_loss(model, inputs, return_outputs)
+
+    # -- each step
+    def on_step_begin(self, args, state, control, **kwargs):
+        step = state.global_step + 1
+        self.active = self.probe is not None and self.probe.due(step)
+        if self.active:
+            if self.checkpointing:   # recomputed forwards would be recorded twice
+                set_activation_checkpointing(self.lm, False)
+            self.n_pairs, self.offset, self.token_pairs = 0, 0, []
+            self.probe.on_step_start(step, self.trainer.lr_scheduler.get_last_lr()[0])
+
+    def _after_backward(self) -> None:
+        if not self.active or getattr(self, "batch", None) is None:
+            return
+        pc, pr = self.policy_sums.chunk(2)
+        ref = self.reference_sums.to(pc.device).chunk(2) if self.reference_sums is not None else (None, None)
+        lc, lr = self.lengths.chunk(2)
+        logps = PairLogps(pc, pr, *ref, lc, lr)
+        B = len(pc)
+        if self.tokens and not self.token_pairs:
+            self.token_pairs = split_rows(self.batch)[: self.tokens]
+        self.batch.index = torch.arange(B) + self.offset
+        self.probe.after_backward(self.batch, logps, self.loss_fn)
+        self.offset += B
+        self.n_pairs += B
+        self.batch = None
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._after_backward()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._after_backward()
+        if self.active:
+            self.probe.before_optimizer(self.trainer.accelerator, self.n_pairs)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if not self.active:
+            return
+        from accelerate.utils import gather_object
+
+        self.probe.after_optimizer(self.trainer.model, [])
+        metrics, rows = self.probe.finish()
+        metrics.add("n_pairs", float(self.n_pairs), "sum")
+        acc = self.trainer.accelerator
+        means = metrics.reduce(acc)
+        step = state.global_step + 1
+        for key, value in means.items():
+            if key.startswith("entanglement/"):
+                self.trainer._metrics["train"][key].append(value)
+        rows = gather_object([{"step": step, "process": acc.process_index, **r} for r in rows])
+        if acc.is_main_process:
+            with open(os.path.join(self.output_dir, "entanglement.jsonl"), "a") as f:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
+        if self.token_pairs and acc.is_main_process:
+            from entangle.diagnostics.views import save_token_views
+
+            save_token_views(self.output_dir, f"step-{step}", self.lm, self.trainer.processing_class, self.token_pairs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.active and self.checkpointing:
+            set_activation_checkpointing(self.lm, True)
+        self.active = False
+
+    # -- logs: TRL's rows as metrics.jsonl, so `entangle report` reads the run
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and self.trainer is not None and self.trainer.accelerator.is_main_process and "loss" in logs:
+            row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+            with open(os.path.join(self.output_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for module, fused in getattr(self, "_restore", []):
+            module.forward = fused
+        self._restore = []
+        if self.trainer is not None and getattr(self, "_compute_loss", None) is not None:
+            self.trainer._compute_loss = self._compute_loss
+
+
+class TrustRegionCallback(TrainerCallback):
+    """TR-DPO for TRL, LoRA included: the reference moves by `θ_ref ← αθ + (1−α)θ_ref` every `tau` optimiser steps
+    (entangle's `TrustRegionReference`: float32 blends; LoRA: base + its own dense adapter delta, exactly), and its
+    log-probs reach the loss as TRL's precomputed reference log-probs."""
+
+    def __init__(self, alpha: float = 0.6, tau: int = 1, trainer=None):
+        if not 0.0 <= alpha <= 1.0:
+            raise ConfigError(f"TrustRegionCallback: alpha must be in [0, 1] (got {alpha!r})")
+        if not isinstance(tau, int) or tau < 1:
+            raise ConfigError(f"TrustRegionCallback: tau must be an integer >= 1 (got {tau!r})")
+        self.alpha, self.tau, self.trainer = alpha, tau, trainer
+        self.reference = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from entangle.reference import TrustRegionReference
+
+        trainer = self.trainer = self.trainer or find_trainer()
+        if getattr(args, "sync_ref_model", False):
+            raise ConfigError("TrustRegionCallback replaces TRL's sync_ref_model; set sync_ref_model=False")
+        lm = trainer.accelerator.unwrap_model(trainer.model)
+        self.reference = TrustRegionReference(lm, self.alpha, self.tau)
+        self._compute_loss = trainer._compute_loss
+        self._precompute = trainer.precompute_ref_logps
+        trainer.precompute_ref_logps = True          # the loss reads the reference from the inputs we fill
+        trainer._compute_loss = self._wrapped_compute_loss
+
+    def _wrapped_compute_loss(self, model, inputs, return_outputs=False):
+        with torch.no_grad():
+            ref = self.reference.logps(pair_batch(inputs)).detach()
+        chosen, rejected = ref.chunk(2)
+        return self._compute_loss(model, {**inputs, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected},
+                                  return_outputs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.reference.after_step(state.global_step, self.trainer.accelerator.unwrap_model(self.trainer.model))
+        for key, value in self.reference.metrics().items():
+            self.trainer._metrics["train"][key].append(value)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.trainer is not None:
+            self.trainer._compute_loss = self._compute_loss
+            self.trainer.precompute_ref_logps = self._precompute
+
+
+__all__ = ["EntanglementCallback", "TrustRegionCallback", "LOSS_TYPES"]
