@@ -31,7 +31,7 @@ test-fast: setup lint
 	$(PY) -m pytest -q -m "not slow and not distributed and not study"
 
 lint: setup
-	$(PY) -m ruff check --select F src tests benchmarks
+	$(PY) -m ruff check --select F src tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) runs

@@ -31,7 +31,6 @@ from entangle.batching import Batch
 from entangle.diagnostics.probe import EntanglementProbe
 from entangle.errors import ConfigError
 from entangle.logps import HeadRows, PairLogps, response_logits, split_model
-from entangle.metrics import Metrics
 from entangle.models import is_peft, set_activation_checkpointing
 
 # TRL loss_type -> (entangle loss, the trainer attributes its hyper-parameters come from)
