@@ -135,3 +135,15 @@ def test_samples_file_rows_are_json(tmp_path):
     written = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert len(written) == len(rows) == 6
     assert {"prompt", "completion", "sample", "tokens", "logp"} <= set(written[0])
+
+
+def test_a_moving_reference_is_rebuilt_with_its_update_count_from_a_run_and_a_checkpoint(tmp_path):
+    from entangle.generation import load_moving_reference
+
+    out = tmp_path / "run"
+    train(config.load(None, ["model.name=tiny", "data.train=synthetic:sentiment?config=short&n=32", "data.eval=null",
+                             "train.batch_size=4", "train.max_steps=4", "train.save_every=2", "reference.type=hard",
+                             "reference.tau=2", "tracking.progress=false", f"train.output_dir={out}"]))
+    checkpoint = str(out / "checkpoints" / "step-2")
+    assert load_moving_reference(checkpoint, load_policy(checkpoint)).updates == 1
+    assert load_moving_reference(str(out), load_policy(str(out))).updates == 2

@@ -89,8 +89,14 @@ def load_moving_reference(spec: str, policy: "LoadedPolicy"):
     with safe_open(path, "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = f.metadata() or {}
+    updates = meta.get("ref_updates")
+    if updates is None and kind == "checkpoint":   # a checkpoint keeps the count in its trainer_state.json
+        import json
+
+        with open(os.path.join(spec, "trainer_state.json")) as f:
+            updates = json.load(f).get("ref_updates", 0)
     ref = TrustRegionReference(policy.model, alpha, tau)
-    ref.load_state_tensors(tensors, int(meta.get("ref_updates", 0)))
+    ref.load_state_tensors(tensors, int(updates or 0))
     return ref
 
 
