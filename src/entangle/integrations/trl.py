@@ -157,16 +157,17 @@ class EntanglementCallback(TrainerCallback):
     method: "fast" (the recorder on the trainer's own backward; falls back to one backward per response where
     it cannot be exact) or "exact". tokens: exact per-token views of that many pairs of each measured step
     (`entanglement_tokens/step-N.json`). output_dir: where `entanglement.jsonl` and `metrics.jsonl` go (default:
-    the trainer's output_dir)."""
+    the trainer's output_dir). batch_mean: also the batch-mean gradient quantities (`entanglement/batch_*`; two
+    gradient-sized sums more per measured step)."""
 
     def __init__(self, every: int = 1, method: str = "fast", tokens: int | bool = False, output_dir: str | None = None,
-                 trainer=None):
+                 batch_mean: bool = False, trainer=None):
         if not isinstance(every, int) or every < 1:
             raise ConfigError(f"EntanglementCallback: every must be an integer >= 1 (got {every!r})")
         if method not in ("fast", "exact"):
             raise ConfigError(f"EntanglementCallback: method must be 'fast' or 'exact' (got {method!r})")
         self.every, self.method, self.tokens = every, method, int(tokens)
-        self.output_dir, self.trainer = output_dir, trainer
+        self.output_dir, self.trainer, self.batch_mean = output_dir, trainer, batch_mean
         self.probe = None
         self.active = False
 
@@ -182,7 +183,8 @@ class EntanglementCallback(TrainerCallback):
             raise ConfigError(f"EntanglementCallback: {type(target).__name__} has no decoder/LM-head layout entangle "
                               "knows (transformers causal LMs without logit scaling)")
         self.checkpointing = bool(getattr(args, "gradient_checkpointing", False))
-        self.probe = EntanglementProbe(lm, self.every, realised=False, method=self.method, tokens=0)
+        self.probe = EntanglementProbe(lm, self.every, realised=False, method=self.method, batch_mean=self.batch_mean,
+                                       tokens=0)
         self._patch(target, policy=True)
         if getattr(trainer, "ref_model", None) is not None:
             ref = trainer.accelerator.unwrap_model(trainer.ref_model)
