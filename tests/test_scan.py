@@ -134,3 +134,20 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         rc = main(["-q", "scan", *args, "--out", str(tmp_path / "out"), "--device", "cpu"])
         err = capsys.readouterr().err
         assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
+def test_a_partial_scan_measures_the_last_layers_exactly(name):
+    model, tok = models.load_model(name)
+    what = scanning.last_layers_only(model, 1)
+    assert what == "the last 1 of 2 decoder layers and the final norm"
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and not any(".0." in n or "embed" in n or "wte" in n or "lm_head" in n for n in trainable)
+    assert any(".1." in n for n in trainable) and any(n.endswith(("model.norm.weight", "ln_f.weight")) for n in trainable)
+    pairs = pairs_for(tok, 4)
+    rows = scanning.scan(model, tok, pairs, "dpo", batch_size=4)
+    exact = entanglement_stats(model, pairs, "exact", tok.pad_token_id)   # over the same (trainable) parameters
+    torch.testing.assert_close(torch.tensor([r["inner"] for r in rows], dtype=torch.float64), exact["inner"].double(),
+                               rtol=2e-4, atol=1e-6)
+    with pytest.raises(Exception, match="--layers must be in \\[1, 2\\]"):
+        scanning.last_layers_only(model, 3)

@@ -126,10 +126,11 @@ def scan(model: str, data: str, out: str | None = None, loss: str = "dpo", loss_
          max_prompt_length: int | None = None, limit: int | None = None, split: str = "train", lora_r: int = 0,
          drop_case: tuple[int, ...] = (), max_cos: float | None = None, max_ches_quantile: float | None = None,
          max_ches_norm_quantile: float | None = None, keep_path: str | None = None, device: str = "auto",
-         dtype: str = "auto", progress: bool = False) -> dict:
+         dtype: str = "auto", progress: bool = False, layers: int | None = None) -> dict:
     """`entangle scan`: every pair of `data` scored at `model` before training (`scanning.py`). With `out`:
     `out/scan.jsonl`, `out/summary.json`, `out/report.html`; with any filter, the pairs that pass are written
-    in the input's format to `keep_path` (default `out/kept.<ext>`). Returns {"rows", "summary", "kept", ...}."""
+    in the input's format to `keep_path` (default `out/kept.<ext>`). `layers`: measure the gradient over the last
+    that many decoder layers only (a faster, partial scan). Returns {"rows", "summary", "kept", ...}."""
     from entangle import losses, scanning
     from entangle.checkpoint import write_json
     from entangle.data import missing_file, read_examples, tokenize_pairs
@@ -141,6 +142,7 @@ def scan(model: str, data: str, out: str | None = None, loss: str = "dpo", loss_
               (tokens >= 0, f"--tokens must be >= 0 (got {tokens})"),
               (max_length is None or max_length >= 2, f"--max-length must be >= 2 (got {max_length})"),
               (lora_r >= 0, f"--lora-r must be >= 0 (got {lora_r})"),
+              (layers is None or layers >= 1, f"--layers must be >= 1 (got {layers})"),
               (all(c in (0, 1, 2, 3) for c in drop_case), f"--drop-case takes cases 0-3 (got {list(drop_case)})"),
               (max_cos is None or -1 <= max_cos <= 1, f"--max-cos must be in [-1, 1] (got {max_cos})")]
     for q, name in ((max_ches_quantile, "--max-ches-quantile"), (max_ches_norm_quantile, "--max-ches-norm-quantile")):
@@ -171,11 +173,15 @@ def scan(model: str, data: str, out: str | None = None, loss: str = "dpo", loss_
     else:
         loaded = load_policy(model, dtype, dev)
         lm, tokenizer = loaded.model, loaded.tokenizer
+    measured = "all trainable parameters" if not lora_r else f"fresh LoRA adapters of rank {lora_r}"
+    if layers:
+        measured = scanning.last_layers_only(lm, layers)
     pairs, stats = tokenize_pairs(examples, tokenizer, max_length, max_prompt_length)
     if not pairs:
         raise DataError(f"{data}: every pair was dropped by truncation; raise --max-length")
     rows = scanning.scan(lm, tokenizer, pairs, loss, loss_params, method, batch_size, progress)
     summary = {"model": model, "data": data, "loss": loss, "method": method, "max_length": max_length,
+               "gradient_over": measured,
                "pairs_read": len(examples), "pairs_dropped": stats.n_dropped, **scanning.summarise(rows)}
     result = {"rows": rows, "summary": summary, "kept": None}
     if filtering or keep_path:

@@ -146,7 +146,7 @@ def _scan(args) -> int:
                   max_prompt_length=args.max_prompt_length, limit=args.limit, split=args.split, lora_r=args.lora_r,
                   drop_case=tuple(args.drop_case), max_cos=args.max_cos, max_ches_quantile=args.max_ches_quantile,
                   max_ches_norm_quantile=args.max_ches_norm_quantile, keep_path=args.keep, device=args.device,
-                  dtype=args.dtype, progress=not args.quiet)
+                  dtype=args.dtype, progress=not args.quiet, layers=args.layers)
     s = result["summary"]
     cases = s["cases"]
     print(f"{s['pairs']} pairs: case 1 {cases['1']:.1%}, case 2 {cases['2']:.1%}, case 3 {cases['3']:.1%}; "
@@ -174,6 +174,8 @@ def _scan_parser(sub) -> None:
     sc.add_argument("--limit", type=int, help="first N pairs")
     sc.add_argument("--split", default="train", help="split for datasets folders and hub ids")
     sc.add_argument("--lora-r", type=int, default=0, help="scan the gradients of fresh LoRA adapters of rank R")
+    sc.add_argument("--layers", type=int, help="measure the gradient over the last K decoder layers only (faster: "
+                    "the backward stops there)")
     sc.add_argument("--drop-case", type=int, nargs="+", default=[], metavar="CASE",
                     help="filter: drop pairs whose predicted case is one of these (2: both down)")
     sc.add_argument("--max-cos", type=float, help="filter: drop pairs whose gradient cosine is above this")

@@ -90,6 +90,27 @@ def recorded_pass(model, batch: Batch):
     return stats, out.logps.detach(), sums, out.lengths
 
 
+def last_layers_only(model, k: int) -> str:
+    """Make only the last `k` decoder layers (and the final norm) trainable, so that the scan measures the gradient
+    over them and the backward stops at layer L - k. Returns what is measured, in words. A LoRA model keeps only
+    those layers' adapters."""
+    parts = split_model(model)
+    decoder = parts[0] if parts is not None else None
+    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
+    if layers is None:
+        raise DataError(f"--layers: {type(model).__name__} has no decoder layer list entangle knows")
+    if not 1 <= k <= len(layers):
+        raise DataError(f"--layers must be in [1, {len(layers)}] for this model (got {k})")
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    keep = set()
+    for module in [*layers[-k:], getattr(decoder, "norm", None) or getattr(decoder, "ln_f", None)]:
+        if module is not None:
+            keep |= {id(p) for p in module.parameters() if id(p) in trainable}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    return f"the last {k} of {len(layers)} decoder layers and the final norm"
+
+
 def ches(chosen_sums: torch.Tensor, rejected_sums: torch.Tensor, chosen_lengths, rejected_lengths):
     """CHES = <sum h(y+), sum h(y-)> - |sum h(y+)|^2, and the length-normalised form with the means
     (sum h / |y|) in place of the sums; shapes [B, d] -> [B], [B]."""
