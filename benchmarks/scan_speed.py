@@ -1,7 +1,7 @@
 """Time of `entangle scan` per pair, and the projected time of a whole file.
 
     python benchmarks/scan_speed.py [--model smollm2-135m] [--data HH_TRAIN] [--pairs 64] [--batch-size 4]
-                                    [--max-length 512] [--method fast]
+                                    [--max-length 512] [--method fast] [--layers K]
 
 Scans the first --pairs pairs (0 = all) in one process, prints seconds per pair (median over batches)
 and the projection for the whole file. The model loads before the clock starts.
@@ -27,9 +27,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--method", default="fast")
+    ap.add_argument("--layers", type=int, help="the gradient over the last K decoder layers only")
     args = ap.parse_args()
     examples, _ = data.read_examples(args.data)
     model, tok = models.load_model(args.model)
+    what = scanning.last_layers_only(model, args.layers) if args.layers else "all parameters"
     pairs, stats = data.tokenize_pairs(examples, tok, args.max_length)
     chosen = pairs[: args.pairs] if args.pairs else pairs
     per_batch = []
@@ -40,7 +42,7 @@ def main() -> None:
         per_batch.append((time.time() - t) / len(chosen[s : s + args.batch_size]))
     total = time.time() - t0
     med = statistics.median(per_batch)
-    print(f"{args.model}, {len(chosen)} pairs of {len(pairs)} ({stats.n_dropped} dropped at max length "
+    print(f"{args.model} ({what}), {len(chosen)} pairs of {len(pairs)} ({stats.n_dropped} dropped at max length "
           f"{args.max_length}), batch {args.batch_size}, {args.method}: {total:.1f} s, median {med:.3f} s/pair; "
           f"projected for all {len(pairs)} pairs: {med * len(pairs) / 60:.1f} min")
 
