@@ -174,6 +174,11 @@ class EntanglementCallback(TrainerCallback):
     # -- set-up
     def on_train_begin(self, args, state, control, **kwargs):
         trainer = self.trainer = self.trainer or find_trainer()
+        import trl.trainer.utils as trl_utils
+
+        if not hasattr(trl_utils, "add_fused_lm_head"):
+            raise ConfigError("EntanglementCallback needs a TRL whose DPOTrainer computes log-probs with its fused LM "
+                              "head (TRL 1.16 does); upgrade trl")
         self.loss_fn = trainer_loss(trainer)
         self.output_dir = self.output_dir or args.output_dir
         lm = trainer.accelerator.unwrap_model(trainer.model)
@@ -224,7 +229,7 @@ class EntanglementCallback(TrainerCallback):
     def _wrapped_compute_loss(self, model, inputs, return_outputs=False):
         if self.active and model.training:
             self.batch = pair_batch(inputs)
-            self.reference_sums = None
+            self.reference_sums = self.policy_sums = None
             if "ref_chosen_logps" in inputs:
                 self.reference_sums = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).detach()
             self.probe.before_forward(self.batch)
@@ -243,6 +248,9 @@ class EntanglementCallback(TrainerCallback):
     def _after_backward(self) -> None:
         if not self.active or getattr(self, "batch", None) is None:
             return
+        if getattr(self, "policy_sums", None) is None:
+            raise ConfigError("EntanglementCallback: the policy's forward did not take TRL's fused-head path this "
+                              "version of TRL uses; entangle cannot see the response log-probs")
         pc, pr = self.policy_sums.chunk(2)
         ref = self.reference_sums.to(pc.device).chunk(2) if self.reference_sums is not None else (None, None)
         lc, lr = self.lengths.chunk(2)
