@@ -27,10 +27,10 @@ def make_trainer(folder, out, callbacks=(), lr=1e-3, steps=2, batch=4, accum=1, 
 
     pairs = synthetic.from_source("synthetic:sentiment?config=short&n=16")
     data = Dataset.from_list([{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs])
+    settings = {"save_strategy": "no", **extra}
     args = trl.DPOConfig(output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
                          max_steps=steps, learning_rate=lr, lr_scheduler_type="constant", logging_steps=1,
-                         report_to=[], use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True, seed=0,
-                         max_length=96, **extra)
+                         report_to=[], use_cpu=True, bf16=False, disable_tqdm=True, seed=0, max_length=96, **settings)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM") if peft else None
     trainer = trl.DPOTrainer(model=AutoModelForCausalLM.from_pretrained(folder), args=args, train_dataset=data,
                              processing_class=models.byte_tokenizer(), callbacks=list(callbacks), peft_config=lora)
@@ -124,3 +124,19 @@ def test_peft_tr_dpo_trains(tiny_folder, tmp_path):
     log = [h for h in trainer.state.log_history if "loss" in h]
     assert log[-1]["rewards/margins"] != 0 and log[-1]["ref/updates"] == 4
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in log)
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+def test_a_resumed_tr_dpo_run_continues_the_reference(tiny_folder, tmp_path, peft):
+    whole = TrustRegionCallback(alpha=0.5, tau=1)
+    make_trainer(tiny_folder, tmp_path / "a", [whole], steps=4, lr=1e-2, peft=peft).train()
+    first = TrustRegionCallback(alpha=0.5, tau=1)
+    make_trainer(tiny_folder, tmp_path / "b", [first], steps=4, lr=1e-2, peft=peft, save_strategy="steps",
+                 save_steps=2).train()
+    resumed = TrustRegionCallback(alpha=0.5, tau=1)
+    trainer = make_trainer(tiny_folder, tmp_path / "b", [resumed], steps=4, lr=1e-2, peft=peft)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    assert resumed.reference.updates == whole.reference.updates == 4
+    a, b = whole.reference.state()[1], resumed.reference.state()[1]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)

@@ -316,6 +316,9 @@ class EntanglementCallback(TrainerCallback):
             self.trainer._compute_loss = self._compute_loss
 
 
+REFERENCE_FILE = "entangle_reference.safetensors"
+
+
 class TrustRegionCallback(TrainerCallback):
     """TR-DPO for TRL, LoRA included: the reference moves by `θ_ref ← αθ + (1−α)θ_ref` every `tau` optimiser steps
     (entangle's `TrustRegionReference`: float32 blends; LoRA: base + its own dense adapter delta, exactly), and its
@@ -337,6 +340,8 @@ class TrustRegionCallback(TrainerCallback):
             raise ConfigError("TrustRegionCallback replaces TRL's sync_ref_model; set sync_ref_model=False")
         lm = trainer.accelerator.unwrap_model(trainer.model)
         self.reference = TrustRegionReference(lm, self.alpha, self.tau)
+        if state.global_step > 0:   # resumed: the reference where the checkpoint left it
+            self._load(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
         self._compute_loss = trainer._compute_loss
         self._precompute = trainer.precompute_ref_logps
         trainer.precompute_ref_logps = True          # the loss reads the reference from the inputs we fill
@@ -353,6 +358,29 @@ class TrustRegionCallback(TrainerCallback):
         self.reference.after_step(state.global_step, self.trainer.accelerator.unwrap_model(self.trainer.model))
         for key, value in self.reference.metrics().items():
             self.trainer._metrics["train"][key].append(value)
+
+    def on_save(self, args, state, control, **kwargs):
+        """The reference beside TRL's checkpoint (`checkpoint-N/entangle_reference.safetensors`), so a resumed run
+        continues from it."""
+        from entangle.checkpoint import save_tensors
+
+        if self.reference is not None and self.trainer.accelerator.is_main_process:
+            meta, tensors = self.reference.state()
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            save_tensors(os.path.join(folder, REFERENCE_FILE), tensors, meta)
+
+    def _load(self, folder: str) -> None:
+        from safetensors import safe_open
+
+        path = os.path.join(folder, REFERENCE_FILE)
+        if not os.path.exists(path):
+            raise ConfigError(f"{folder} has no {REFERENCE_FILE}: it was saved without TrustRegionCallback, so the "
+                              "moving reference cannot continue; start over, or resume a checkpoint saved with it")
+        with safe_open(path, "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            updates = int((f.metadata() or {}).get("ref_updates", 0))
+        self.reference.load_state({"ref_updates": updates}, tensors)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.trainer is not None:
