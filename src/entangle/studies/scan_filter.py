@@ -73,6 +73,9 @@ def run(out: str = "runs/scan-filter", model: str = "smollm2-135m", data: str | 
         path = os.path.join(scan_dir, f"kept-{name}.jsonl")
         scanning.write_filtered(data, keep, path)
         log.info("scan-filter: %s keeps %d of %d pairs", name, len(keep), len(rows))
+        if name != "full" and len(keep) == len(rows):   # it drops nothing: the full set's run is this run
+            results[name] = {**results["full"], "same_as": "full"}
+            continue
         metrics = run_once([*base, f"data.train={os.path.abspath(path)}"], os.path.join(out, name))
         results[name] = {"pairs": len(keep), **summarise(metrics)}
         runs[name] = name
