@@ -51,6 +51,7 @@ FIGURES = [
         ("log pi - log pi_init on the batch (KL estimate)", ["ref/kl_to_init"]),
         ("held-out log-ratio margin vs the initial policy (not beta-scaled)", ["eval/ref/margin_vs_init"]),
         ("reference drift from its start", ["ref/drift"]),
+        ("KTO's reference point z0 (solid: train, dashed: held-out)", ["kl", "eval/kl"]),
         ("reference updates", ["ref/updates"])]),
     ("mask", "Sparse token mask", [
         ("mean token weight m_t (solid: train, dashed: held-out)", ["mask/mean", "eval/mask/mean"]),
@@ -60,7 +61,8 @@ FIGURES = [
         ("KL(policy || initial) from samples", ["eval/kl/initial"]),
         ("win rate against the initial policy", ["eval/win_rate"]),
         ("completion length (tokens)", ["eval/length/mean"])]),
-    ("speed", "Throughput", [("pairs per second", ["pairs_per_s"]), ("tokens per second", ["tokens_per_s"])]),
+    ("speed", "Throughput", [("pairs (KTO: examples) per second", ["pairs_per_s", "examples_per_s"]),
+                             ("tokens per second", ["tokens_per_s"])]),
 ]
 
 
