@@ -78,3 +78,14 @@ def test_missing_tracker_package_is_an_install_hint(tmp_path):
         pytest.skip("mlflow is installed here")
     p = entangle("-q", "train", "tracking.report_to=[mlflow]", f"train.output_dir={tmp_path / 'run'}")
     assert p.returncode == 2 and "pip install mlflow" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("args", [["study", "sentiment", "--optimizer", "lbfgs"], ["nope"], ["scan", "tiny"],
+                                  ["scan", "tiny", "--data", "x.jsonl", "--out", "o", "--layers", "two"]])
+def test_command_line_mistakes_are_one_line_too(args, capsys):
+    from entangle.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "--help" in err, err

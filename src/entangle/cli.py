@@ -236,8 +236,15 @@ def _report(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Command-line mistakes as one line (no usage block), exit 2, like every other input error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="entangle", description="Margin-based preference optimisation with "
+    p = _Parser(prog="entangle", description="Margin-based preference optimisation with "
                                 "gradient-entanglement diagnostics.")
     p.add_argument("--version", action="version", version=f"entangle {__version__}")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
