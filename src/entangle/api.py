@@ -187,6 +187,7 @@ def scan(model: str, data: str, out: str | None = None, loss: str = "dpo", loss_
     if filtering or keep_path:
         kept = scanning.keep(rows, drop_case, max_cos, max_ches_quantile, max_ches_norm_quantile)
         target = keep_path or os.path.join(out, scanning.filtered_name(data))
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
         scanning.write_filtered(data, kept, target, split)
         summary["filter"] = {"drop_case": list(drop_case), "max_cos": max_cos, "max_ches_quantile": max_ches_quantile,
                              "max_ches_norm_quantile": max_ches_norm_quantile, "kept": len(kept), "file": target}
@@ -195,6 +196,7 @@ def scan(model: str, data: str, out: str | None = None, loss: str = "dpo", loss_
         from entangle.diagnostics.tokens import to_json, token_gradients
         from entangle.report import write_scan_report
 
+        os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "scan.jsonl.tmp"), "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
@@ -218,11 +220,11 @@ def _flat_text(t) -> str:
 
 
 def _writable_folder(out: str) -> None:
+    """`out` can be written (it, or its nearest existing parent, is a writable folder); created only when written."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise DataError(f"--out {out} is a file; give a folder")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"--out {out}: cannot create it ({e.strerror})") from None
-    if not os.access(out, os.W_OK):
-        raise DataError(f"--out {out} is not writable; give a folder you can write")
+    here = os.path.abspath(out)
+    while not os.path.exists(here):
+        here = os.path.dirname(here)
+    if not os.path.isdir(here) or not os.access(here, os.W_OK):
+        raise DataError(f"--out {out} is not writable ({here}); give a folder you can write")
