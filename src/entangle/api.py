@@ -166,9 +166,9 @@ def scan(model: str, data: str, out: str | None = None, loss: str = "dpo", loss_
         examples = synthetic.from_source(data)[:limit]
     else:
         examples, _ = read_examples(data, split=split, limit=limit)   # every record checked before any model loads
-    resolve(model)
+    kind = resolve(model)[0]
     dev = _device(device)
-    if lora_r and resolve(model)[0] == "model":
+    if lora_r and kind == "model":
         lm, tokenizer = load_model(model, dtype, dev, LoraSettings(r=lora_r))
     else:
         loaded = load_policy(model, dtype, dev)

@@ -34,7 +34,7 @@ from entangle.mitigations import PairwiseNormalizer, make_token_mask
 from entangle.models import LoraSettings, count_parameters, is_peft, load_model
 from entangle.reference import Reference, make_reference, precompute_reference
 from entangle.rundir import check_output_dir, git_sha, is_run, prepare_run_dir
-from entangle.step import StepParts
+from entangle.step import Objective, StepParts, objective
 from entangle.version import __version__
 
 log = logging.getLogger("entangle")
@@ -63,6 +63,11 @@ class Run:
     total_steps: int
     resume_from: str | None
     info: dict = field(default_factory=dict)   # version, geometry, data statistics: summary.json and the log
+    objective: Objective | None = None          # what a batch item is: the loss's (`step.objective`)
+
+    def __post_init__(self):
+        if self.objective is None:
+            self.objective = objective(self.loss_fn)
 
     @property
     def is_main(self) -> bool:
@@ -75,7 +80,7 @@ class Run:
     @property
     def step_parts(self) -> StepParts:
         return StepParts(self.accelerator, self.policy, self.optimizer, self.scheduler, self.loss_fn, self.reference,
-                         self.cfg.train.max_grad_norm, self.initial, self.hooks, self.mask_l1)
+                         self.cfg.train.max_grad_norm, self.initial, self.hooks, self.mask_l1, self.objective)
 
     def context(self, step: int, step_pairs: list | None = None) -> HookContext:
         return HookContext(self.accelerator, self.cfg.train.output_dir, self.tokenizer, self.policy, step,
@@ -308,7 +313,7 @@ def build(cfg: DictConfig, hooks: Sequence[StepHook] = (), train_data=None, eval
     dtype = precision(mc.dtype, acc.device.type == "cuda")[0]
     model, tokenizer = load_model(mc.name, dtype, str(acc.device), lora, mc.trust_remote_code, seed=tc.seed)
     loss_fn = losses.get(cfg.loss.name, **OmegaConf.to_container(cfg.loss.params))
-    unpaired = not loss_fn.paired
+    unpaired, unit = not loss_fn.paired, objective(loss_fn).unit
     train_pairs, train_stats = load_pairs(cfg.data.train if train_data is None else train_data, tokenizer, cfg.data,
                                           cfg.data.split, cfg.data.max_train_examples, unpaired, tc.seed)
     eval_pairs, eval_stats = [], None
@@ -323,7 +328,7 @@ def build(cfg: DictConfig, hooks: Sequence[StepHook] = (), train_data=None, eval
     global_batch = tc.batch_size * tc.grad_accum * acc.num_processes
     steps_per_epoch = len(train_pairs) // global_batch
     if steps_per_epoch == 0:
-        raise TrainingError(f"{len(train_pairs)} training {'examples' if unpaired else 'pairs'} cannot fill one step "
+        raise TrainingError(f"{len(train_pairs)} training {unit} cannot fill one step "
                             f"of {global_batch} (batch_size x grad_accum x processes); lower train.batch_size")
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
     if cfg.eval.generate.every:

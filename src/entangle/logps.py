@@ -193,6 +193,25 @@ def _packed_logps(model, packed, n_rows: int) -> tuple[torch.Tensor, torch.Tenso
     return logps, packed.lengths
 
 
+def scored_head(parts, ids, attn, resp, **decoder_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder over the batch, then the LM head on the K hidden states that predict response tokens only:
+    (features [K, d], float32 logits [K, V]), K in row-major order of `resp[:, 1:]` (position t predicts token
+    t+1). `parts` is `split_model(model)`. While a gradient recorder listens, the head's row layout is published
+    in `HeadRows`."""
+    decoder, head, cfg = parts
+    N, T = ids.shape
+    target = resp[:, 1:]                                                                        # [N, T-1]
+    hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False, **decoder_kwargs).last_hidden_state
+    if HeadRows.listeners:                # lets a gradient recorder split the [K, d] head input by row
+        HeadRows.rows = torch.arange(N, device=ids.device)[:, None].expand(N, T - 1)[target]             # [K]
+        HeadRows.positions = torch.arange(T - 1, device=ids.device)[None].expand(N, T - 1)[target]       # [K]
+    try:
+        features = hidden[:, :-1][target]                                                       # [K, d]
+        return features, response_logits(head, cfg, features)                                   # [K, V]
+    finally:
+        HeadRows.rows = HeadRows.positions = None
+
+
 def _logps(model, ids, attn, resp, token_level: bool, token_mask=None) -> LogpsOut:
     N, T = ids.shape
     target = resp[:, 1:]                      # [N, T-1] position t predicts token t+1
@@ -200,16 +219,7 @@ def _logps(model, ids, attn, resp, token_level: bool, token_mask=None) -> LogpsO
     targets = ids[:, 1:][target]              # [K]
     parts = split_model(model)
     if parts is not None:
-        decoder, head, cfg = parts
-        hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state  # [N, T, d]
-        if HeadRows.listeners:                # lets a gradient recorder split the [K, d] head input by row
-            HeadRows.rows = rows
-            HeadRows.positions = torch.arange(T - 1, device=ids.device)[None].expand(N, T - 1)[target]   # [K]
-        try:
-            features = hidden[:, :-1][target]                                                     # [K, d]
-            logits = response_logits(head, cfg, features)                                        # [K, V]
-        finally:
-            HeadRows.rows = HeadRows.positions = None
+        features, logits = scored_head(parts, ids, attn, resp)
     else:
         if token_mask is not None:
             raise ModelError(f"{type(model).__name__}: {MASK_NEEDS_LAYOUT}")

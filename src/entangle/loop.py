@@ -128,7 +128,7 @@ def fit(run: Run, callbacks: Sequence[Callable[[dict, StopFlag], None]] = ()) ->
 def step_row(run: Run, step: int, metrics: Metrics, seconds: float) -> dict:
     """The logged row of one step: reduced metrics, the reference's own, throughput; warns on a skipped step."""
     m = metrics.reduce(run.accelerator)
-    goal = run.step_parts.objective
+    goal = run.objective
     row = {"step": step, "epoch": round(step / run.steps_per_epoch, 4),
            **{k: v for k, v in m.items() if k not in ("n_pairs", "n_tokens", "skipped")}, **run.reference.metrics(),
            "tokens_per_s": m["n_tokens"] / seconds, f"{goal.unit}_per_s": m["n_pairs"] / seconds,
@@ -162,7 +162,7 @@ def evaluate(run: Run, step: int) -> dict:
         total.update(m if chunk else m.zeros_like())
     run.policy.train()
     metrics = {f"eval/{k}": v for k, v in total.reduce(acc).items() if k not in ("n_pairs", "n_tokens")}
-    return run.step_parts.objective.complete(metrics) | out
+    return run.objective.complete(metrics) | out
 
 
 def resume(run: Run, logs: Sequence[JsonlLog]) -> tuple[int, int]:
@@ -211,7 +211,7 @@ def announce(run: Run) -> None:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         with open(os.path.join(cfg.train.output_dir, "config.yaml"), "w") as f:
             f.write(OmegaConf.to_yaml({**resolved, "_run": {k: info[k] for k in ("version", "git_sha")}}))
-        st, unit = info["data"]["train"], run.step_parts.objective.unit
+        st, unit = info["data"]["train"], run.objective.unit
         labels = f" ({st['desirable']} desirable, {st['undesirable']} undesirable)" if "desirable" in st else ""
         log.info("%s | %d/%d trainable parameters | %d train %s%s (%d truncated, %d dropped, %d skipped) | "
                  "global batch %d %s | %d steps (%d per epoch) | reference: %s", cfg.model.name,

@@ -27,7 +27,7 @@ from entangle.data import TokenizedPair, iter_records
 from entangle.diagnostics import classify, entanglement_stats, predicted_changes, with_cos
 from entangle.diagnostics.ghost import GradientRecorder, Unsupported, row_layout
 from entangle.errors import DataError
-from entangle.logps import HeadRows, response_logits, sequence_logps, split_model, upcast
+from entangle.logps import HeadRows, scored_head, sequence_logps, split_model, upcast
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,7 @@ def response_states(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, to
     rows = torch.arange(N, device=ids.device)[:, None].expand(N, T - 1)[target]  # [K]
     parts = split_model(model)
     if parts is not None:
-        decoder, head, cfg = parts
-        hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state   # [N, T, d]
-        features = hidden[:, :-1][target]                                       # [K, d]
-        logits = response_logits(head, cfg, features)                           # [K, V]
+        features, logits = scored_head(parts, ids, attn, resp)                 # [K, d], [K, V]
     else:
         out = model(input_ids=ids, attention_mask=attn, use_cache=False, output_hidden_states=True)
         features = out.hidden_states[-1][:, :-1][target]

@@ -40,10 +40,11 @@ class StepParts:
     initial: Reference | None = None   # the initial policy, for ref/kl_to_init
     hooks: Sequence[StepHook] = field(default_factory=tuple)
     mask_l1: float = 0.0               # loss.mask_l1 (only read when the policy holds a token mask)
+    objective: "Objective | None" = None   # what an item is (default: the loss's, `objective(loss_fn)`)
 
-    @property
-    def objective(self) -> "Objective":
-        return objective(self.loss_fn)
+    def __post_init__(self):
+        if self.objective is None:
+            self.objective = objective(self.loss_fn)
 
 
 def pair_logps(model, reference: Reference, batch: Batch, hooks: Sequence[StepHook] = (),

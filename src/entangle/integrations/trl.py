@@ -30,7 +30,7 @@ from entangle import losses
 from entangle.batching import Batch
 from entangle.diagnostics.probe import EntanglementProbe
 from entangle.errors import ConfigError
-from entangle.logps import HeadRows, PairLogps, response_logits, split_model
+from entangle.logps import PairLogps, scored_head, split_model
 from entangle.models import is_peft, set_activation_checkpointing
 
 # TRL loss_type -> (entangle loss, the trainer attributes its hyper-parameters come from)
@@ -122,19 +122,9 @@ class _Output:
 def scored_forward(lm, input_ids, attention_mask=None, labels=None, **kwargs) -> tuple[_Output, torch.Tensor]:
     """TRL's fused-head forward through entangle's response-only head -> (output, target mask [N, T-1]).
     The LM head runs as a module on the K scored positions, so a gradient recorder sees it."""
-    decoder, head, cfg = split_model(lm)
-    N, T = input_ids.shape
     target = (labels != -100)[:, 1:]                                                    # [N, T-1]
-    rows = torch.arange(N, device=input_ids.device)[:, None].expand(N, T - 1)[target]   # [K]
     kwargs.pop("use_cache", None)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state
-    if HeadRows.listeners:
-        HeadRows.rows = rows
-        HeadRows.positions = torch.arange(T - 1, device=input_ids.device)[None].expand(N, T - 1)[target]
-    try:
-        logits = response_logits(head, cfg, hidden[:, :-1][target])                     # [K, V]
-    finally:
-        HeadRows.rows = HeadRows.positions = None
+    _, logits = scored_head(split_model(lm), input_ids, attention_mask, labels != -100, **kwargs)   # [K, V]
     targets = input_ids[:, 1:][target]
     logp = torch.log_softmax(logits, -1)
     tok = logp.gather(1, targets[:, None])[:, 0]                                        # [K]
