@@ -13,6 +13,7 @@ Inputs are checked before any model loads: the scorer string, the prompts, the r
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import torch
@@ -23,6 +24,8 @@ from entangle.evaluation import evaluate as evaluate_policy
 from entangle.generation import generate as generate_rows
 from entangle.generation import (load_initial, load_moving_reference, load_policy, load_prompts, resolve,
                                  write_samples)
+
+log = logging.getLogger(__name__)
 
 
 def _device(device: str) -> str:
@@ -95,9 +98,10 @@ def evaluate(model: str, prompts: str | list | None, scorer: str = "vader", out:
 
 def label(model: str, prompts: str | list, scorer: str = "vader", out: str | None = None, noise: float = 0.0,
           limit: int | None = None, split: str = "train", device: str = "auto", dtype: str = "auto",
-          **settings) -> list[dict]:
+          dropped: dict | None = None, **settings) -> list[dict]:
     """Preference pairs made by sampling twice per prompt from `model` and labelling with `scorer`
-    (Bradley-Terry noise of temperature `noise`); written to `out` (TRL's prompt/chosen/rejected JSONL)."""
+    (Bradley-Terry noise of temperature `noise`); written to `out` (TRL's prompt/chosen/rejected JSONL).
+    Prompts left out (identical or empty samples, ties) are counted per reason in `dropped` and logged."""
     from entangle.errors import ConfigError
     from entangle.labeling import label_pairs, write_preferences
 
@@ -112,7 +116,13 @@ def label(model: str, prompts: str | list, scorer: str = "vader", out: str | Non
     policy = load_policy(model, dtype, dev)
     seed = settings.pop("seed", 0)
     settings.pop("n", None)
-    rows = label_pairs(policy, texts, get_scorer(scorer, dev), noise, seed, **settings)
+    dropped: dict = {} if dropped is None else dropped
+    rows = label_pairs(policy, texts, get_scorer(scorer, dev), noise, seed, dropped, **settings)
+    if dropped:
+        from entangle.labeling import DROP_REASONS
+
+        log.warning("labelled %d of %d prompts; left out: %s", len(rows), len(texts),
+                    "; ".join(f"{n} because {DROP_REASONS[k]}" for k, n in sorted(dropped.items())))
     if not rows:
         raise DataError(f"{model}: every pair of samples was identical or tied; raise the temperature or "
                         "max_new_tokens")

@@ -208,11 +208,7 @@ def _sampling_args(p) -> None:
 def _study_overoptimization(args) -> int:
     from entangle.studies import overoptimization
 
-    model = args.model or ("tiny" if args.quick else "smollm2-135m")
-    losses = tuple(x for item in args.loss for x in item.split(",") if x)
-    summary = overoptimization.run(args.out, model=model, losses=losses, scorer=args.scorer, noise=args.noise,
-                                   steps=args.steps, seed=args.seed, soft_alpha=args.soft_alpha,
-                                   soft_tau=args.soft_tau, hard_tau=args.hard_tau, extra=args.overrides)
+    summary = overoptimization.run(overoptimization.settings_from_args(args))
     print(overoptimization.format_table(summary))
     print(f"study: {args.out}/summary.json\nreport: {os.path.join(args.out, summary['report'])}")
     return 0
@@ -325,20 +321,26 @@ def _study_parsers(sub) -> None:
     co.add_argument("--out", default="runs/compare")
     co.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     co.set_defaults(func=_study_compare)
-    oo = st.add_parser("overoptimization", help="gold reward against KL from the SFT policy for a static, a soft "
-                       "and a hard reference (trust-region paper's claim, with a known gold scorer)")
-    oo.add_argument("--quick", action="store_true", help="the tiny model on the sentiment statements (~3 min)")
-    oo.add_argument("--model", help="default: smollm2-135m (tiny with --quick)")
-    oo.add_argument("--loss", nargs="+", default=["dpo", "ipo"], help="losses with a reference (dpo ipo ...)")
-    oo.add_argument("--scorer", default="vader", help="the gold scorer: vader | rm:PATH | python:module:function")
-    oo.add_argument("--noise", type=float, default=0.2, help="Bradley-Terry label noise temperature (0: none)")
-    oo.add_argument("--steps", type=int, help="optimiser steps per run")
-    oo.add_argument("--soft-alpha", type=float, default=0.6)
-    oo.add_argument("--soft-tau", type=int, help="steps between soft updates (default: steps / 10)")
-    oo.add_argument("--hard-tau", type=int, help="steps between hard updates (default: steps / 4)")
-    oo.add_argument("--seed", type=int, default=0)
+    oo = st.add_parser("overoptimization", help="gold reward against sqrt KL from the SFT policy as a frontier over "
+                       "beta, with a positive control, against soft and hard trust-region runs (pre-set statistic)")
+    oo.add_argument("--quick", action="store_true", help="one seed, the proxy arm, 3 betas, one soft and one hard run "
+                    "(about 2 min)")
+    oo.add_argument("--model", help="tiny (default: built here) | a local folder or hub id, SFT on the same task")
+    oo.add_argument("--seeds", type=int, help="label draws and data orders (default 3)")
+    oo.add_argument("--arms", nargs="+", choices=("gold", "proxy"), help="labellers (default: gold proxy)")
+    oo.add_argument("--betas", nargs="+", type=float, help="the static sweep (default 0.01 0.03 0.1 0.3 1)")
+    oo.add_argument("--tr-betas", nargs="+", type=float, help="betas of the trust-region runs (default 0.1 0.3)")
+    oo.add_argument("--soft-alphas", nargs="+", type=float, help="soft updates every step (default 0.01 0.05)")
+    oo.add_argument("--hard-taus", nargs="+", type=int, help="hard update intervals (default 50 100)")
+    oo.add_argument("--loss", help="a loss with a reference and a beta (default dpo)")
+    oo.add_argument("--steps", type=int, help="optimiser steps per run (default 300)")
+    oo.add_argument("--lr", type=float, help="constant learning rate after warm-up (default 1e-4)")
+    oo.add_argument("--noise", type=float, help="Bradley-Terry label temperature (default 0.5)")
+    oo.add_argument("--n-eval", type=int, help="held-out prompts (default 256)")
+    oo.add_argument("--samples", type=int, help="samples per held-out prompt (default 2)")
+    oo.add_argument("--reps", type=int, help="bootstrap draws (default 1000)")
     oo.add_argument("--out", default="runs/overoptimization")
-    oo.add_argument("overrides", nargs="*", help="extra config overrides for every run")
+    oo.add_argument("overrides", nargs="*", help="extra config overrides for every DPO run")
     oo.set_defaults(func=_study_overoptimization)
     sf = st.add_parser("scan-filter", help="DPO on the full set and on the sets `entangle scan` filters (no predicted "
                        "case 2, lowest 75%% cosine, lowest 75%% CHES): does the scan predict anything?")

@@ -26,11 +26,17 @@ def preference_probability(score_a: float, score_b: float, noise: float) -> floa
     return 1.0 / (1.0 + math.exp(-(score_a - score_b) / noise))
 
 
+DROP_REASONS = {"identical": "the two samples were the same text",
+                "empty": "a sample was empty (EOS first)",
+                "tie": "the two scores tied and noise is 0 (no preference to draw)"}
+
+
 def label_pairs(policy: LoadedPolicy, prompts: Sequence, scorer: Scorer, noise: float = 0.0, seed: int = 0,
-                **gen) -> list[dict]:
+                dropped: dict | None = None, **gen) -> list[dict]:
     """Sample two completions per prompt, score both, label; returns preference rows
     `{prompt, chosen, rejected, score_chosen, score_rejected, p_chosen}` (p_chosen: the model's probability
-    of the label that was drawn)."""
+    of the label that was drawn). `dropped`, when given, receives the count of prompts left out per reason
+    (`DROP_REASONS`)."""
     if scorer.pairwise:
         raise ConfigError("labelling needs a pointwise gold scorer (vader, rm:, python:), not a judge")
     samples = generate(policy.model, policy.tokenizer, prompts, **{**gen, "n": 2, "seed": seed}, logps=False)
@@ -41,8 +47,12 @@ def label_pairs(policy: LoadedPolicy, prompts: Sequence, scorer: Scorer, noise: 
         a, b = samples[k], samples[k + 1]
         sa, sb = scores[k], scores[k + 1]
         p = preference_probability(sa, sb, noise)
-        if a["completion"].strip() == b["completion"].strip() or not a["completion"].strip() \
-                or not b["completion"].strip() or (noise == 0 and sa == sb):
+        reason = "empty" if not a["completion"].strip() or not b["completion"].strip() else \
+            "identical" if a["completion"].strip() == b["completion"].strip() else \
+            "tie" if noise == 0 and sa == sb else None
+        if reason:
+            if dropped is not None:
+                dropped[reason] = dropped.get(reason, 0) + 1
             continue
         a_wins = rng.random() < p
         chosen, rejected = (a, b) if a_wins else (b, a)

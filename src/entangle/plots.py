@@ -274,3 +274,41 @@ def plot_gold_vs_kl(runs: dict[str, list[dict]], path: str, title: str | None = 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_frontier(arms: dict[str, dict], path: str, title: str | None = None) -> str:
+    """One panel per arm: gold against sqrt KL, the static sweep's points and fitted frontier, each trust-region
+    kind's points and fit, and the d range where the pre-set statistic compares them."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(arms), figsize=(6.4 * len(arms), 4.6), squeeze=False)
+    styles = {"static": ("tab:blue", "o"), "soft": ("tab:orange", "^"), "hard": ("tab:green", "s")}
+    for ax, (arm, a) in zip(axes[0], arms.items()):
+        d_all = [p["sqrt_kl"] for pts in a["points"].values() for p in pts]
+        grid = np.linspace(0, max(d_all) if d_all else 1.0, 100)
+        for kind, (colour, marker) in styles.items():
+            pts = [p for name, ps in a["points"].items() if name.startswith(kind + "-") for p in ps]
+            if not pts:
+                continue
+            ax.scatter([p["sqrt_kl"] for p in pts], [p["gold"] for p in pts], s=14, color=colour, marker=marker,
+                       alpha=0.55, label=f"{kind} runs")
+            fit = a["static_fit"] if kind == "static" else a["trust_region"][kind]["fit"]
+            q = fit["quadratic"]
+            ax.plot(grid, q["g0"] + grid * (q["a"] - q["b"] * grid), color=colour, lw=2,
+                    label=f"{kind} frontier (fit)")
+        for kind, t in a["trust_region"].items():
+            if t.get("grid"):
+                ax.axvspan(t["grid"][0], t["grid"][-1], color=styles[kind][0], alpha=0.06)
+        ax.axhline(a["static_fit"]["quadratic"]["g0"], color="grey", lw=0.8, ls=":")
+        ax.set_xlabel("sqrt KL(policy || SFT), nats^0.5, from samples")
+        ax.set_ylabel("gold reward (held-out samples)")
+        ax.set_title(f"{arm} labels")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

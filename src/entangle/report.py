@@ -102,8 +102,8 @@ def discover(paths: list[str]) -> tuple[dict[str, str], list[tuple[str, dict]]]:
         summary = _json(os.path.join(path, "summary.json")) or {}
         if os.path.exists(os.path.join(path, "metrics.jsonl")):
             found = {os.path.basename(os.path.normpath(path)): path}
-        elif "runs" in summary:
-            found = {name: os.path.join(path, sub) for name, sub in summary["runs"].items()}
+        elif "runs" in summary or "study" in summary:
+            found = {name: os.path.join(path, sub) for name, sub in summary.get("runs", {}).items()}
             missing = [name for name, d in found.items() if not os.path.exists(os.path.join(d, "metrics.jsonl"))]
             if missing:
                 log.warning("%s: %d of the study's runs are missing (%s); the report shows the others", path,
@@ -113,7 +113,7 @@ def discover(paths: list[str]) -> tuple[dict[str, str], list[tuple[str, dict]]]:
         else:
             found = {d: os.path.join(path, d) for d in sorted(os.listdir(path))
                      if os.path.exists(os.path.join(path, d, "metrics.jsonl"))}
-        if not found:
+        if not found and "study" not in summary:
             raise DataError(f"{path}: neither a run directory (no metrics.jsonl) nor a study with runs in it")
         for name, run_dir in found.items():
             key = name if name not in runs else f"{os.path.basename(os.path.normpath(path))}/{name}"
@@ -136,7 +136,8 @@ def write_report(paths: list[str], out: str, title: str | None = None) -> str:
     sections = []
     for study_dir, summary in studies:
         sections.append(_study_section(study_dir, summary))
-    sections.append(_runs_table(run_dirs))
+    if run_dirs:
+        sections.append(_runs_table(run_dirs))
     for fname, heading, panels in FIGURES:
         panels = [(t, keys) for t, keys in panels if has_any(metrics, keys)]
         if panels:
@@ -337,6 +338,11 @@ def _runs_table(run_dirs: dict[str, str]) -> str:
 def _study_section(study_dir: str, summary: dict) -> str:
     parts = [f"<section><h2>Study: {html.escape(str(summary.get('study', '')))} "
              f"({html.escape(str(summary.get('model', '')))})</h2>"]
+    if summary.get("verdict"):      # a study's own headline: what it found, first
+        items = "".join(f"<li>{html.escape(x)}</li>" for x in str(summary["verdict"]).split("; "))
+        parts.append(f"<div class=headline><b>Finding</b><ul>{items}</ul></div>")
+    for png in summary.get("figures") or []:      # figures the study drew itself, relative to its folder
+        parts.append(_img(os.path.join(study_dir, png)))
     preds = summary.get("predictions") or []
     if preds:
         items = "".join(f"<li class={'held' if p['held'] else 'failed'}><b>{'held' if p['held'] else 'did not hold'}"
@@ -465,6 +471,7 @@ th {{ background: #f5f5f7; }} td:first-child {{ text-align: left; font-weight: 6
 .scroll {{ overflow-x: auto; }}
 .note {{ color: #555; font-size: .9rem; max-width: 70rem; }}
 .preds li {{ margin: .2rem 0; }} .held b {{ color: #1a7f37; }} .failed b {{ color: #c62828; }}
+.headline {{ background: #f3f6fb; border-left: 4px solid #3b6fb6; padding: .4rem .8rem; margin: .6rem 0; }}
 table.samples td, table.samples th {{ white-space: normal; text-align: left; vertical-align: top; max-width: 28rem; }}
 table.samples pre {{ white-space: pre-wrap; padding: .3rem; margin: 0; }}
 .m {{ color: #555; font-family: ui-monospace, monospace; font-size: .85rem; }}

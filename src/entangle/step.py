@@ -22,7 +22,7 @@ import torch
 from entangle.batching import Batch
 from entangle.hooks import StepHook
 from entangle.logps import CompletionLogps, PairLogps, sequence_logps
-from entangle.losses import Loss, UnpairedLoss
+from entangle.losses import Loss, UnpairedLoss, coefficients
 from entangle.metrics import Metrics
 from entangle.mitigations import mask_penalty
 from entangle.reference import Reference
@@ -93,6 +93,12 @@ def pair_forward(model, loss_fn: Loss, reference: Reference, batch: Batch, initi
     m.add("logps/rejected", full_rejected.sum())
     m.add("n_pairs", float(logps.n_pairs), "sum")
     m.add("n_tokens", batch.attention_mask.sum(), "sum")
+    # The weight the loss gives each pair's chosen log-prob (DPO: beta * sigmoid(-beta z)): a trust region
+    # can only differ from a static reference once this has fallen.
+    m.add("loss/d_w", coefficients(loss_fn, *logps.args())[0].sum())
+    if ref_full is not None:
+        # log pi - log pi_ref on the batch's responses: how far the policy is from the *current* reference.
+        m.add("ref/logratio", (torch.cat([full_chosen, full_rejected]) - ref_full.detach()).sum() / 2)
     if live_weights is not None:
         penalty = mask_penalty(live_weights, _lengths(logps))   # [B] mean token weight of each pair
         per_pair = per_pair + mask_l1 * penalty

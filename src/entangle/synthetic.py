@@ -2,9 +2,16 @@
 
     examples = sentiment_pairs(n=256, config="long", split="train", seed=0)
     examples = from_source("synthetic:sentiment?config=short&n=128&split=test")
+    examples = from_source("synthetic:verdict?n=512&split=train")      # SFT demonstrations, varied lengths
 
 Statements with a true sentiment; chosen states it, rejected states the opposite, with the three
 response formats of the gradient-entanglement paper (GE §4.2). Train and test statements never overlap.
+
+`verdict` is the over-optimisation task: the response is a label word then 0-8 filler words, written with
+the right label 3 times in 4 (so an SFT policy on it has entropy in label, length and words, and KL from
+it grows gradually). `gold` scores a completion by a documented rule and `proxy` adds a length bonus (the
+biased labeller of the positive control); both are `python:` scorers:
+`python:entangle.synthetic:gold`, `python:entangle.synthetic:proxy`.
 """
 
 from __future__ import annotations
@@ -82,18 +89,94 @@ def sentiment_pairs(n: int = 256, config: str = "long", split: str = "train", se
     return out
 
 
+VERDICT_LABELS = ("positive", "negative")
+VERDICT_WORDS = ("clearly", "mostly", "overall", "fairly", "really", "simply", "quite", "truly", "certainly",
+                 "largely", "plainly", "broadly", "surely", "frankly", "openly", "wholly")
+VERDICT_MAX_WORDS = 8        # filler words after the label in the demonstrations: uniform in 0..8 (mean 4)
+VERDICT_P_CORRECT = 0.75     # demonstrations with the statement's true label
+GOLD_TARGET_WORDS = 6        # gold: the best number of filler words ...
+GOLD_WORD_COST = 0.25        # ... and the cost of each filler word more or fewer
+GOLD_UNKNOWN_COST = 0.5      # gold: a word that is neither a label nor a filler word
+PROXY_LENGTH_BONUS = 0.5     # proxy = gold + this per word after the label
+
+
+def _verdict_response(rng: random.Random, positive: bool) -> str:
+    correct = rng.random() < VERDICT_P_CORRECT
+    words = [rng.choice(VERDICT_WORDS) for _ in range(rng.randint(0, VERDICT_MAX_WORDS))]
+    return " " + " ".join([VERDICT_LABELS[0] if positive == correct else VERDICT_LABELS[1], *words])
+
+
+def verdict_pairs(n: int = 512, split: str = "train", seed: int = 0) -> list[PreferenceExample]:
+    """SFT demonstrations of the verdict task as pairs (chosen: one demonstration, rejected: another draw;
+    `loss.name=sft` reads the chosen). Prompts: `Statement: ...\nVerdict:`."""
+    rng = random.Random(seed + 7919)
+    return [PreferenceExample(f"Statement: {text}\nVerdict:", _verdict_response(rng, positive),
+                              _verdict_response(rng, positive), where=f"synthetic:verdict[{split}]:{i + 1}")
+            for i, (text, positive) in enumerate(statements(n, split, seed))]
+
+
+_POLARITY = {**{w: True for w in _POSITIVE}, **{w: False for w in _NEGATIVE}}
+
+
+def statement_polarity(prompt: str) -> bool | None:
+    """The true sentiment of a generated statement (its adjective's), None when it has no known adjective."""
+    for word in reversed(prompt.replace(",", " ").replace(".", " ").split()):
+        if word in _POLARITY:
+            return _POLARITY[word]
+    return None
+
+
+def _prompt_string(prompt) -> str:
+    return prompt if isinstance(prompt, str) else " ".join(m.get("content", "") for m in prompt)
+
+
+def gold_score(prompt, completion: str) -> float:
+    """The verdict task's gold rule: +1 for the statement's true label as the first word, -1 for any other
+    first word (or none); minus GOLD_WORD_COST per filler word more or fewer than GOLD_TARGET_WORDS; minus
+    GOLD_UNKNOWN_COST per word that is neither a label nor a filler word. Best: the right label and six
+    filler words (+1); the demonstrations (0-8 words, right label 3 times in 4) average about -0.2."""
+    words = [w.strip(".,!?").lower() for w in completion.split()]
+    truth = statement_polarity(_prompt_string(prompt))
+    right = truth is not None and bool(words) and words[0] == VERDICT_LABELS[0 if truth else 1]
+    rest = words[1:]
+    unknown = sum(w not in VERDICT_WORDS and w not in VERDICT_LABELS for w in rest)
+    return (1.0 if right else -1.0) - GOLD_WORD_COST * abs(len(rest) - GOLD_TARGET_WORDS) \
+        - GOLD_UNKNOWN_COST * unknown
+
+
+def gold(prompts, completions) -> list[float]:
+    """`python:entangle.synthetic:gold`: `gold_score` of each completion."""
+    return [gold_score(p, c) for p, c in zip(prompts, completions)]
+
+
+def proxy(prompts, completions) -> list[float]:
+    """`python:entangle.synthetic:proxy`: gold + PROXY_LENGTH_BONUS per word after the first, a labeller
+    biased towards length (as reward models are). It agrees with gold up to six filler words and keeps
+    rewarding length past them, where gold falls: the positive control of the over-optimisation study."""
+    return [gold_score(p, c) + PROXY_LENGTH_BONUS * max(0, len(c.split()) - 1) for p, c in zip(prompts, completions)]
+
+
+SOURCES = {"sentiment": {"n", "config", "split", "seed"}, "verdict": {"n", "split", "seed"}}
+
+
 def from_source(source: str) -> list[PreferenceExample]:
-    """Parse `synthetic:NAME?key=value&...` (NAME: sentiment; keys: n, config, split, seed)."""
+    """Parse `synthetic:NAME?key=value&...` (NAME: sentiment with keys n, config, split, seed; verdict with
+    keys n, split, seed)."""
     body = source.split(":", 1)[1]
     name, _, query = body.partition("?")
-    if name != "sentiment":
-        raise DataError(f"{source}: unknown synthetic data set {name!r}; valid: sentiment")
+    if name not in SOURCES:
+        raise DataError(f"{source}: unknown synthetic data set {name!r}; valid: {', '.join(SOURCES)}")
     opts = dict(parse_qsl(query))
-    unknown = set(opts) - {"n", "config", "split", "seed"}
+    unknown = set(opts) - SOURCES[name]
     if unknown:
-        raise DataError(f"{source}: unknown option(s) {', '.join(sorted(unknown))}; valid: n, config, split, seed")
+        raise DataError(f"{source}: unknown option(s) {', '.join(sorted(unknown))}; valid: "
+                        f"{', '.join(sorted(SOURCES[name]))}")
     try:
         n, seed = int(opts.get("n", 256)), int(opts.get("seed", 0))
     except ValueError:
         raise DataError(f"{source}: n and seed must be whole numbers") from None
+    if n < 1:
+        raise DataError(f"{source}: n must be at least 1 (got {n})")
+    if name == "verdict":
+        return verdict_pairs(n, opts.get("split", "train"), seed)
     return sentiment_pairs(n, opts.get("config", "long"), opts.get("split", "train"), seed)

@@ -1,193 +1,325 @@
-"""`entangle study overoptimization`: gold reward against KL for a static, a soft and a hard reference.
+"""`entangle study overoptimization`: gold reward against KL as a frontier over beta, with a positive control.
 
-    summary = run(out="runs/overopt", model="tiny", losses=("dpo", "ipo"))     # --quick: about 3 minutes here
+    summary = run(Settings(out="runs/overopt"))                   # default: tiny, 3 seeds, about 20 min here
+    summary = run(Settings.quick(out="runs/overopt-quick"))       # one seed, fewer betas, about 2 min
 
-A controlled, offline version of the trust-region paper's claim (quality held at larger KL): a known gold
-scorer plays the human judge. (1) An SFT policy (SmolLM2-135M-Instruct; for `tiny`, a small model trained
-on the sentiment statements). (2) Preference data made by the study: two samples per prompt from the SFT
-policy, labelled by the gold scorer with Bradley-Terry noise (`OUT/preferences.jsonl`, TRL's format).
-(3) For each loss, the same budget, seed and data with a static, a soft and a hard reference, sampling
-held-out prompts at several points (`eval.generate`), so each run traces a path of (KL from the SFT policy,
-gold reward). (4) `OUT/summary.json` with every point, and per loss whether the trust-region variants
-reached a higher gold reward than the static reference at matched KL. Reported as measured.
+The design (Gao et al. 2022; Rafailov et al. 2024, arXiv:2406.02900; the trust-region paper's claim):
+1. An SFT policy on the verdict task (`synthetic:verdict`: a label word then 0-8 filler words), whose
+   samples have entropy in label, length and words, so KL from it grows gradually.
+2. Per seed and arm, preference pairs: two SFT samples per prompt, labelled by Bradley-Terry draws on
+   `gold` (arm "gold") or on `proxy` = gold + a length bonus (arm "proxy", the positive control in which
+   over-optimisation must appear: proxy keeps paying for words gold charges for). A seed is a new label
+   draw and data order; every run samples its evaluations with the same seed (paired comparisons).
+3. Static DPO over a sweep of beta, and trust-region runs (soft: tau 1, alpha grid; hard: tau grid) at two
+   betas, each evaluated at several checkpoints on held-out prompts: gold and KL(pi || pi_SFT) from samples.
+4. The pre-set statistic (`frontier`): fit g(d) = g0 + d (a - b d), d = sqrt(KL), to the static points;
+   the positive control passes when the proxy arm's static frontier rises above SFT and falls after its
+   peak (bootstrap intervals over seeds then prompts above zero), else "the control failed: no conclusion";
+   each trust-region kind's frontier minus the static one, averaged over d from the static peak to the
+   largest d both reach, with its interval; a verdict only when the interval excludes zero.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+from dataclasses import asdict, dataclass, field, fields
 
+import numpy as np
+
+from entangle.errors import ConfigError
 from entangle.studies import run_once, write_summary
+from entangle.studies.frontier import Curves, compare, describe_fit, positive_control
 
 log = logging.getLogger(__name__)
 
-HH = os.path.join(os.path.dirname(__file__), "..", "..", "..", "..", "shared", "data", "hh-rlhf")
-PRESETS = {
-    # tiny: the sentiment statements; the gold scorer (VADER) likes "Positive sentiment.", dislikes "Negative ..."
-    "tiny": {"prompts": "synthetic:sentiment?config=short&n=256&split=train&seed=0",
-             "eval_prompts": "synthetic:sentiment?config=short&n=64&split=test&seed=0", "n_label": 256,
-             "n_heldout": 32, "steps": 60, "lr": 1e-3, "batch": 16, "max_length": 96, "evals": 6, "n_eval": 32,
-             "max_new_tokens": 8, "sft_steps": 40, "sft_lr": 3e-3},
-    # smollm2: lr 5e-5 so that 40 steps move the policy measurably (at 1e-5 the static run ended at a KL
-    # of 0.26 +- 0.17 nats from samples, indistinguishable from the SFT policy)
-    "smollm2-135m": {"prompts": os.path.join(HH, "helpful-base.train.jsonl"),
-                     "eval_prompts": os.path.join(HH, "helpful-base.test.jsonl"), "n_label": 192, "n_heldout": 32,
-                     "steps": 40, "lr": 5e-5, "batch": 4, "max_length": 224, "evals": 4, "n_eval": 32,
-                     "max_new_tokens": 48},
-}
-DEFAULT_LOSSES = ("dpo", "ipo")
+SCORERS = {"gold": "python:entangle.synthetic:gold", "proxy": "python:entangle.synthetic:proxy"}
+CONTROL_ARM = "proxy"
 
 
-def variants(steps: int, soft_alpha: float, soft_tau: int | None, hard_tau: int | None) -> dict[str, list[str]]:
-    """The paper's soft (alpha 0.6) and hard (tau 512) updates are for thousands of steps; here tau is scaled
-    to the run so the reference moves several times: soft every steps/10, hard every steps/4 steps."""
-    return {"static": ["reference.type=frozen"],
-            "soft": ["reference.type=soft", f"reference.alpha={soft_alpha}",
-                     f"reference.tau={soft_tau or max(1, steps // 10)}"],
-            "hard": ["reference.type=hard", f"reference.tau={hard_tau or max(1, steps // 4)}"]}
+@dataclass
+class Settings:
+    """Every setting of the study, with its valid range (checked by `validate` before any work)."""
+
+    out: str = "runs/overoptimization"
+    model: str = "tiny"                 # tiny (built here) | a local folder or hub id (SFT on the same task)
+    seeds: int = 3                      # label draws and data orders; >= 1 (>= 2 for an interval over seeds)
+    arms: tuple = ("gold", "proxy")     # labellers: gold | proxy (the positive control)
+    betas: tuple = (0.01, 0.03, 0.1, 0.3, 1.0)   # the static frontier's sweep; each > 0
+    tr_betas: tuple = (0.1, 0.3)        # betas of the trust-region runs; each > 0
+    soft_alphas: tuple = (0.01, 0.05)   # soft updates every step (tau 1); each in (0, 1]
+    hard_taus: tuple = (50, 100)        # hard updates (alpha 1) every tau steps; each >= 1
+    loss: str = "dpo"                   # any loss with a reference and a beta
+    steps: int = 300                    # optimiser steps per run; >= 1
+    lr: float = 1e-4                    # constant after warmup_steps; > 0
+    warmup_steps: int = 10              # >= 0
+    batch_size: int = 16                # >= 1
+    evals: int = 6                      # checkpoints after step 0 (every steps / evals); >= 2
+    n_label: int = 512                  # prompts labelled per seed and arm; >= 8
+    n_eval: int = 256                   # held-out prompts; >= 8
+    samples: int = 2                    # samples per held-out prompt; >= 1
+    noise: float = 0.5                  # Bradley-Terry temperature of the labels; >= 0
+    max_new_tokens: int = 20            # >= 1
+    sft_steps: int = 200                # >= 1
+    sft_lr: float = 3e-3                # > 0
+    reps: int = 1000                    # bootstrap draws; >= 100
+    extra: list = field(default_factory=list)   # config overrides for every DPO run
+
+    @classmethod
+    def quick(cls, **kw) -> "Settings":
+        """One seed, the proxy arm, three betas, one soft and one hard run (about 2 minutes here)."""
+        return cls(**{"seeds": 1, "arms": ("proxy",), "betas": (0.03, 0.1, 1.0), "tr_betas": (0.1,),
+                      "soft_alphas": (0.05,), "hard_taus": (100,), **kw})
+
+    def validate(self) -> "Settings":
+        def need(ok: bool, name: str, what: str):
+            if not ok:
+                raise ConfigError(f"study overoptimization: {name} = {getattr(self, name)!r}: {what}")
+
+        finite = (lambda x: isinstance(x, (int, float)) and math.isfinite(x))
+        need(isinstance(self.seeds, int) and self.seeds >= 1, "seeds", "must be a whole number >= 1")
+        need(len(self.arms) >= 1 and set(self.arms) <= set(SCORERS), "arms", f"choose from {', '.join(SCORERS)}")
+        for name in ("betas", "tr_betas"):
+            need(len(getattr(self, name)) >= 1 and all(finite(b) and b > 0 for b in getattr(self, name)), name,
+                 "every value must be a number > 0")
+        need(len(self.betas) >= 2, "betas", "a frontier needs at least 2 betas")
+        need(all(finite(a) and 0 < a <= 1 for a in self.soft_alphas), "soft_alphas", "each must be in (0, 1]")
+        need(all(isinstance(t, int) and t >= 1 for t in self.hard_taus), "hard_taus", "each must be a whole number >= 1")
+        for name, low in (("steps", 1), ("warmup_steps", 0), ("batch_size", 1), ("evals", 2), ("n_label", 8),
+                          ("n_eval", 8), ("samples", 1), ("max_new_tokens", 1), ("sft_steps", 1), ("reps", 100)):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= low, name,
+                 f"must be a whole number >= {low}")
+        need(self.evals <= self.steps, "evals", "must not exceed steps")
+        for name in ("lr", "sft_lr"):
+            need(finite(getattr(self, name)) and getattr(self, name) > 0, name, "must be a number > 0")
+        need(finite(self.noise) and self.noise >= 0, "noise", "must be a number >= 0")
+        from entangle import losses
+
+        try:
+            spec = losses.get(self.loss)
+        except ConfigError as e:
+            raise ConfigError(f"study overoptimization: loss: {e}") from None
+        need(spec.uses_reference and "beta" in spec.params, "loss", "needs a loss with a reference and a beta")
+        return self
 
 
-def sft_policy(out: str, model: str, p: dict, seed: int) -> str:
-    """`tiny`: the sentiment study's small model after a short SFT on true-sentiment responses; else `model`."""
-    if model != "tiny":
-        return model
-    from entangle.studies import sentiment
-
-    base = sentiment.base_model(out, "tiny", sentiment.settings("tiny"), seed)
-    sft_dir = os.path.join(out, "sft")
-    run_once([f"model.name={base}", "loss.name=sft", "reference.type=none", f"optimizer.lr={p['sft_lr']}",
-              f"train.max_steps={p['sft_steps']}", f"data.train={p['prompts']}",
-              "data.max_length=96", f"train.batch_size={p['batch']}", f"train.seed={seed}",
-              "schedule.decay=constant"], sft_dir)
-    return os.path.join(sft_dir, "final")
-
-
-def make_preferences(path: str, policy: str, prompts: str, n: int, scorer: str, noise: float, seed: int,
-                     gen: dict) -> dict:
-    """Label `n` prompts once; reused while the settings are the same (`PATH.meta.json` records them)."""
-    from entangle.api import label
-
-    meta = {"policy": policy, "prompts": prompts, "n": n, "scorer": scorer, "noise": noise, "seed": seed, **gen}
-    meta_path = path + ".meta.json"
-    if os.path.exists(path) and os.path.exists(meta_path):
-        with open(meta_path) as f:
-            if json.load(f) == meta:
-                return meta
-    rows = label(policy, prompts, scorer, out=path, noise=noise, limit=n, seed=seed, progress=True, **gen)
-    meta_out = {**meta, "pairs": len(rows)}
-    with open(meta_path, "w") as f:
-        json.dump({k: v for k, v in meta_out.items() if k != "pairs"}, f)
-    return meta_out
-
-
-def run(out: str = "runs/overoptimization", model: str = "tiny", losses: tuple[str, ...] = DEFAULT_LOSSES,
-        scorer: str = "vader", noise: float = 0.2, steps: int | None = None, seed: int = 0, soft_alpha: float = 0.6,
-        soft_tau: int | None = None, hard_tau: int | None = None, extra: list[str] = (), report: bool = True,
-        **overrides) -> dict:
-    p = {**PRESETS.get(model, PRESETS["smollm2-135m"]), **{k: v for k, v in overrides.items() if v is not None}}
-    steps = steps or p["steps"]
-    os.makedirs(out, exist_ok=True)
-    policy = sft_policy(out, model, p, seed)
-    gen = {"max_new_tokens": p["max_new_tokens"], "temperature": 1.0, "batch_size": 16,
-           "max_prompt_length": p["max_length"] - p["max_new_tokens"]}
-    log.info("over-optimisation study: labelling %d prompts with %s (noise %s)", p["n_label"], scorer, noise)
-    train_meta = make_preferences(os.path.join(out, "preferences.jsonl"), policy, p["prompts"], p["n_label"], scorer,
-                                  noise, seed, gen)
-    make_preferences(os.path.join(out, "heldout-preferences.jsonl"), policy, p["eval_prompts"], p["n_heldout"],
-                     scorer, noise, seed + 1, gen)
-    every = max(1, steps // p["evals"])
-    base = [f"model.name={policy}", f"data.train={os.path.join(out, 'preferences.jsonl')}",
-            f"data.eval={os.path.join(out, 'heldout-preferences.jsonl')}", f"data.max_length={p['max_length']}",
-            f"optimizer.lr={p['lr']}", f"train.batch_size={p['batch']}", f"train.max_steps={steps}",
-            f"train.seed={seed}", f"train.eval_every={every}", "train.eval_at_start=true",
-            f"eval.generate.every={every}", f"eval.generate.prompts={p['eval_prompts']}",
-            f"eval.generate.n_prompts={p['n_eval']}", f"eval.generate.max_new_tokens={p['max_new_tokens']}",
-            f"eval.generate.scorer={scorer}", f"eval.generate.seed={seed}",
-            f"diagnostics.entanglement.every={every}", *extra]
-    runs, points = {}, {}
-    for loss in losses:
-        for name, ref in variants(steps, soft_alpha, soft_tau, hard_tau).items():
-            key = f"{loss}-{name}"
-            log.info("over-optimisation study: %s (%d steps)", key, steps)
-            rows = run_once([*base, f"loss.name={loss}", *ref], os.path.join(out, key))
-            runs[key], points[key] = key, curve(rows)
-    verdicts = {loss: {v: frontier_gap(points[f"{loss}-static"], points[f"{loss}-{v}"]) for v in ("soft", "hard")}
-                for loss in losses}
-    summary = {"study": "overoptimization", "model": model, "policy": policy, "losses": list(losses),
-               "scorer": scorer, "noise": noise, "steps": steps, "preferences": train_meta,
-               "variants": {k: " ".join(v) for k, v in variants(steps, soft_alpha, soft_tau, hard_tau).items()},
-               "runs": runs, "points": points, "verdicts": verdicts}
-    return write_summary(out, summary, report, f"Over-optimisation study: {model}, gold = {scorer}")
-
-
-def curve(rows: list[dict]) -> list[dict]:
-    """The run's evaluation points in step order: gold, KL, win rate, length (each with its standard error),
-    held-out chosen/rejected log-probs, and the entanglement case fractions logged nearest before it."""
-    out, cases = [], {}
-    for r in rows:
-        if "entanglement/case1" in r:   # predicted for a plain gradient step, and along the optimiser's update
-            cases = {f"{kind}case{c}": r[f"entanglement/{kind}case{c}"] for c in (1, 2, 3) for kind in ("", "step_")
-                     if f"entanglement/{kind}case{c}" in r}
-        if "eval/kl/initial" not in r:
-            continue
-        point = {"step": r["step"]}
-        for k in ("gold/mean", "kl/initial", "win_rate", "length/mean"):
-            point[k], point[f"{k}_se"] = r.get(f"eval/{k}"), r.get(f"eval/{k}_se")
-        point["logps/chosen"], point["logps/rejected"] = r.get("eval/logps/chosen"), r.get("eval/logps/rejected")
-        out.append({**point, **cases})
+def runs(s: Settings) -> dict[str, list[str]]:
+    """Run name -> its overrides: the static sweep, then soft and hard runs at each of `tr_betas`."""
+    out = {f"static-b{b:g}": ["reference.type=frozen", f"loss.params.beta={b}"] for b in s.betas}
+    for b in s.tr_betas:
+        out.update({f"soft-b{b:g}-a{a:g}": ["reference.type=soft", "reference.tau=1", f"reference.alpha={a}",
+                                            f"loss.params.beta={b}"] for a in s.soft_alphas})
+        out.update({f"hard-b{b:g}-t{t}": ["reference.type=hard", f"reference.tau={t}", f"loss.params.beta={b}"]
+                    for t in s.hard_taus})
     return out
 
 
-def _interpolate(points: list[dict], kl: float) -> float | None:
-    """The static run's gold at `kl`, linear between its points sorted by KL; None outside their range."""
-    pts = sorted((p["kl/initial"], p["gold/mean"]) for p in points if p.get("gold/mean") is not None)
-    for (k0, g0), (k1, g1) in zip(pts, pts[1:]):
-        if k0 <= kl <= k1:
-            return g0 if k1 == k0 else g0 + (g1 - g0) * (kl - k0) / (k1 - k0)
-    return None
+def kind(run_name: str) -> str:
+    return run_name.split("-", 1)[0]
 
 
-def frontier_gap(static: list[dict], moving: list[dict]) -> dict:
-    """Gold of a trust-region run minus the static run's gold at the same KL, over the trust-region points
-    inside the static run's KL range (step 0 excluded: both are the SFT policy there). `verdict`: higher or
-    lower when the mean gap exceeds twice its typical standard error, else indistinguishable; `beyond`: the
-    trust-region points at a larger KL than the static run ever reached."""
-    gaps, ses, beyond = [], [], 0
-    top = max((p["kl/initial"] for p in static), default=0.0)
-    for p in moving:
-        if p["step"] == 0 or p.get("gold/mean") is None:
-            continue
-        g = _interpolate(static, p["kl/initial"])
-        if g is None:
-            beyond += p["kl/initial"] > top
-            continue
-        gaps.append(p["gold/mean"] - g)
-        ses.append(p.get("gold/mean_se") or 0.0)
-    if not gaps:
-        return {"matched_points": 0, "beyond_static_kl": beyond, "mean_gap": None, "verdict": "no matched KL"}
-    mean_gap = sum(gaps) / len(gaps)
-    se = (sum(s * s for s in ses) / len(ses)) ** 0.5 * 2 ** 0.5   # both curves carry sampling error
-    verdict = "higher" if mean_gap > 2 * se else "lower" if mean_gap < -2 * se else "indistinguishable"
-    return {"matched_points": len(gaps), "beyond_static_kl": beyond, "mean_gap": mean_gap, "gap_se": se,
-            "verdict": verdict}
+def sft_policy(s: Settings) -> str:
+    """The SFT policy: the base model (tiny: built here, tokenizer trained on the task) after `sft_steps` on
+    the verdict demonstrations."""
+    from entangle import synthetic
+
+    base = s.model
+    if s.model == "tiny":
+        from entangle.models import save_tiny, trained_tokenizer
+
+        base = os.path.join(s.out, "base-tiny")
+        if not os.path.exists(os.path.join(base, "config.json")):
+            texts = [e.prompt + r for e in synthetic.verdict_pairs(1024, "train", 0) for r in (e.chosen, e.rejected)]
+            save_tiny(base, trained_tokenizer(texts), seed=0)
+    sft_dir = os.path.join(s.out, "sft")
+    run_once([f"model.name={base}", "loss.name=sft", "reference.type=none", f"optimizer.lr={s.sft_lr}",
+              f"train.max_steps={s.sft_steps}", "data.train=synthetic:verdict?n=512&split=train", "data.max_length=64",
+              f"train.batch_size={s.batch_size}", "schedule.decay=constant", "schedule.warmup_steps=10",
+              "train.seed=0"], sft_dir)
+    return os.path.join(sft_dir, "final")
+
+
+def make_preferences(path: str, policy: str, scorer: str, s: Settings, seed: int) -> dict:
+    """Label `n_label` training prompts once (reused while the settings match `PATH.meta.json`)."""
+    from entangle.api import label
+
+    meta = {"policy": policy, "scorer": scorer, "n": s.n_label, "noise": s.noise, "seed": seed,
+            "max_new_tokens": s.max_new_tokens}
+    meta_path = path + ".meta.json"
+    if os.path.exists(path) and os.path.exists(meta_path):
+        with open(meta_path) as f:
+            saved = json.load(f)
+        if {k: saved.get(k) for k in meta} == meta:
+            return saved
+    dropped: dict = {}
+    rows = label(policy, f"synthetic:verdict?n={s.n_label}&split=train&seed={seed}", scorer, out=path,
+                 noise=s.noise, seed=seed, dropped=dropped, max_new_tokens=s.max_new_tokens, temperature=1.0,
+                 batch_size=64, max_prompt_length=64)
+    saved = {**meta, "pairs": len(rows), "dropped": dropped}
+    with open(meta_path, "w") as f:
+        json.dump(saved, f)
+    return saved
+
+
+def dpo_overrides(s: Settings, policy: str, data: str, seed: int) -> list[str]:
+    every = max(1, s.steps // s.evals)
+    return [f"model.name={policy}", f"data.train={data}", "data.max_length=64", f"loss.name={s.loss}",
+            f"optimizer.lr={s.lr}", "schedule.decay=constant", f"schedule.warmup_steps={s.warmup_steps}",
+            f"train.batch_size={s.batch_size}", f"train.max_steps={s.steps}", f"train.seed={seed}",
+            "train.eval_at_start=true", f"eval.generate.every={every}",
+            f"eval.generate.prompts=synthetic:verdict?n={s.n_eval}&split=test", f"eval.generate.n_prompts={s.n_eval}",
+            f"eval.generate.n={s.samples}", f"eval.generate.max_new_tokens={s.max_new_tokens}",
+            f"eval.generate.scorer={SCORERS['gold']}", "eval.generate.seed=0", "eval.generate.batch_size=128",
+            "reference.kl_to_init=false", *s.extra]
+
+
+def per_prompt(run_dir: str, n_prompts: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(gold [C, P], KL [C, P], steps [C]) of a run's evaluation samples, averaged over each prompt's samples."""
+    folder = os.path.join(run_dir, "samples")
+    steps = sorted(int(f[len("step-"):-len(".jsonl")]) for f in os.listdir(folder) if f.startswith("step-"))
+    gold, kl = np.zeros((len(steps), n_prompts)), np.zeros((len(steps), n_prompts))
+    count = np.zeros((len(steps), n_prompts))
+    for c, step in enumerate(steps):
+        with open(os.path.join(folder, f"step-{step}.jsonl")) as f:
+            for line in f:
+                r = json.loads(line)
+                i = r["prompt_index"]
+                gold[c, i] += r["score"]
+                kl[c, i] += r["logp"] - r["logp_initial"]
+                count[c, i] += 1
+    return gold / count, kl / count, steps
+
+
+def train_metrics(rows: list[dict]) -> dict:
+    """The last logged training values of the loss's chosen weight and the log-ratio to the current reference."""
+    last = [r for r in rows if "loss/d_w" in r]
+    first = last[0] if last else {}
+    end = last[-1] if last else {}
+    return {"d_w_start": first.get("loss/d_w"), "d_w_end": end.get("loss/d_w"),
+            "logratio_end": end.get("ref/logratio")}
+
+
+def run(s: Settings | None = None, report: bool = True) -> dict:
+    s = (s or Settings()).validate()
+    os.makedirs(s.out, exist_ok=True)
+    policy = sft_policy(s)
+    plan = runs(s)
+    gold: dict = {}     # arm -> run name -> [seeds] of [C, P]
+    kl: dict = {}
+    table: dict = {}    # arm -> run name -> per-checkpoint means over seeds
+    labels: dict = {}
+    for seed in range(s.seeds):
+        for arm in s.arms:
+            folder = os.path.join(s.out, f"seed-{seed}", arm)
+            os.makedirs(folder, exist_ok=True)
+            data = os.path.join(folder, "preferences.jsonl")
+            labels[f"seed-{seed}/{arm}"] = make_preferences(data, policy, SCORERS[arm], s, seed)
+            for name, ref in plan.items():
+                log.info("over-optimisation study: seed %d, %s arm, %s (%d steps)", seed, arm, name, s.steps)
+                rows = run_once([*dpo_overrides(s, policy, os.path.abspath(data), seed), *ref],
+                                os.path.join(folder, name))
+                g, k, steps = per_prompt(os.path.join(folder, name), s.n_eval)
+                gold.setdefault(arm, {}).setdefault(name, []).append(g)
+                kl.setdefault(arm, {}).setdefault(name, []).append(k)
+                table.setdefault(arm, {}).setdefault(name, {"steps": steps, "train": []})["train"].append(
+                    train_metrics(rows))
+    summary = {"study": "overoptimization", "settings": {k: v for k, v in asdict(s).items()},
+               "policy": policy, "scorers": SCORERS, "control_arm": CONTROL_ARM, "labels": labels,
+               "arms": {arm: analyse(gold[arm], kl[arm], table[arm], s) for arm in s.arms}}
+    summary["verdict"] = headline(summary)
+    from entangle.plots import plot_frontier
+
+    summary["figures"] = [os.path.basename(plot_frontier(summary["arms"], os.path.join(s.out, "frontier.png"),
+                                                         "Gold against sqrt KL from the SFT policy"))]
+    # the report's training curves: the first seed's static sweep of the control arm (or the first arm)
+    arm = CONTROL_ARM if CONTROL_ARM in s.arms else s.arms[0]
+    summary["runs"] = {f"{arm}/{n}": os.path.join("seed-0", arm, n) for n in plan if kind(n) == "static"}
+    return write_summary(s.out, summary, report, f"Over-optimisation frontier: {s.model}, {len(s.betas)} betas, "
+                         f"{s.seeds} seed(s)")
+
+
+def _curves(gold: dict, kl: dict, names: list[str]) -> Curves:
+    return Curves(np.stack([np.stack(gold[n]) for n in names], 1), np.stack([np.stack(kl[n]) for n in names], 1))
+
+
+def analyse(gold: dict, kl: dict, table: dict, s: Settings) -> dict:
+    """One arm: the static frontier (both fitted forms), the positive control, each trust-region kind against
+    the static frontier, and the per-run points (means over seeds, with the seed standard error of gold)."""
+    static_names = [n for n in gold if kind(n) == "static"]
+    static = _curves(gold, kl, static_names)
+    d, g = static.points()
+    out = {"static_fit": describe_fit(d, g), "control": positive_control(static, s.reps), "trust_region": {},
+           "points": {}}
+    for k in ("soft", "hard"):
+        names = [n for n in gold if kind(n) == k]
+        if names:
+            moving = _curves(gold, kl, names)
+            out["trust_region"][k] = {"runs": names, **compare(static, moving, s.reps),
+                                      "fit": describe_fit(*moving.points())}
+    for name in gold:
+        G, K = np.stack(gold[name]), np.stack(kl[name])              # [S, C, P]
+        seed_gold = G.mean(-1)                                       # [S, C]
+        se = seed_gold.std(0, ddof=1) / np.sqrt(len(G)) if len(G) > 1 else np.full(G.shape[1], np.nan)
+        out["points"][name] = [{"step": st, "sqrt_kl": float(np.sqrt(max(K[:, c].mean(), 0.0))),
+                                "kl": float(K[:, c].mean()), "gold": float(seed_gold[:, c].mean()),
+                                "gold_seed_se": None if np.isnan(se[c]) else float(se[c])}
+                               for c, st in enumerate(table[name]["steps"])]
+        out.setdefault("train", {})[name] = table[name]["train"]
+    return out
+
+
+def headline(summary: dict) -> str:
+    """One paragraph: the control's outcome, then each arm's trust-region verdicts (or why there is none)."""
+    arms = summary["arms"]
+    control = arms.get(summary["control_arm"], {}).get("control")
+    parts = []
+    if control is None:
+        parts.append(f"no positive control (the {summary['control_arm']} arm was not run): verdicts are unchecked")
+        ok = True
+    else:
+        r, f = control["rise"], control["fall"]
+        ok = control["passed"]
+        parts.append(f"positive control ({summary['control_arm']} arm) {'passed' if ok else 'FAILED'}: static gold "
+                     f"rises {r['estimate']:+.3f} [{r['interval'][0]:+.3f}, {r['interval'][1]:+.3f}] above SFT to "
+                     f"its peak at sqrt KL {control['peak_d']:.2f}, then falls {f['estimate']:+.3f} "
+                     f"[{f['interval'][0]:+.3f}, {f['interval'][1]:+.3f}] by sqrt KL {control['d_max']:.2f}")
+        if not ok:
+            parts.append("the control failed: no conclusion about the trust region")
+    for arm, a in arms.items():
+        for k, t in a["trust_region"].items():
+            if t["interval"] is None:
+                parts.append(f"{arm} arm, {k}: {t['verdict']}")
+                continue
+            verdict = t["verdict"] if ok else f"no conclusion (measured {t['verdict']})"
+            parts.append(f"{arm} arm, {k} minus static gold {t['where']} (sqrt KL {t['grid'][0]:.2f}-{t['grid'][-1]:.2f})"
+                         f": {t['gap']:+.3f} [{t['interval'][0]:+.3f}, {t['interval'][1]:+.3f}] -> {verdict}")
+    return "; ".join(parts)
 
 
 def format_table(summary: dict) -> str:
-    lines = [f"{'run':12} {'step':>5} {'sqrt KL':>8} {'gold':>15} {'win vs SFT':>11} {'length':>7} "
-             f"{'chosen logp':>12} {'rejected':>9} {'case2 (AdamW step)':>18}"]
-    for key, pts in summary["points"].items():
-        for p in pts:
-            def f(v, spec):
-                return format(v, spec) if isinstance(v, (int, float)) else "-"
-            gold = f"{f(p['gold/mean'], '.3f')} +- {f(p['gold/mean_se'], '.3f')}"
-            lines.append(f"{key:12} {p['step']:5d} {f(max(p['kl/initial'], 0) ** 0.5, '8.3f')} {gold:>15} "
-                         f"{f(p['win_rate'], '11.2f')} {f(p['length/mean'], '7.1f')} {f(p['logps/chosen'], '12.2f')} "
-                         f"{f(p['logps/rejected'], '9.2f')} {f(p.get('step_case2'), '18.2f')}")
+    lines = []
+    for arm, a in summary["arms"].items():
+        q = a["static_fit"]["quadratic"]
+        lines.append(f"{arm} arm: static frontier g(d) = {q['g0']:+.3f} + d ({q['a']:+.3f} - {q['b']:.3f} d), "
+                     f"rms {q['rms']:.3f}; log form rms {a['static_fit']['log']['rms']:.3f}")
+        lines.append(f"  {'run':22} " + " ".join(f"{'step ' + str(p['step']):>13}" for p in
+                                                 next(iter(a['points'].values()))))
+        for name, pts in a["points"].items():
+            lines.append(f"  {name:22} " + " ".join(f"{p['sqrt_kl']:5.2f}:{p['gold']:+6.3f} " for p in pts))
+    lines.append("(each cell: sqrt KL from the SFT policy : gold, means over seeds)")
     lines.append("")
-    for loss, v in summary["verdicts"].items():
-        for name, r in v.items():
-            gap = "-" if r["mean_gap"] is None else f"{r['mean_gap']:+.4f} +- {r['gap_se']:.4f}"
-            lines.append(f"{loss}: {name} vs static at matched KL: gold gap {gap} over {r['matched_points']} "
-                         f"points ({r['beyond_static_kl']} beyond the static run's KL) -> {r['verdict']}")
+    lines.append(summary["verdict"].replace("; ", "\n"))
     return "\n".join(lines)
+
+
+def settings_from_args(args) -> Settings:
+    """Settings from `entangle study overoptimization` arguments (None keeps the default or --quick's)."""
+    given = {f.name: getattr(args, f.name) for f in fields(Settings)
+             if getattr(args, f.name, None) is not None and f.name != "extra"}
+    for name in ("arms", "betas", "tr_betas", "soft_alphas", "hard_taus"):
+        if name in given:
+            given[name] = tuple(given[name])
+    given["extra"] = list(args.overrides)
+    return Settings.quick(**given) if args.quick else Settings(**given)
