@@ -89,3 +89,10 @@ def test_command_line_mistakes_are_one_line_too(args, capsys):
         main(args)
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "--help" in err, err
+
+
+@pytest.mark.slow   # a process start and a short training run
+def test_quiet_means_no_progress_bars(tmp_path):
+    p = entangle("-q", "train", "configs/tiny-dpo.yaml", "train.max_steps=2", f"train.output_dir={tmp_path / 'r'}")
+    assert p.returncode == 0, p.stderr
+    assert "step/s" not in p.stderr and "it/s" not in p.stderr and "%|" not in p.stderr

@@ -51,12 +51,9 @@ def _losses(args) -> int:
 def _study_trust_region(args) -> int:
     from entangle.studies import trust_region
 
-    summary = trust_region.run(args.out, model=args.model, data=args.data, eval_data=args.eval_data,
-                               steps=args.steps, loss=args.loss, soft_alpha=args.soft_alpha,
-                               hard_tau=args.hard_tau, lora_r=args.lora_r, extra=args.overrides)
+    summary = trust_region.run(trust_region.settings_from_args(args))
     print(trust_region.format_table(summary))
-    print(f"study: {args.out}/summary.json, plot: {args.out}/{summary['plot']}, "
-          f"report: {os.path.join(args.out, summary['report'])}")
+    print(f"study: {args.out}/summary.json\nreport: {os.path.join(args.out, summary['report'])}")
     return 0
 
 
@@ -270,14 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _study_parsers(sub) -> None:
     """`entangle study NAME`: one subcommand per study."""
     st = sub.add_parser("study", help="the papers' experiments").add_subparsers(dest="study", required=True)
-    tr = st.add_parser("trust-region", help="static vs soft vs hard reference on the same model and data")
-    tr.add_argument("--model", default="tiny", help="tiny (default) | smollm2-135m | a folder or hub id")
-    tr.add_argument("--data", help="training pairs (default: generated for tiny, HH helpful-base for smollm2)")
-    tr.add_argument("--eval-data", help="held-out pairs")
-    tr.add_argument("--steps", type=int, help="optimiser steps per variant")
-    tr.add_argument("--loss", default="dpo", help="any loss with a reference (TR-DPO, TR-IPO, ...)")
-    tr.add_argument("--soft-alpha", type=float, default=0.6)
-    tr.add_argument("--hard-tau", type=int, help="steps between hard updates (default: steps / 4)")
+    tr = st.add_parser("trust-region", help="static vs soft vs hard reference from the same SFT policy, over seeds: "
+                       "held-out log-probs and margin, gold and KL from samples")
+    tr.add_argument("--model", help="tiny (default: built here) | a folder or hub id, SFT on the verdict task first")
+    tr.add_argument("--seeds", type=int, help="label draws and data orders (default 3)")
+    tr.add_argument("--loss", help="any loss with a reference and a beta (default dpo: TR-DPO; ipo, kto ...)")
+    tr.add_argument("--beta", type=float, help="default 0.1")
+    tr.add_argument("--steps", type=int, help="optimiser steps per variant (default 300)")
+    tr.add_argument("--lr", type=float, help="default 1e-4 (constant after 10 warm-up steps)")
+    tr.add_argument("--soft-alpha", type=float, help="soft update weight, every step (default 0.05)")
+    tr.add_argument("--hard-tau", type=int, help="steps between hard updates (default 100)")
     tr.add_argument("--lora-r", type=int, help="LoRA rank (default: full fine-tuning)")
     tr.add_argument("--out", default="runs/study-trust-region")
     tr.add_argument("overrides", nargs="*", help="extra config overrides for every variant")
@@ -396,6 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    if args.quiet:   # -q: no progress bars at all, ours or a library's (the command line owns the process)
+        import functools
+
+        from tqdm import std
+
+        std.tqdm.__init__ = functools.partialmethod(std.tqdm.__init__, disable=True)
     try:
         return args.func(args)
     except EntangleError as e:

@@ -141,11 +141,13 @@ def sft_policy(s: Settings) -> str:
     return os.path.join(sft_dir, "final")
 
 
-def make_preferences(path: str, policy: str, scorer: str, s: Settings, seed: int) -> dict:
-    """Label `n_label` training prompts once (reused while the settings match `PATH.meta.json`)."""
+def make_preferences(path: str, policy: str, scorer: str, s: Settings, seed: int, split: str = "train",
+                     n: int | None = None) -> dict:
+    """Label `n` (default `n_label`) prompts of `split` once (reused while the settings match `PATH.meta.json`)."""
     from entangle.api import label
 
-    meta = {"policy": policy, "scorer": scorer, "n": s.n_label, "noise": s.noise, "seed": seed,
+    n = n or s.n_label
+    meta = {"policy": policy, "scorer": scorer, "n": n, "split": split, "noise": s.noise, "seed": seed,
             "max_new_tokens": s.max_new_tokens}
     meta_path = path + ".meta.json"
     if os.path.exists(path) and os.path.exists(meta_path):
@@ -154,7 +156,7 @@ def make_preferences(path: str, policy: str, scorer: str, s: Settings, seed: int
         if {k: saved.get(k) for k in meta} == meta:
             return saved
     dropped: dict = {}
-    rows = label(policy, f"synthetic:verdict?n={s.n_label}&split=train&seed={seed}", scorer, out=path,
+    rows = label(policy, f"synthetic:verdict?n={n}&split={split}&seed={seed}", scorer, out=path,
                  noise=s.noise, seed=seed, dropped=dropped, max_new_tokens=s.max_new_tokens, temperature=1.0,
                  batch_size=64, max_prompt_length=64)
     saved = {**meta, "pairs": len(rows), "dropped": dropped}
