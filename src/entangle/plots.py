@@ -19,6 +19,16 @@ def _pyplot():
     return plt
 
 
+def _finish(plt, fig, path: str, title: str | None) -> str:
+    """Title, layout, write the PNG, free the figure; return its path."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
     return [s for s, _ in pts], [v for _, v in pts]
@@ -268,12 +278,7 @@ def plot_gold_vs_kl(runs: dict[str, list[dict]], path: str, title: str | None = 
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, path, title)
 
 
 def plot_frontier(arms: dict[str, dict], path: str, title: str | None = None) -> str:
@@ -306,9 +311,4 @@ def plot_frontier(arms: dict[str, dict], path: str, title: str | None = None) ->
         ax.set_title(f"{arm} labels")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, path, title)

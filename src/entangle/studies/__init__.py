@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from entangle import config
-from entangle.errors import TrainingError
+from entangle.errors import ConfigError, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,24 @@ def same_settings(run_dir: str, cfg) -> bool:
     except (OSError, ValueError, OmegaConfBaseException):
         return False
     return _settings(saved) == _settings(cfg)
+
+
+def check_whole(study: str, settings, lows: dict[str, int]) -> None:
+    """Each named setting a whole number at least its low end, else a one-line ConfigError naming it."""
+    for name, low in lows.items():
+        v = getattr(settings, name)
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
+            raise ConfigError(f"study {study}: {name} = {v!r}: must be a whole number >= {low}")
+
+
+def check_positive(study: str, settings, names: tuple[str, ...]) -> None:
+    """Each named setting a finite number > 0, else a one-line ConfigError naming it."""
+    import math
+
+    for name in names:
+        v = getattr(settings, name)
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ConfigError(f"study {study}: {name} = {v!r}: must be a number > 0")
 
 
 def write_summary(out: str, summary: dict, report: bool, title: str) -> dict:

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 from entangle.errors import ConfigError
-from entangle.studies import run_once, write_summary
+from entangle.studies import check_positive, check_whole, run_once, write_summary
 from entangle.studies.frontier import Curves, compare, describe_fit, positive_control
 
 log = logging.getLogger(__name__)
@@ -87,13 +87,11 @@ class Settings:
         need(len(self.betas) >= 2, "betas", "a frontier needs at least 2 betas")
         need(all(finite(a) and 0 < a <= 1 for a in self.soft_alphas), "soft_alphas", "each must be in (0, 1]")
         need(all(isinstance(t, int) and t >= 1 for t in self.hard_taus), "hard_taus", "each must be a whole number >= 1")
-        for name, low in (("steps", 1), ("warmup_steps", 0), ("batch_size", 1), ("evals", 2), ("n_label", 8),
-                          ("n_eval", 8), ("samples", 1), ("max_new_tokens", 1), ("sft_steps", 1), ("reps", 100)):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= low, name,
-                 f"must be a whole number >= {low}")
+        check_whole("overoptimization", self, {"steps": 1, "warmup_steps": 0, "batch_size": 1, "evals": 2,
+                                               "n_label": 8, "n_eval": 8, "samples": 1, "max_new_tokens": 1,
+                                               "sft_steps": 1, "reps": 100})
         need(self.evals <= self.steps, "evals", "must not exceed steps")
-        for name in ("lr", "sft_lr"):
-            need(finite(getattr(self, name)) and getattr(self, name) > 0, name, "must be a number > 0")
+        check_positive("overoptimization", self, ("lr", "sft_lr"))
         need(finite(self.noise) and self.noise >= 0, "noise", "must be a number >= 0")
         from entangle import losses
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 from entangle.errors import ConfigError
-from entangle.studies import run_once, write_summary
+from entangle.studies import check_positive, check_whole, run_once, write_summary
 from entangle.studies import overoptimization as oo
 
 VARIANTS = ("static", "soft", "hard")
@@ -63,15 +63,11 @@ class Settings:
             if not ok:
                 raise ConfigError(f"study trust-region: {name} = {getattr(self, name)!r}: {what}")
 
-        for name, low in (("seeds", 1), ("hard_tau", 1), ("steps", 1), ("warmup_steps", 0), ("batch_size", 1),
-                          ("evals", 1), ("n_label", 8), ("n_heldout", 8), ("n_eval", 8), ("samples", 1),
-                          ("max_new_tokens", 1), ("sft_steps", 1), ("lora_r", 0)):
-            v = getattr(self, name)
-            need(isinstance(v, int) and v >= low, name, f"must be a whole number >= {low}")
+        check_whole("trust-region", self, {"seeds": 1, "hard_tau": 1, "steps": 1, "warmup_steps": 0,
+                                           "batch_size": 1, "evals": 1, "n_label": 8, "n_heldout": 8, "n_eval": 8,
+                                           "samples": 1, "max_new_tokens": 1, "sft_steps": 1, "lora_r": 0})
         need(self.evals <= self.steps, "evals", "must not exceed steps")
-        for name in ("beta", "lr", "sft_lr"):
-            v = getattr(self, name)
-            need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, name, "must be a number > 0")
+        check_positive("trust-region", self, ("beta", "lr", "sft_lr"))
         need(math.isfinite(self.soft_alpha) and 0 < self.soft_alpha <= 1, "soft_alpha", "must be in (0, 1]")
         need(math.isfinite(self.noise) and self.noise >= 0, "noise", "must be a number >= 0")
         from entangle import losses
