@@ -115,3 +115,35 @@ def test_study_settings_are_checked_before_any_work(args, message, tmp_path, cap
     assert main(["study", "overoptimization", "--out", str(out), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_scan_filter_statistics_by_hand():
+    """AUROC: positives scored 3, 2 and negatives 2, 1 -> pairs (3>2, 3>1, 2=2 half, 2>1) = 3.5 / 4. The paired
+    difference finds a known gap of 0.5 and calls none indistinguishable; the control needs a fall beyond 3 seed SEs."""
+    from entangle.studies import scan_filter as sf
+
+    assert sf.auc([3, 2, 2, 1], [True, True, False, False]) == pytest.approx(3.5 / 4)
+    assert sf.auc([1, 2], [True, True]) is None
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((5, 64))
+    gap = sf.paired_difference(base + 0.5 + 0.1 * rng.standard_normal((5, 64)), base, 300)
+    assert gap["verdict"] == "higher" and gap["difference"] == pytest.approx(0.5, abs=0.05)
+    none = sf.paired_difference(base + 0.3 * rng.standard_normal((5, 64)), base, 300)
+    assert none["verdict"] == "indistinguishable"
+    assert sf.positive_control(np.full((5, 8), -1.0) + 0.01 * rng.standard_normal((5, 8)))["passed"]
+    assert not sf.positive_control(rng.standard_normal((5, 8)) * 0.5)["passed"]
+
+
+def test_scan_filter_arms_drop_the_same_share_by_their_score():
+    """Rows 0..3 with ches 4, 1, 3, 2: the ches arm drops the two highest (0, 2); case2 drops the two most negative
+    predicted chosen changes; the oracle the two most negative realised changes; random a seeded draw."""
+    from entangle.studies import scan_filter as sf
+
+    rows = [{"index": i, "ches": c, "ches_norm": -c, "cos": c, "pred_dlogp_w": p}
+            for i, (c, p) in enumerate([(4, 0.1), (1, -0.5), (3, 0.2), (2, -0.1)])]
+    assert sf.dropped(rows, "ches", 2, 0) == [0, 2] and sf.dropped(rows, "ches_norm", 2, 0) == [1, 3]
+    assert sf.dropped(rows, "case2", 2, 0) == [1, 3]
+    assert sf.dropped(rows, "oracle", 2, 0, {0: -3.0, 1: 1.0, 2: 0.5, 3: -0.2}) == [0, 3]
+    draw = sf.dropped(rows, "random", 2, 7)
+    assert len(draw) == 2 and draw == sf.dropped(rows, "random", 2, 7)          # seeded: the same draw again
+    assert len({tuple(sf.dropped(rows, "random", 2, k)) for k in range(10)}) > 1  # a new draw per seed

@@ -214,8 +214,7 @@ def _study_overoptimization(args) -> int:
 def _study_scan_filter(args) -> int:
     from entangle.studies import scan_filter
 
-    summary = scan_filter.run(args.out, model=args.model, data=args.data, eval_data=args.eval_data,
-                              n_train=args.n_train, steps=args.steps, seed=args.seed, extra=args.overrides)
+    summary = scan_filter.run(scan_filter.settings_from_args(args))
     print(scan_filter.format_table(summary))
     print(f"study: {args.out}/summary.json\nreport: {os.path.join(args.out, summary['report'])}")
     return 0
@@ -341,16 +340,19 @@ def _study_parsers(sub) -> None:
     oo.add_argument("--out", default="runs/overoptimization")
     oo.add_argument("overrides", nargs="*", help="extra config overrides for every DPO run")
     oo.set_defaults(func=_study_overoptimization)
-    sf = st.add_parser("scan-filter", help="DPO on the full set and on the sets `entangle scan` filters (no predicted "
-                       "case 2, lowest 75%% cosine, lowest 75%% CHES): does the scan predict anything?")
-    sf.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default) | tiny | a folder or hub id")
-    sf.add_argument("--data", help="training pairs (default: HH helpful-base train; generated for tiny)")
-    sf.add_argument("--eval-data", help="held-out pairs")
-    sf.add_argument("--n-train", type=int, help="pairs scanned and trained from (default 200; 128 for tiny)")
-    sf.add_argument("--steps", type=int, help="optimiser steps per run (the same for every set)")
-    sf.add_argument("--seed", type=int, default=0)
+    sf = st.add_parser("scan-filter", help="where likelihood displacement happens: DPO on all pairs and on the pairs "
+                       "left after dropping the same share by CHES, normalised CHES, cosine, predicted case 2, at "
+                       "random and by an oracle, over seeds")
+    sf.add_argument("--model", help="tiny (default: built here) | a folder or hub id, SFT on the sentiment answers")
+    sf.add_argument("--seeds", type=int, help="data orders and random draws (default 5)")
+    sf.add_argument("--n-train", type=int, help="training pairs, four types in turn (default 256)")
+    sf.add_argument("--n-test", type=int, help="held-out pairs (default 128)")
+    sf.add_argument("--share", type=float, help="share of training pairs every arm drops (default 0.25)")
+    sf.add_argument("--steps", type=int, help="optimiser steps per run (default 100)")
+    sf.add_argument("--lr", type=float, help="default 1e-4")
+    sf.add_argument("--reps", type=int, help="bootstrap draws (default 1000)")
     sf.add_argument("--out", default="runs/scan-filter")
-    sf.add_argument("overrides", nargs="*", help="extra config overrides for every run")
+    sf.add_argument("overrides", nargs="*", help="extra config overrides for every DPO run")
     sf.set_defaults(func=_study_scan_filter)
 
 

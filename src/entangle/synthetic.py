@@ -156,12 +156,54 @@ def proxy(prompts, completions) -> list[float]:
     return [gold_score(p, c) + PROXY_LENGTH_BONUS * max(0, len(c.split()) - 1) for p, c in zip(prompts, completions)]
 
 
-SOURCES = {"sentiment": {"n", "config", "split", "seed"}, "verdict": {"n", "split", "seed"}}
+# The displacement mix (scan-filter study): four pair types, assigned in turn (pair i has type i % 4).
+# label L / opposite O: Positive / Negative; synonym S: Good / Bad (same polarity as L, also acceptable).
+DISPLACEMENT_TYPES = ("opposite", "suffix", "synonym", "format")
+_SUFFIX = " sentiment based on my judgement."
+_SYNONYM = {"Positive": "Good", "Negative": "Bad"}
+_UNSURE = " I cannot tell from one sentence."
+
+
+def _label(positive: bool, opposite: bool = False) -> str:
+    return "Positive" if positive != opposite else "Negative"
+
+
+def displacement_pairs(n: int = 256, split: str = "train", seed: int = 0, part: str = "pairs") -> list[PreferenceExample]:
+    """`part=pairs`: the mix of pair types (`DISPLACEMENT_TYPES[i % 4]`): opposite single words (" L." vs " O."),
+    a long shared suffix (" L sentiment based on my judgement." vs the same with O), same-polarity near-synonyms
+    (" L." vs " S.": both acceptable) and dissimilar formats (" L." vs " I cannot tell from one sentence.").
+    `part=sft`: demonstrations with the true polarity, " L.", " S." or the suffix form in turn (chosen; the
+    rejected is the next form, unused by `loss.name=sft`)."""
+    out = []
+    for i, (text, positive) in enumerate(statements(n, split, seed)):
+        label, other = _label(positive), _label(positive, opposite=True)
+        if part == "sft":
+            forms = [f" {label}.", f" {_SYNONYM[label]}.", f" {label}{_SUFFIX}"]
+            chosen, rejected = forms[i % 3], forms[(i + 1) % 3]
+        else:
+            kind = DISPLACEMENT_TYPES[i % len(DISPLACEMENT_TYPES)]
+            chosen, rejected = {"opposite": (f" {label}.", f" {other}."),
+                                "suffix": (f" {label}{_SUFFIX}", f" {other}{_SUFFIX}"),
+                                "synonym": (f" {label}.", f" {_SYNONYM[label]}."),
+                                "format": (f" {label}.", _UNSURE)}[kind]
+        out.append(PreferenceExample(f"Statement: {text}\nSentiment:", chosen, rejected,
+                                     where=f"synthetic:displacement[{split}]:{i + 1}"))
+    return out
+
+
+def wrong_polarity_words(positive: bool) -> tuple[str, str]:
+    """The first words of a wrong-polarity answer to a statement of this polarity."""
+    other = _label(positive, opposite=True)
+    return other, _SYNONYM[other]
+
+
+SOURCES = {"sentiment": {"n", "config", "split", "seed"}, "verdict": {"n", "split", "seed"},
+           "displacement": {"n", "split", "seed", "part"}}
 
 
 def from_source(source: str) -> list[PreferenceExample]:
     """Parse `synthetic:NAME?key=value&...` (NAME: sentiment with keys n, config, split, seed; verdict with
-    keys n, split, seed)."""
+    keys n, split, seed; displacement with keys n, split, seed, part)."""
     body = source.split(":", 1)[1]
     name, _, query = body.partition("?")
     if name not in SOURCES:
@@ -179,4 +221,8 @@ def from_source(source: str) -> list[PreferenceExample]:
         raise DataError(f"{source}: n must be at least 1 (got {n})")
     if name == "verdict":
         return verdict_pairs(n, opts.get("split", "train"), seed)
+    if name == "displacement":
+        if opts.get("part", "pairs") not in ("pairs", "sft"):
+            raise DataError(f"{source}: part must be pairs or sft")
+        return displacement_pairs(n, opts.get("split", "train"), seed, opts.get("part", "pairs"))
     return sentiment_pairs(n, opts.get("config", "long"), opts.get("split", "train"), seed)
