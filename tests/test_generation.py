@@ -147,3 +147,22 @@ def test_a_moving_reference_is_rebuilt_with_its_update_count_from_a_run_and_a_ch
     checkpoint = str(out / "checkpoints" / "step-2")
     assert load_moving_reference(checkpoint, load_policy(checkpoint)).updates == 1
     assert load_moving_reference(str(out), load_policy(str(out))).updates == 2
+
+
+def test_a_run_folder_cannot_turn_on_remote_code_and_old_keys_are_ignored(tmp_path, caplog):
+    """A run whose saved config asks for trust_remote_code is refused in one line unless the caller turns it on;
+    a saved config with a key this version no longer has loads, with one warning naming the key."""
+    from entangle.config import load_saved
+
+    train(cfg(tmp_path / "run"))
+    path = tmp_path / "run" / "config.yaml"
+    text = path.read_text()
+    path.write_text(text.replace("trust_remote_code: false", "trust_remote_code: true"))
+    with pytest.raises(ModelError, match="a run folder cannot turn remote code on"):
+        load_policy(str(tmp_path / "run"))
+    path.write_text(text.replace("train:\n", "train:\n  removed_option: 3\n") + "gone_section:\n  x: 1\n")
+    with caplog.at_level("WARNING"):
+        saved = load_saved(str(tmp_path / "run"))
+    assert saved.train.max_steps == 3 and "removed_option" not in saved.train
+    assert "train.removed_option, gone_section" in caplog.text
+    assert load_policy(str(tmp_path / "run")).model is not None

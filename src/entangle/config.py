@@ -398,9 +398,31 @@ def load_saved(run_dir: str) -> DictConfig:
     their defaults, which compute what the run computed. Lenient: its `_run` provenance is dropped."""
     import os
 
-    saved = OmegaConf.load(os.path.join(run_dir, "config.yaml"))
+    import logging
+
+    saved = OmegaConf.to_container(OmegaConf.load(os.path.join(run_dir, "config.yaml")))
     saved.pop("_run", None)
-    return OmegaConf.merge(OmegaConf.structured(Config), saved)
+    base = OmegaConf.structured(Config)
+    removed = _drop_unknown(base, saved, "")
+    if removed:
+        logging.getLogger(__name__).warning("%s: ignoring key(s) this version no longer has: %s", run_dir,
+                                            ", ".join(removed))
+    return OmegaConf.merge(base, saved)
+
+
+def _drop_unknown(node: DictConfig, saved: dict, prefix: str) -> list[str]:
+    """Remove (in place) the keys of `saved` that the structured `node` does not have; free-form dict fields
+    (data.columns, loss.params) keep every key. Returns the dotted names removed."""
+    removed = []
+    for key in list(saved):
+        if key not in node:
+            removed.append(prefix + str(key))
+            del saved[key]
+            continue
+        child = node[key]
+        if isinstance(child, DictConfig) and isinstance(saved[key], dict) and OmegaConf.get_type(child) is not dict:
+            removed += _drop_unknown(child, saved[key], f"{prefix}{key}.")
+    return removed
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -66,8 +66,12 @@ def load_policy(spec: str, dtype: str = "auto", device: str = "cpu", trust_remot
         return LoadedPolicy(model.eval(), tok, spec, None)
     cfg = load_saved(run_dir)
     mc = cfg.model
+    if mc.trust_remote_code and not trust_remote_code:
+        # a run folder is data from elsewhere: it cannot turn on code execution by itself
+        raise ModelError(f"{os.path.join(run_dir, 'config.yaml')} asks for model.trust_remote_code; a run folder "
+                         "cannot turn remote code on: pass trust_remote_code=True yourself, only for a model you trust")
     lora = LoraSettings(**OmegaConf.to_container(mc.lora))
-    model, tok = load_model(mc.name, dtype, device, lora, mc.trust_remote_code, seed=cfg.train.seed)
+    model, tok = load_model(mc.name, dtype, device, lora, trust_remote_code, seed=cfg.train.seed)
     load_weights(model, folder)
     return LoadedPolicy(model.eval(), tok, spec, mc.name, cfg.train.seed, lora.r > 0)
 
