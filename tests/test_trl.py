@@ -77,8 +77,10 @@ def test_training_is_unchanged_by_the_callback(tiny_folder, tmp_path):
 def test_a_trl_run_renders_as_an_entangle_report(tiny_folder, tmp_path):
     from entangle.report import write_report
 
+    (tmp_path / "metrics.jsonl").write_text('{"step": 7, "mine": true}\n')     # a user's file from before
     make_trainer(tiny_folder, tmp_path, [EntanglementCallback(every=1, tokens=1)], steps=2).train()
     assert len(rows(tmp_path, "metrics.jsonl")) == 2 and (tmp_path / "entanglement_tokens" / "step-2.json").exists()
+    assert rows(tmp_path, "metrics.jsonl.1") == [{"step": 7, "mine": True}]          # set aside, never deleted
     page = open(write_report([str(tmp_path)], str(tmp_path / "report"))).read()
     assert "Gradient entanglement" in page and "case" in page and page.count("data:image/png;base64,") >= 3
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 from dataclasses import dataclass
 
@@ -46,6 +47,8 @@ LOSS_TYPES = {
     "apo_down": ("apo_down", {"beta": "beta"}),
     "discopop": ("discopop", {"beta": "beta", "discopop_tau": "args.discopop_tau"}),
 }
+
+log = logging.getLogger(__name__)
 
 
 def find_trainer():
@@ -190,7 +193,7 @@ class EntanglementCallback(TrainerCallback):
             os.makedirs(self.output_dir, exist_ok=True)
             for name in ("entanglement.jsonl", "metrics.jsonl"):
                 if state.global_step == 0 and os.path.exists(os.path.join(self.output_dir, name)):
-                    os.remove(os.path.join(self.output_dir, name))
+                    _set_aside(os.path.join(self.output_dir, name))
 
     def _patch(self, module, policy: bool) -> None:
         fused = module.forward
@@ -379,3 +382,14 @@ class TrustRegionCallback(TrainerCallback):
 
 
 __all__ = ["EntanglementCallback", "TrustRegionCallback", "LOSS_TYPES"]
+
+
+def _set_aside(path: str) -> str:
+    """A fresh run's log would mix with an earlier run's: the earlier file becomes `PATH.N` (the first free N),
+    never deleted. Returns the new name."""
+    n = 1
+    while os.path.exists(f"{path}.{n}"):
+        n += 1
+    os.replace(path, f"{path}.{n}")
+    log.warning("%s: an earlier run's log; kept as %s.%d", path, path, n)
+    return f"{path}.{n}"
