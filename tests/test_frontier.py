@@ -147,3 +147,15 @@ def test_scan_filter_arms_drop_the_same_share_by_their_score():
     draw = sf.dropped(rows, "random", 2, 7)
     assert len(draw) == 2 and draw == sf.dropped(rows, "random", 2, 7)          # seeded: the same draw again
     assert len({tuple(sf.dropped(rows, "random", 2, k)) for k in range(10)}) > 1  # a new draw per seed
+
+
+def test_scan_filter_headline_draws_no_conclusion_when_nothing_was_displaced():
+    from entangle.studies import scan_filter as sf
+
+    summary = {"control": {"chosen_change": 0.1, "seed_se": 0.05, "passed": False},
+               "primary": {"difference": -0.4, "interval": [-0.6, -0.2], "verdict": "lower"},
+               "auroc": {"ches": 0.5, "cos": None}}
+    text = sf.headline(summary)
+    assert "positive control FAILED" in text and "no conclusion (measured lower)" in text and "-> lower" not in text
+    summary["control"]["passed"] = True
+    assert "-> lower" in sf.headline(summary) and "ches 0.50" in sf.headline(summary)

@@ -57,6 +57,13 @@ def test_predictions_follow_the_paper_and_report_failures_plainly():
     assert only[0]["measured"] == "cos +0.400"
 
 
+def test_chosen_predictions_are_reported_at_every_stopping_point():
+    """Chosen path -1.0 (start), -0.9, -1.2, -0.8: it rose at 2 of the 3 stopping points after the start."""
+    r = {**_result(-0.2, -1.0, -0.8), "heldout_chosen_path": [[0, -1.0], [10, -0.9], [20, -1.2], [30, -0.8]]}
+    got = {p["claim"]: p["measured"] for p in sentiment.predictions({"single": r})}
+    assert got["chosen log-prob rises"] == "chosen +0.200; held at 2 of 3 stopping points"
+
+
 def test_summarise_uses_the_second_half_and_held_out_rows():
     """Four diagnostic steps with cos 0.9, 0.7, 0.2, 0.4: the last half's mean is 0.3;
     case1 fractions 1, 1, 0.5, 0.5 -> mean 0.75."""
