@@ -9,7 +9,7 @@ import torch
 
 from entangle import config, models
 from entangle.errors import ConfigError, ModelError
-from entangle.evaluation import Judge, distinct_2, get_scorer, score_samples, summarise
+from entangle.evaluation import Judge, checked_scores, distinct_2, get_scorer, score_samples, summarise
 from entangle.loop import train
 from conftest import write_jsonl
 
@@ -214,3 +214,38 @@ def test_kl_to_the_moved_reference(tmp_path, lora):
     assert (tmp_path / "run" / "reference-final.safetensors").exists()
     f = evaluate(str(tmp_path / "run"), PROMPTS, "vader", n=1, max_new_tokens=6, dtype="float64", progress=False)
     assert f["kl/reference"] == pytest.approx(0.0, abs=1e-6) and f["kl/initial"] > 1e-3
+
+
+BAD_SCORERS = {
+    "raises": ("def f(p, c):\n    raise RuntimeError('boom')\n", "failed on 2 completions: RuntimeError: boom"),
+    "exits": ("def f(p, c):\n    raise SystemExit(0)\n", "failed on 2 completions: SystemExit"),
+    "none": ("def f(p, c):\n    return None\n", "failed on 2 completions: TypeError"),
+    "strings": ("def f(p, c):\n    return ['1.5', '2']\n", "score 0 is '1.5', not a number"),
+    "count": ("def f(p, c):\n    return [1.0]\n", "returned 1 scores for 2 completions"),
+    "nan": ("def f(p, c):\n    return [1.0, float('nan')]\n", "score 1 is nan"),
+    "inf": ("def f(p, c):\n    return [float('inf'), 1.0]\n", "score 0 is inf"),
+    "not_callable": ("f = 3\n", "failed on 2 completions: TypeError"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_SCORERS))
+def test_a_user_scorer_that_misbehaves_is_one_line_naming_it(kind, tmp_path, monkeypatch):
+    """A user's scorer is user code: whatever it does wrong is a ConfigError naming it and the first bad value,
+    never a traceback, a silent exit, or a non-finite score averaged into gold."""
+    source, message = BAD_SCORERS[kind]
+    (tmp_path / f"bad_{kind}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    scorer = get_scorer(f"python:bad_{kind}:f")
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as e:
+        checked_scores(scorer, ["p", "q"], ["a", "b"])
+    assert f"python:bad_{kind}:f" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_non_finite_score_never_reaches_the_labels(tmp_path, monkeypatch):
+    from entangle.api import label
+
+    (tmp_path / "nanscore.py").write_text("def f(p, c):\n    return [float('nan')] * len(c)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="score 0 is nan"):
+        label("tiny", ["Hello", "Hi"], "python:nanscore:f", out=str(tmp_path / "p.jsonl"), max_new_tokens=4)
+    assert not (tmp_path / "p.jsonl").exists()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 from typing import Callable, Sequence
 
@@ -38,6 +39,19 @@ class Scorer:
 
     def score(self, prompts: Sequence, completions: Sequence[str]) -> list[float]:
         raise NotImplementedError
+
+
+def checked_scores(scorer, prompts: Sequence, completions: Sequence[str]) -> list[float]:
+    """`scorer.score`, refused in one line unless it gives one finite number per completion (never averaged)."""
+    got = scorer.score(prompts, completions)
+    name = getattr(scorer, "name", type(scorer).__name__)
+    if len(got) != len(completions):
+        raise ConfigError(f"scorer {name} returned {len(got)} scores for {len(completions)} completions")
+    for i, v in enumerate(got):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"scorer {name}: score {i} is {v!r} (for {completions[i][:40]!r}); every score "
+                              "must be a finite number")
+    return [float(v) for v in got]
 
 
 class Vader(Scorer):
@@ -112,10 +126,21 @@ class PythonScorer(Scorer):
             raise ConfigError(f"scorer {self.name}: cannot import it ({type(e).__name__}: {e})") from None
 
     def score(self, prompts, completions):
-        got = list(self.fn(list(prompts), list(completions)))
-        if len(got) != len(completions):
-            raise ConfigError(f"scorer {self.name} returned {len(got)} scores for {len(completions)} completions")
-        return [float(x) for x in got]
+        try:   # user code: any failure is one line naming it, never a traceback or a silent exit
+            got = self.fn(list(prompts), list(completions))
+            got = list(got)
+        except (Exception, SystemExit) as e:
+            raise ConfigError(f"scorer {self.name} failed on {len(completions)} completions: "
+                              f"{type(e).__name__}: {e}") from None
+        out = []
+        for i, x in enumerate(got):
+            try:
+                if isinstance(x, (str, bytes, bool)) or x is None:
+                    raise TypeError
+                out.append(float(x))          # numpy and torch scalars too
+            except (TypeError, ValueError):
+                raise ConfigError(f"scorer {self.name}: score {i} is {x!r}, not a number") from None
+        return out
 
 
 class Judge(Scorer):
@@ -206,10 +231,10 @@ def score_samples(samples: list[dict], scorer: Scorer, baseline: list[dict] | No
     """Add `score` (pointwise scorers) and, against baseline samples of the same prompts, `win` (ties half)."""
     prompts = [s["prompt"] for s in samples]
     if not scorer.pairwise:
-        for s, v in zip(samples, scorer.score(prompts, [s["completion"] for s in samples])):
+        for s, v in zip(samples, checked_scores(scorer, prompts, [s["completion"] for s in samples])):
             s["score"] = v
         if baseline is not None and "score" not in baseline[0]:
-            for s, v in zip(baseline, scorer.score(prompts, [b["completion"] for b in baseline])):
+            for s, v in zip(baseline, checked_scores(scorer, prompts, [b["completion"] for b in baseline])):
                 s["score"] = v
     if baseline is None:
         return

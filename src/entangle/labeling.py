@@ -15,7 +15,7 @@ import random
 from typing import Sequence
 
 from entangle.errors import ConfigError
-from entangle.evaluation import Scorer
+from entangle.evaluation import Scorer, checked_scores
 from entangle.generation import LoadedPolicy, generate, write_samples
 
 
@@ -40,7 +40,7 @@ def label_pairs(policy: LoadedPolicy, prompts: Sequence, scorer: Scorer, noise: 
     if scorer.pairwise:
         raise ConfigError("labelling needs a pointwise gold scorer (vader, rm:, python:), not a judge")
     samples = generate(policy.model, policy.tokenizer, prompts, **{**gen, "n": 2, "seed": seed}, logps=False)
-    scores = scorer.score([s["prompt"] for s in samples], [s["completion"] for s in samples])
+    scores = checked_scores(scorer, [s["prompt"] for s in samples], [s["completion"] for s in samples])
     rng = random.Random(seed)
     rows = []
     for k in range(0, len(samples), 2):
