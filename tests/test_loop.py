@@ -283,3 +283,27 @@ def test_activation_checkpointing_trains_the_same_numbers(tmp_path):
     assert model.is_activation_checkpointing
     models.set_activation_checkpointing(model, False)
     assert not model.is_activation_checkpointing
+
+
+def test_two_writers_cannot_share_a_run_directory(tmp_path):
+    """While one process holds a run folder, another `entangle train` into it is refused in one line naming the
+    holder; after the holder dies (kill -9: no clean-up) the folder is free again (the kernel drops the lock);
+    a finished run releases it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom entangle.rundir import RunLock\n"
+                               f"lock = RunLock({str(out)!r})\nprint('locked', flush=True)\ntime.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        p = subprocess.run([sys.executable, "-m", "entangle.cli", "-q", "train", "model.name=tiny",
+                            "train.max_steps=1", f"train.output_dir={out}"], capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 2 and "is being written by another entangle process (pid" in p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    train(cfg_for(out, "train.max_steps=2"))               # the dead holder's lock is gone
+    train(cfg_for(out, "train.max_steps=2", "train.overwrite=true"))   # and the finished run released its own
+    assert len(rows(out)) == 2

@@ -64,6 +64,7 @@ class Run:
     resume_from: str | None
     info: dict = field(default_factory=dict)   # version, geometry, data statistics: summary.json and the log
     objective: Objective | None = None          # what a batch item is: the loss's (`step.objective`)
+    lock: Any = None                            # the run directory's writer lock (main process), released by fit
 
     def __post_init__(self):
         if self.objective is None:
@@ -294,10 +295,8 @@ def build(cfg: DictConfig, hooks: Sequence[StepHook] = (), train_data=None, eval
     """Assemble the run `cfg` describes (its directory checked first); `hooks` join the configured ones.
     `train_data` / `eval_data`: in-memory records (a `datasets.Dataset`, a list of dicts) instead of
     `data.train` / `data.eval`."""
-    from accelerate.utils import set_seed
-
     validate(cfg)   # again: a config edited in Python after loading is checked like a loaded one
-    tc, mc = cfg.train, cfg.model
+    tc = cfg.train
     acc = make_accelerator(cfg)
     check_inputs(cfg)
     check_output_dir(tc.output_dir)
@@ -306,7 +305,22 @@ def build(cfg: DictConfig, hooks: Sequence[StepHook] = (), train_data=None, eval
         log.info("train.resume=%s: no checkpoint in %s yet; starting fresh", tc.resume, tc.output_dir)
     if resume_from is not None:
         check_resume_config(cfg, tc.output_dir, resume_from, acc.is_main_process)
-    prepare_run_dir(tc.output_dir, tc.overwrite, bool(tc.resume), resume_from is not None, acc.is_main_process)
+    lock = prepare_run_dir(tc.output_dir, tc.overwrite, bool(tc.resume), resume_from is not None, acc.is_main_process)
+    try:
+        run = _assemble(cfg, acc, resume_from, hooks, train_data, eval_data)
+    except BaseException:
+        if lock is not None:   # a failed build frees the folder at once (a caller may retry in this process)
+            lock.release()
+        raise
+    run.lock = lock
+    return run
+
+
+def _assemble(cfg: DictConfig, acc, resume_from: str | None, hooks: Sequence[StepHook], train_data, eval_data) -> Run:
+    """The model, data, loss, references, optimiser and hooks of a run whose directory is ready."""
+    from accelerate.utils import set_seed
+
+    tc, mc = cfg.train, cfg.model
     acc.wait_for_everyone()
     set_seed(tc.seed)
     lora = LoraSettings(**OmegaConf.to_container(mc.lora))

@@ -122,7 +122,11 @@ def fit(run: Run, callbacks: Sequence[Callable[[dict, StopFlag], None]] = ()) ->
         progress.close()
         for s, h in handlers.items():
             signal.signal(s, h)
-    return finish(run, status, stop.reason, last, last_eval, start_step, t0)
+    try:
+        return finish(run, status, stop.reason, last, last_eval, start_step, t0)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
 
 
 def step_row(run: Run, step: int, metrics: Metrics, seconds: float) -> dict:

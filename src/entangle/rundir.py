@@ -40,17 +40,64 @@ def check_output_dir(path: str) -> None:
         raise TrainingError(f"train.output_dir={path}: {parent} is not writable; give a folder you can write")
 
 
-def prepare_run_dir(path: str, overwrite: bool, resume_requested: bool, has_checkpoint: bool, is_main: bool) -> None:
-    """Make the run directory. Continuing from a checkpoint keeps it; otherwise a non-empty folder must be an
+LOCK = ".entangle.lock"
+
+
+class RunLock:
+    """The run directory's writer lock, held while one process writes it: `flock` on `PATH/.entangle.lock`,
+    which the kernel releases when the process ends however it ends, so a stale lock never blocks a later run.
+    The file names the holder (pid and host) for the refusal message."""
+
+    def __init__(self, path: str):
+        import fcntl
+        import socket
+
+        self.file = open(os.path.join(path, LOCK), "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise TrainingError(f"{path} is being written by another entangle process ({holder}); wait for it to "
+                                "finish or give another train.output_dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        if not self.file.closed:
+            import fcntl
+
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+
+
+def prepare_run_dir(path: str, overwrite: bool, resume_requested: bool, has_checkpoint: bool,
+                    is_main: bool) -> RunLock | None:
+    """Make the run directory and lock it for this process (`RunLock`; other processes of a launch write
+    nothing and take none). Continuing from a checkpoint keeps it; otherwise a non-empty folder must be an
     entangle run and `train.overwrite` (or a resume that found no checkpoint: a fresh start) removes only
     what entangle wrote (`RUN_ENTRIES`); anything else in it stays."""
     check_output_dir(path)
     if not is_main:
-        return
-    entries = os.listdir(path) if os.path.isdir(path) else []
-    if entries and not is_run(path):
+        return None
+    entries = [e for e in os.listdir(path) if e != LOCK] if os.path.isdir(path) else []
+    if entries and not is_run(path):   # refused before anything is written into someone else's folder
         raise TrainingError(f"{path} is not empty and is not an entangle run (no config.yaml); entangle deletes only "
                             "what it wrote: give a new or empty folder")
+    os.makedirs(path, exist_ok=True)
+    lock = RunLock(path)
+    try:
+        _clear(path, entries, overwrite, resume_requested, has_checkpoint)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _clear(path: str, entries: list[str], overwrite: bool, resume_requested: bool, has_checkpoint: bool) -> None:
     if entries and not has_checkpoint:
         if not (overwrite or resume_requested):
             raise TrainingError(f"{path} is not empty; set train.overwrite=true to replace it, "
@@ -59,7 +106,6 @@ def prepare_run_dir(path: str, overwrite: bool, resume_requested: bool, has_chec
             p = os.path.join(path, name)
             if name in RUN_ENTRIES or name.endswith(".tmp"):
                 shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
-    os.makedirs(path, exist_ok=True)
 
 
 def git_sha() -> str | None:
