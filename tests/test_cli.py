@@ -96,3 +96,38 @@ def test_quiet_means_no_progress_bars(tmp_path):
     p = entangle("-q", "train", "configs/tiny-dpo.yaml", "train.max_steps=2", f"train.output_dir={tmp_path / 'r'}")
     assert p.returncode == 0, p.stderr
     assert "step/s" not in p.stderr and "it/s" not in p.stderr and "%|" not in p.stderr
+
+
+@pytest.mark.parametrize("case", ["generate", "label", "scan-keep", "eval-samples"])
+def test_no_command_overwrites_its_input(case, tmp_path, capsys):
+    """An output that resolves to an input (the same path, or the same file through a link) is refused in one
+    line before any model loads, and the input is left as it was."""
+    from entangle.cli import main
+
+    from pathlib import Path
+
+    data = Path(write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Hi", "chosen": " a", "rejected": " b"}] * 4))
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(data)
+    before = data.read_text()
+    args = {"generate": ["generate", "tiny", "--prompts", str(data), "--out", str(link)],
+            "label": ["label", "tiny", "--prompts", str(data), "--out", f"{tmp_path}/./in.jsonl"],
+            "scan-keep": ["scan", "tiny", "--data", str(data), "--keep", str(data), "--max-cos", "0.5", "--out",
+                          str(tmp_path / "scan")],
+            "eval-samples": ["eval", "tiny", "--samples", str(tmp_path / "samples.jsonl"), "--out", str(tmp_path)]}[case]
+    if case == "eval-samples":
+        data = Path(write_jsonl(tmp_path / "samples.jsonl", [{"prompt": "Hi", "completion": " a"}]))
+        before = data.read_text()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "would destroy the input" in err and len(err.strip().splitlines()) == 1, err
+    assert data.read_text() == before
+
+
+def test_eval_takes_prompts_or_samples_never_both(tmp_path, capsys):
+    """--samples carries its prompts; with --prompts beside it one would be silently unused: refused."""
+    from entangle.cli import main
+
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "Hi", "completion": " a"}])
+    assert main(["eval", "tiny", "--samples", str(samples), "--prompts", str(samples), "--out", str(tmp_path / "e")]) == 2
+    assert "not both or neither" in capsys.readouterr().err and not (tmp_path / "e").exists()

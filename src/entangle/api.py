@@ -24,6 +24,7 @@ from entangle.evaluation import evaluate as evaluate_policy
 from entangle.generation import generate as generate_rows
 from entangle.generation import (load_initial, load_moving_reference, load_policy, load_prompts, resolve,
                                  write_samples)
+from entangle.rundir import refuse_overwriting_inputs
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ def generate(model: str, prompts: str | list, out: str | None = None, limit: int
              split: str = "train", device: str = "auto", dtype: str = "auto", **settings) -> list[dict]:
     """Sample from a model or run (`settings`: n, max_new_tokens, temperature, top_p, seed, batch_size,
     max_prompt_length, progress); rows as `generation.generate`, written to `out` (JSONL) when given."""
+    refuse_overwriting_inputs({"--out": out}, {"prompts": prompts})
     texts = load_prompts(prompts, split, limit) if isinstance(prompts, str) else list(prompts)[:limit]
     resolve(model)
     policy = load_policy(model, dtype, _device(device))
@@ -69,6 +71,9 @@ def evaluate(model: str, prompts: str | list | None, scorer: str = "vader", out:
     """Generate (or reuse a samples file), score, KL to the initial policy, win rate against the baseline
     (default: the initial policy); writes `out/eval.json` and `out/samples.jsonl` when `out` is given."""
     check_scorer_spec(scorer)
+    if out:
+        refuse_overwriting_inputs({"--out": os.path.join(out, "samples.jsonl"), "--out ": os.path.join(out, "eval.json")},
+                                  {"--samples": samples, "prompts": prompts if isinstance(prompts, str) else None})
     reused = _read_samples(samples) if samples else None
     texts = None if reused else load_prompts(prompts, split, limit) if isinstance(prompts, str) else list(prompts)
     template = None
@@ -110,6 +115,7 @@ def label(model: str, prompts: str | list, scorer: str = "vader", out: str | Non
         raise ConfigError(f"--noise must be >= 0 (got {noise})")
     if scorer.startswith("judge:"):
         raise ConfigError("labelling needs a pointwise gold scorer (vader, rm:PATH, python:module:function)")
+    refuse_overwriting_inputs({"--out": out}, {"prompts": prompts})
     texts = load_prompts(prompts, split, limit) if isinstance(prompts, str) else list(prompts)[:limit]
     resolve(model)
     dev = _device(device)
@@ -168,6 +174,7 @@ def scan(model: str, data: str, out: str | None = None, loss: str = "dpo", loss_
         raise ConfigError("a filter writes the pairs that pass: give --out (or --keep PATH)")
     if missing_file(data):
         raise DataError(f"--data {data}: no such file or folder")
+    refuse_overwriting_inputs({"--keep": keep_path, "--out": out}, {"--data": data})
     if out:
         _writable_folder(out)
     if data.startswith("synthetic:"):

@@ -105,6 +105,9 @@ def _generate(args) -> int:
 def _eval(args) -> int:
     from entangle.api import evaluate
 
+    if bool(args.prompts) == bool(args.samples):   # the samples carry their prompts: one source, never two
+        raise ConfigError("eval: give --prompts (to sample) or --samples (to score a samples file), not both or neither")
+
     figures = evaluate(args.model, args.prompts, args.scorer, out=args.out, baseline=args.baseline,
                        initial=args.initial, samples=args.samples, limit=args.limit, split=args.split,
                        device=args.device, dtype=args.dtype, judge_template=args.judge_template, **_gen_settings(args))
@@ -184,11 +187,12 @@ def _scan_parser(sub) -> None:
     sc.set_defaults(func=_scan)
 
 
-def _sampling_args(p) -> None:
+def _sampling_args(p, prompts_required: bool = True) -> None:
     p.add_argument("model", metavar="MODEL_OR_RUN", help="a run directory (its final/), a checkpoint folder, "
                    "or any model.name (tiny, smollm2-135m, a folder, a hub id)")
-    p.add_argument("--prompts", required=True, help="prompt source: {prompt} JSONL, a preference file (its "
-                   "prompts), chat messages, synthetic:NAME")
+    p.add_argument("--prompts", required=prompts_required, help="prompt source: {prompt} JSONL, a preference file "
+                   "(its prompts), chat messages, synthetic:NAME" + ("" if prompts_required else
+                                                                     " (not with --samples)"))
     p.add_argument("--split", default="train", help="split for datasets folders and hub ids")
     p.add_argument("--limit", type=int, help="first N prompts")
     p.add_argument("--n", type=int, default=1, help="samples per prompt")
@@ -363,7 +367,7 @@ def _sampling_parsers(sub) -> None:
     g.add_argument("--out", required=True, help="output JSONL, one row per sample")
     g.set_defaults(func=_generate)
     e = sub.add_parser("eval", help="sample, score with a gold scorer, KL to the initial policy, win rate")
-    _sampling_args(e)
+    _sampling_args(e, prompts_required=False)
     e.add_argument("--scorer", default="vader", help="vader | rm:PATH | python:module:function | judge:PATH")
     e.add_argument("--judge-template", help="file with the judge prompt ({prompt}, {a}, {b})")
     e.add_argument("--initial", help="the initial policy (default: a run's starting model; a model: itself)")

@@ -74,6 +74,26 @@ class RunLock:
             self.file.close()
 
 
+def refuse_overwriting_inputs(outputs: dict[str, str | None], inputs: dict[str, str | None]) -> None:
+    """One line, before any work, when an output path is one of the inputs (the same path, or the same file by
+    another name: a link, `./x` vs `x`). `outputs` / `inputs`: option name -> path (None: not given)."""
+    from entangle.errors import DataError
+
+    def same(a: str, b: str) -> bool:
+        if os.path.realpath(a) == os.path.realpath(b):
+            return True
+        try:
+            return os.path.samefile(a, b)
+        except OSError:
+            return False
+
+    for out_name, out in outputs.items():
+        for in_name, given in inputs.items():
+            if out and isinstance(given, str) and os.path.exists(given) and same(out, given):
+                raise DataError(f"{out_name} {out} is the input {in_name}; writing it would destroy the input: "
+                                "give another path")
+
+
 def prepare_run_dir(path: str, overwrite: bool, resume_requested: bool, has_checkpoint: bool,
                     is_main: bool) -> RunLock | None:
     """Make the run directory and lock it for this process (`RunLock`; other processes of a launch write
