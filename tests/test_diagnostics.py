@@ -187,10 +187,29 @@ def test_token_view_float32_path_matches_float64(tok):
     model, _ = models.load_model("tiny", dtype="float64", tokenizer=tok)
     p = pairs_of(tok)[0]
     exact = token_gradients(model, p["prompt_ids"], p["chosen_ids"], p["rejected_ids"])
-    small = token_gradients(model, p["prompt_ids"], p["chosen_ids"], p["rejected_ids"], max_bytes=1)
+    n = sum(q.numel() for q in model.parameters()) * len(p["rejected_ids"])
+    small = token_gradients(model, p["prompt_ids"], p["chosen_ids"], p["rejected_ids"], max_bytes=4 * n)
+    assert exact["method"] == small["method"] == "exact"
     torch.testing.assert_close(small["cos"], exact["cos"], atol=1e-5, rtol=1e-4)
     assert small["pair_cos"] == pytest.approx(exact["pair_cos"], abs=1e-5)
     assert -1 <= exact["pair_cos"] <= 1
+
+
+def test_token_view_past_its_memory_budget_is_a_sketch_within_its_stated_error(tok):
+    """A budget smaller than the rejected tokens' gradients: each token gradient is sketched into k = 8192
+    buckets as it is made. Its stated error sqrt(2 / k) = 0.0156 bounds a cosine's standard deviation; every
+    cosine is within 5 of them of the exact one, the typical error within 1.5, and the same seed repeats."""
+    from entangle.diagnostics.tokens import token_gradients
+
+    model, _ = models.load_model("tiny", dtype="float64", tokenizer=tok)
+    p = pairs_of(tok)[0]
+    exact = token_gradients(model, p["prompt_ids"], p["chosen_ids"], p["rejected_ids"])
+    sketch = token_gradients(model, p["prompt_ids"], p["chosen_ids"], p["rejected_ids"], max_bytes=1, sketch_dim=8192)
+    assert sketch["method"] == "sketch" and sketch["sketch_error"] == pytest.approx((2 / 8192) ** 0.5)
+    err = (sketch["cos"] - exact["cos"]).abs()
+    assert float(err.max()) < 5 * sketch["sketch_error"] and float(err.mean()) < 1.5 * sketch["sketch_error"]
+    again = token_gradients(model, p["prompt_ids"], p["chosen_ids"], p["rejected_ids"], max_bytes=1, sketch_dim=8192)
+    assert torch.equal(again["cos"], sketch["cos"])
 
 
 @pytest.mark.parametrize("lr, extra", [("1e-6", []), ("1e-7", ["model.name=tiny-gpt2"]),

@@ -249,3 +249,17 @@ def test_a_non_finite_score_never_reaches_the_labels(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="score 0 is nan"):
         label("tiny", ["Hello", "Hi"], "python:nanscore:f", out=str(tmp_path / "p.jsonl"), max_new_tokens=4)
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_kl_of_a_bf16_model_against_a_separate_copy_of_itself_is_zero():
+    """bfloat16 on CPU: the policy and the initial policy are two loads of the same weights. Both sides are
+    scored by the same teacher-forced forward in the same batches, so the KL estimate is 0 (the sampling
+    forward's own log-probs differ from a full forward's by ~1e-2 per token in bf16: a biased KL)."""
+    from entangle.evaluation import evaluate
+    from entangle.generation import load_policy, load_prompts
+
+    policy, initial = load_policy("tiny", dtype="bfloat16"), load_policy("tiny", dtype="bfloat16")
+    assert policy.model is not initial.model and next(policy.model.parameters()).dtype == torch.bfloat16
+    figures, samples = evaluate(policy, load_prompts(PROMPTS), get_scorer("vader"), initial=initial, n=2,
+                                max_new_tokens=8, seed=0, batch_size=4)
+    assert figures["kl/initial"] == 0.0 and all(s["logp"] == s["logp_initial"] for s in samples)

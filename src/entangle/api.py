@@ -138,7 +138,7 @@ def label(model: str, prompts: str | list, scorer: str = "vader", out: str | Non
 
 
 def scan(model: str, data: str, out: str | None = None, loss: str = "dpo", loss_params: dict | None = None,
-         method: str = "fast", tokens: int = 3, batch_size: int = 4, max_length: int | None = 512,
+         method: str = "fast", tokens: int = 3, batch_size: int = 1, max_length: int | None = 512,
          max_prompt_length: int | None = None, limit: int | None = None, split: str = "train", lora_r: int = 0,
          drop_case: tuple[int, ...] = (), max_cos: float | None = None, max_ches_quantile: float | None = None,
          max_ches_norm_quantile: float | None = None, keep_path: str | None = None, device: str = "auto",
@@ -227,6 +227,7 @@ def scan(model: str, data: str, out: str | None = None, loss: str = "dpo", loss_
         lm.zero_grad(set_to_none=True)
         texts = {i: tuple(_flat_text(t)[-160:] if k == 0 else _flat_text(t) for k, t in
                           enumerate((ex.prompt, ex.chosen, ex.rejected))) for i, ex in enumerate(examples)}
+        summary["token_views"] = sorted({v["method"] for v in views}) if views else []
         result["report"] = write_scan_report(rows, summary, out, texts, views, f"entangle scan: {model} on {data}")
         write_json(os.path.join(out, "summary.json"), summary)
     return result

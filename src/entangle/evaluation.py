@@ -287,9 +287,10 @@ def evaluate(policy: LoadedPolicy, prompts: Sequence, scorer: Scorer, initial: L
     if samples is None:
         samples = generate(policy.model, policy.tokenizer, prompts, **gen)
     initial = initial or policy
-    if "logp" not in samples[0]:
-        for s, lp in zip(samples, completion_logps(policy.model, samples, pad, gen.get("batch_size", 8)).tolist()):
-            s["logp"] = lp
+    # KL from one numeric path: both sides teacher-forced in the same batches (the sampling forward's own
+    # log-probs differ from a full forward by ~1e-2 per token in bf16, a bias of tenths of a nat per sample)
+    for s, lp in zip(samples, completion_logps(policy.model, samples, pad, gen.get("batch_size", 8)).tolist()):
+        s["logp"] = lp
     same = initial.model is policy.model   # a model against itself: KL exactly 0
     init_logps = [s["logp"] for s in samples] if same else \
         completion_logps(initial.model, samples, pad, gen.get("batch_size", 8)).tolist()
@@ -348,6 +349,10 @@ class GenerationEval(StepHook):
         mine = self.prompts[acc.process_index :: acc.num_processes]
         settings = {**self.settings, "seed": self.settings["seed"] * 1009 + acc.process_index}
         rows = generate(lm, self.tokenizer, mine, **settings) if mine else []
+        # the policy's log-probs teacher-forced, as the initial policy's are: KL from one numeric path
+        policy_logps = completion_logps(lm, rows, self.tokenizer.pad_token_id, self.settings["batch_size"])
+        for s, lp in zip(rows, policy_logps.tolist()):
+            s["logp"] = lp
         with self.initial_context():
             init = completion_logps(self.initial_model, rows, self.tokenizer.pad_token_id, self.settings["batch_size"])
             for s, lp in zip(rows, init.tolist()):

@@ -5,7 +5,8 @@
     view["cos"]     # the same as cosines; rows sum (inner) to <grad log p(y_w,i), grad log pi_l>
 
 Token gradients sum to the response gradients, so `inner.sum()` is the pair's `<grad_w, grad_l>`.
-Cost: len(chosen) + len(rejected) backward passes; meant for a few pairs.
+Cost: len(chosen) + len(rejected) backward passes; meant for a few pairs. Memory is bounded (`TOKEN_BUDGET`):
+past it, each token gradient is sketched (CountSketch, stated error) instead of held.
 """
 
 from __future__ import annotations
@@ -27,16 +28,55 @@ def _token_grads(model, prompt_ids: list[int], response_ids: list[int], dtype=to
         yield torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1).to(dtype) for x, p in zip(g, params)])
 
 
-def token_gradients(model, prompt_ids, chosen_ids, rejected_ids, tokenizer=None, max_bytes: int = 2**31) -> dict:
-    """The rejected tokens' gradients are held ([len(rejected), n_trainable]); the chosen ones are streamed.
-    float64 while that fits in `max_bytes`, else float32 (a 135M model: 0.5 GB per token)."""
+SKETCH_DIM = 2**16   # buckets of the CountSketch used when exact token gradients exceed the budget
+TOKEN_BUDGET = 2**30  # bytes of per-token gradients held at once (1 GiB)
+
+
+class _CountSketch:
+    """A seeded CountSketch of [n] vectors into [k]: coordinate i goes to bucket h(i) with sign s(i). For any a, b,
+    <S a, S b> is an unbiased estimate of <a, b> with variance at most (|a|^2 |b|^2 + <a, b>^2) / k, so a cosine
+    is within about sqrt(2 / k) (one standard deviation; 0.0055 at k = 2^16)."""
+
+    CHUNK = 2**24   # coordinates hashed at a time (the int64 index of a chunk is 128 MiB)
+
+    def __init__(self, n: int, k: int, seed: int, device):
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        self.k = k
+        self.bucket = torch.randint(0, k, (n,), generator=g, dtype=torch.int32).to(device)             # [n]
+        self.sign = torch.randint(0, 2, (n,), generator=g, dtype=torch.int8).to(device)               # [n] 0/1
+
+    def __call__(self, g: torch.Tensor) -> torch.Tensor:
+        """[n] float32 (modified in place) -> [k] float64."""
+        out = torch.zeros(self.k, dtype=torch.float32, device=g.device)
+        for a in range(0, g.numel(), self.CHUNK):
+            part = g[a : a + self.CHUNK]
+            part.mul_(self.sign[a : a + self.CHUNK] * 2 - 1)                                       # random signs
+            out.index_add_(0, self.bucket[a : a + self.CHUNK].long(), part)
+        return out.double()
+
+
+def token_gradients(model, prompt_ids, chosen_ids, rejected_ids, tokenizer=None, max_bytes: int = TOKEN_BUDGET,
+                    sketch_dim: int = SKETCH_DIM, seed: int = 0) -> dict:
+    """The per-token view of one pair, in bounded memory. Exact when the rejected tokens' gradients fit in
+    `max_bytes` (held as [len(rejected), n_trainable], float64 if that fits, else float32; the chosen ones are
+    streamed). Otherwise every token gradient is reduced to a `sketch_dim` CountSketch as it is made (`method`:
+    "sketch", with `sketch_error`: one standard deviation of a cosine), so memory is a few gradients whatever
+    the model size and the number of tokens."""
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    dtype = torch.float64 if n_params * len(rejected_ids) * 8 <= max_bytes else torch.float32
-    gl = torch.stack(list(_token_grads(model, prompt_ids, rejected_ids, dtype)))   # [Tl, P]
+    exact_bytes = n_params * len(rejected_ids)
+    if exact_bytes * 4 <= max_bytes:
+        dtype = torch.float64 if exact_bytes * 8 <= max_bytes else torch.float32
+        reduce, info = (lambda g: g), {"method": "exact"}
+    else:
+        device = next(p for p in model.parameters() if p.requires_grad).device
+        dtype, reduce = torch.float32, _CountSketch(n_params, sketch_dim, seed, device)
+        info = {"method": "sketch", "sketch_dim": sketch_dim, "sketch_error": (2 / sketch_dim) ** 0.5}
+    gl = torch.stack([reduce(g) for g in _token_grads(model, prompt_ids, rejected_ids, dtype)])     # [Tl, P or k]
     gl_sum = gl.sum(0)
     rows, gw_sum, gw_norms = [], torch.zeros_like(gl_sum), []
     for g in _token_grads(model, prompt_ids, chosen_ids, dtype):
-        rows.append((gl @ g).double())                                          # [Tl]
+        g = reduce(g)                                                                               # [P or k]
+        rows.append((gl @ g).double())                                                              # [Tl]
         gw_norms.append(g.double().norm())
         gw_sum += g
         del g
@@ -48,7 +88,7 @@ def token_gradients(model, prompt_ids, chosen_ids, rejected_ids, tokenizer=None,
     return {"chosen_tokens": decode(chosen_ids), "rejected_tokens": decode(rejected_ids),
             "inner": inner, "cos": cos,
             "chosen_share": inner.sum(1), "rejected_share": inner.sum(0),      # per-token shares of <grad_w, grad_l>
-            "total_inner": pair_inner, "pair_cos": pair_inner / max(float(norm_w * norm_l), 1e-300)}
+            "total_inner": pair_inner, "pair_cos": pair_inner / max(float(norm_w * norm_l), 1e-300), **info}
 
 
 def to_json(view: dict) -> dict:
