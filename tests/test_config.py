@@ -117,3 +117,16 @@ def test_input_paths_in_a_config_file_are_relative_to_the_file(tmp_path, monkeyp
     assert cfg.data.train == str(tmp_path / "data" / "pairs.jsonl") and cfg.data.eval == "synthetic:sentiment"
     # overrides on the command line stay relative to the working directory
     assert config.load(str(tmp_path / "cfgs" / "c.yaml"), ["data.train=x.jsonl"]).data.train == "x.jsonl"
+
+
+def test_own_training_data_never_meets_the_configs_built_in_eval_set(tmp_path):
+    """configs/tiny-dpo.yaml evaluates on generated statements; with the user's own data.train and no data.eval,
+    that set is dropped (the start-up line says there is none), never used as the user's held-out data."""
+    import os
+
+    tiny = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny-dpo.yaml")
+    own = config.load(tiny, ["data.train=my.jsonl"])
+    assert own.data.train == "my.jsonl" and own.data.eval is None
+    both = config.load(tiny, ["data.train=my.jsonl", "data.eval=my-test.jsonl"])
+    assert both.data.eval == "my-test.jsonl"
+    assert config.load(tiny).data.eval.startswith("synthetic:")

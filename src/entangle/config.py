@@ -266,6 +266,10 @@ def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.max_steps=10)")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    given = {item.split("=", 1)[0].strip() for item in overrides}
+    if "data.train" in given and "data.eval" not in given and cfg.data.eval is not None:
+        # the file's held-out set belongs to the file's training data, not to the user's own
+        cfg.data.eval = None
     validate(cfg)
     return cfg
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 
 
-def _token_grads(model, prompt_ids: list[int], response_ids: list[int], dtype=torch.float64):
-    """Yield the flattened gradient of each response token's log-prob, one at a time ([n_trainable])."""
+def _token_grads(model, prompt_ids: list[int], response_ids: list[int], dtype=torch.float64, reduce=None):
+    """Yield the gradient of each response token's log-prob, one at a time: flattened ([n_trainable]), or
+    `reduce(grads)` of the per-parameter gradients when given (no flat copy is made)."""
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
     ids = torch.tensor([list(prompt_ids) + list(response_ids)], device=device)
@@ -25,7 +26,9 @@ def _token_grads(model, prompt_ids: list[int], response_ids: list[int], dtype=to
     tok = lp.gather(1, ids[0, n:, None])[:, 0]                                  # [R]
     for k in range(len(response_ids)):
         g = torch.autograd.grad(tok[k], params, retain_graph=k < len(response_ids) - 1, allow_unused=True)
-        yield torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1).to(dtype) for x, p in zip(g, params)])
+        g = [torch.zeros_like(p) if x is None else x for x, p in zip(g, params)]
+        yield reduce(g) if reduce is not None else torch.cat([x.reshape(-1).to(dtype) for x in g])
+        del g
 
 
 SKETCH_DIM = 2**16   # buckets of the CountSketch used when exact token gradients exceed the budget
@@ -40,18 +43,25 @@ class _CountSketch:
     CHUNK = 2**24   # coordinates hashed at a time (the int64 index of a chunk is 128 MiB)
 
     def __init__(self, n: int, k: int, seed: int, device):
+        if not 2 <= k <= 2**16:
+            raise ValueError(f"sketch_dim must be in [2, 65536] (got {k})")
         g = torch.Generator(device="cpu").manual_seed(seed)
         self.k = k
-        self.bucket = torch.randint(0, k, (n,), generator=g, dtype=torch.int32).to(device)             # [n]
+        # bucket - 2^15 fits int16: 2 bytes a coordinate (270 MB for a 135M model), signs 1 byte
+        self.bucket = (torch.randint(0, k, (n,), generator=g, dtype=torch.int32) - 2**15).to(torch.int16).to(device)
         self.sign = torch.randint(0, 2, (n,), generator=g, dtype=torch.int8).to(device)               # [n] 0/1
 
-    def __call__(self, g: torch.Tensor) -> torch.Tensor:
-        """[n] float32 (modified in place) -> [k] float64."""
-        out = torch.zeros(self.k, dtype=torch.float32, device=g.device)
-        for a in range(0, g.numel(), self.CHUNK):
-            part = g[a : a + self.CHUNK]
-            part.mul_(self.sign[a : a + self.CHUNK] * 2 - 1)                                       # random signs
-            out.index_add_(0, self.bucket[a : a + self.CHUNK].long(), part)
+    def __call__(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Per-parameter gradients (in the order of `model.parameters()`, modified in place) -> [k] float64."""
+        out = torch.zeros(self.k, dtype=torch.float32, device=grads[0].device)
+        offset = 0
+        for x in grads:
+            flat = x.reshape(-1)
+            for a in range(0, flat.numel(), self.CHUNK):
+                part, at = flat[a : a + self.CHUNK].float(), offset + a
+                part.mul_(self.sign[at : at + part.numel()] * 2 - 1)                                 # random signs
+                out.index_add_(0, self.bucket[at : at + part.numel()].long() + 2**15, part)
+            offset += flat.numel()
         return out.double()
 
 
@@ -66,16 +76,15 @@ def token_gradients(model, prompt_ids, chosen_ids, rejected_ids, tokenizer=None,
     exact_bytes = n_params * len(rejected_ids)
     if exact_bytes * 4 <= max_bytes:
         dtype = torch.float64 if exact_bytes * 8 <= max_bytes else torch.float32
-        reduce, info = (lambda g: g), {"method": "exact"}
+        reduce, info = None, {"method": "exact"}
     else:
         device = next(p for p in model.parameters() if p.requires_grad).device
         dtype, reduce = torch.float32, _CountSketch(n_params, sketch_dim, seed, device)
         info = {"method": "sketch", "sketch_dim": sketch_dim, "sketch_error": (2 / sketch_dim) ** 0.5}
-    gl = torch.stack([reduce(g) for g in _token_grads(model, prompt_ids, rejected_ids, dtype)])     # [Tl, P or k]
+    gl = torch.stack(list(_token_grads(model, prompt_ids, rejected_ids, dtype, reduce)))          # [Tl, P or k]
     gl_sum = gl.sum(0)
     rows, gw_sum, gw_norms = [], torch.zeros_like(gl_sum), []
-    for g in _token_grads(model, prompt_ids, chosen_ids, dtype):
-        g = reduce(g)                                                                               # [P or k]
+    for g in _token_grads(model, prompt_ids, chosen_ids, dtype, reduce):                           # [P or k]
         rows.append((gl @ g).double())                                                              # [Tl]
         gw_norms.append(g.double().norm())
         gw_sum += g
