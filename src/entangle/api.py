@@ -148,24 +148,12 @@ def scan(model: str, data: str, out: str | None = None, loss: str = "dpo", loss_
     in the input's format to `keep_path` (default `out/kept.<ext>`). `layers`: measure the gradient over the last
     that many decoder layers only (a faster, partial scan). Returns {"rows", "summary", "kept", ...}."""
     from entangle import losses, scanning
-    from entangle.checkpoint import write_json
     from entangle.data import missing_file, read_examples, tokenize_pairs
     from entangle.errors import ConfigError
     from entangle.models import LoraSettings, load_model
 
-    checks = [(method in ("fast", "exact"), f"--method must be fast or exact (got {method!r})"),
-              (batch_size >= 1, f"--batch-size must be >= 1 (got {batch_size})"),
-              (tokens >= 0, f"--tokens must be >= 0 (got {tokens})"),
-              (max_length is None or max_length >= 2, f"--max-length must be >= 2 (got {max_length})"),
-              (lora_r >= 0, f"--lora-r must be >= 0 (got {lora_r})"),
-              (layers is None or layers >= 1, f"--layers must be >= 1 (got {layers})"),
-              (all(c in (0, 1, 2, 3) for c in drop_case), f"--drop-case takes cases 0-3 (got {list(drop_case)})"),
-              (max_cos is None or -1 <= max_cos <= 1, f"--max-cos must be in [-1, 1] (got {max_cos})")]
-    for q, name in ((max_ches_quantile, "--max-ches-quantile"), (max_ches_norm_quantile, "--max-ches-norm-quantile")):
-        checks.append((q is None or 0 < q <= 1, f"{name} must be in (0, 1] (got {q})"))
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    _check_scan_options(method, batch_size, tokens, max_length, lora_r, layers, drop_case, max_cos,
+                        max_ches_quantile, max_ches_norm_quantile)
     fn = losses.get(loss, **(loss_params or {}))
     if not fn.paired:
         raise ConfigError(f"--loss {loss}: the scan scores preference pairs; give a paired loss")
@@ -210,27 +198,57 @@ def scan(model: str, data: str, out: str | None = None, loss: str = "dpo", loss_
                              "max_ches_norm_quantile": max_ches_norm_quantile, "kept": len(kept), "file": target}
         result["kept"] = kept
     if out:
-        from entangle.diagnostics.tokens import to_json, token_gradients
-        from entangle.report import write_scan_report
-
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "scan.jsonl.tmp"), "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        os.replace(os.path.join(out, "scan.jsonl.tmp"), os.path.join(out, "scan.jsonl"))
-        by_index = {p.index: p for p in pairs}
-        views = []
-        for r in sorted(rows, key=lambda r: r["cos"], reverse=True)[:tokens]:
-            p = by_index[r["index"]]   # the first 24 tokens of each response: exact (a token sees only its past)
-            views.append({"pair": p.index, **to_json(token_gradients(lm, p.prompt_ids, p.chosen_ids[:24],
-                                                                     p.rejected_ids[:24], tokenizer))})
-        lm.zero_grad(set_to_none=True)
-        texts = {i: tuple(_flat_text(t)[-160:] if k == 0 else _flat_text(t) for k, t in
-                          enumerate((ex.prompt, ex.chosen, ex.rejected))) for i, ex in enumerate(examples)}
-        summary["token_views"] = sorted({v["method"] for v in views}) if views else []
-        result["report"] = write_scan_report(rows, summary, out, texts, views, f"entangle scan: {model} on {data}")
-        write_json(os.path.join(out, "summary.json"), summary)
+        result["report"] = _write_scan(out, rows, summary, pairs, examples, lm, tokenizer, tokens,
+                                       f"entangle scan: {model} on {data}")
     return result
+
+
+def _check_scan_options(method, batch_size, tokens, max_length, lora_r, layers, drop_case, max_cos,
+                        max_ches_quantile, max_ches_norm_quantile) -> None:
+    """Every numeric option of `scan` in its range, one line each, before anything loads."""
+    from entangle.errors import ConfigError
+
+    checks = [(method in ("fast", "exact"), f"--method must be fast or exact (got {method!r})"),
+              (batch_size >= 1, f"--batch-size must be >= 1 (got {batch_size})"),
+              (tokens >= 0, f"--tokens must be >= 0 (got {tokens})"),
+              (max_length is None or max_length >= 2, f"--max-length must be >= 2 (got {max_length})"),
+              (lora_r >= 0, f"--lora-r must be >= 0 (got {lora_r})"),
+              (layers is None or layers >= 1, f"--layers must be >= 1 (got {layers})"),
+              (all(c in (0, 1, 2, 3) for c in drop_case), f"--drop-case takes cases 0-3 (got {list(drop_case)})"),
+              (max_cos is None or -1 <= max_cos <= 1, f"--max-cos must be in [-1, 1] (got {max_cos})")]
+    for q, name in ((max_ches_quantile, "--max-ches-quantile"), (max_ches_norm_quantile, "--max-ches-norm-quantile")):
+        checks.append((q is None or 0 < q <= 1, f"{name} must be in (0, 1] (got {q})"))
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def _write_scan(out: str, rows: list[dict], summary: dict, pairs, examples, lm, tokenizer, tokens: int,
+                title: str) -> str:
+    """`out/scan.jsonl` (first: the rows survive whatever follows), the token views of the `tokens` most entangled
+    pairs, the report and `out/summary.json`; returns the report's path."""
+    from entangle.checkpoint import write_json
+    from entangle.diagnostics.tokens import to_json, token_gradients
+    from entangle.report import write_scan_report
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "scan.jsonl.tmp"), "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(os.path.join(out, "scan.jsonl.tmp"), os.path.join(out, "scan.jsonl"))
+    by_index = {p.index: p for p in pairs}
+    views = []
+    for r in sorted(rows, key=lambda r: r["cos"], reverse=True)[:tokens]:
+        p = by_index[r["index"]]   # the first 24 tokens of each response: exact (a token sees only its past)
+        views.append({"pair": p.index, **to_json(token_gradients(lm, p.prompt_ids, p.chosen_ids[:24],
+                                                                 p.rejected_ids[:24], tokenizer))})
+    lm.zero_grad(set_to_none=True)
+    texts = {i: tuple(_flat_text(t)[-160:] if k == 0 else _flat_text(t) for k, t in
+                      enumerate((ex.prompt, ex.chosen, ex.rejected))) for i, ex in enumerate(examples)}
+    summary["token_views"] = sorted({v["method"] for v in views}) if views else []
+    report = write_scan_report(rows, summary, out, texts, views, title)
+    write_json(os.path.join(out, "summary.json"), summary)
+    return report
 
 
 def _flat_text(t) -> str:

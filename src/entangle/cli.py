@@ -271,6 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _study_parsers(sub) -> None:
     """`entangle study NAME`: one subcommand per study."""
     st = sub.add_parser("study", help="the papers' experiments").add_subparsers(dest="study", required=True)
+    _trust_region_parser(st)
+    _sentiment_parser(st)
+    _compare_parser(st)
+    _overoptimization_parser(st)
+    _scan_filter_parser(st)
+
+
+def _trust_region_parser(st) -> None:
+    """`entangle study trust-region`."""
     tr = st.add_parser("trust-region", help="static vs soft vs hard reference from the same SFT policy, over seeds: "
                        "held-out log-probs and margin, gold and KL from samples")
     tr.add_argument("--model", help="tiny (default: built here) | a folder or hub id, SFT on the verdict task first")
@@ -285,6 +294,10 @@ def _study_parsers(sub) -> None:
     tr.add_argument("--out", default="runs/study-trust-region")
     tr.add_argument("overrides", nargs="*", help="extra config overrides for every variant")
     tr.set_defaults(func=_study_trust_region)
+
+
+def _sentiment_parser(st) -> None:
+    """`entangle study sentiment`."""
     se = st.add_parser("sentiment", help="the GE paper's sentiment experiment: single token vs short vs long "
                        "suffix (SFT warm-up, then DPO with entanglement diagnostics every step)")
     se.add_argument("--model", default="tiny", help="tiny (default, ~1 minute) | smollm2-135m | a folder or hub id")
@@ -307,6 +320,10 @@ def _study_parsers(sub) -> None:
                          "sparse token mask)")
     se.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     se.set_defaults(func=_study_sentiment)
+
+
+def _compare_parser(st) -> None:
+    """`entangle study compare`."""
     co = st.add_parser("compare", help="several losses on the same model, data, seed and budget (GE Fig. 1)")
     co.add_argument("--losses", default="dpo,ipo,simpo,cpo,slic,rdpo,dpop,rrhf,orpo,sppo")
     co.add_argument("--quick", action="store_true", help="tiny model on generated pairs (about a minute)")
@@ -324,6 +341,10 @@ def _study_parsers(sub) -> None:
     co.add_argument("--out", default="runs/compare")
     co.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     co.set_defaults(func=_study_compare)
+
+
+def _overoptimization_parser(st) -> None:
+    """`entangle study overoptimization`."""
     oo = st.add_parser("overoptimization", help="gold reward against sqrt KL from the SFT policy as a frontier over "
                        "beta, with a positive control, against soft and hard trust-region runs (pre-set statistic)")
     oo.add_argument("--quick", action="store_true", help="one seed, the proxy arm, 3 betas, one soft and one hard run "
@@ -345,6 +366,10 @@ def _study_parsers(sub) -> None:
     oo.add_argument("--out", default="runs/overoptimization")
     oo.add_argument("overrides", nargs="*", help="extra config overrides for every DPO run")
     oo.set_defaults(func=_study_overoptimization)
+
+
+def _scan_filter_parser(st) -> None:
+    """`entangle study scan-filter`."""
     sf = st.add_parser("scan-filter", help="where likelihood displacement happens: DPO on all pairs and on the pairs "
                        "left after dropping the same share by CHES, normalised CHES, cosine, predicted case 2, at "
                        "random and by an oracle, over seeds")

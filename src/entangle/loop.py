@@ -122,11 +122,7 @@ def fit(run: Run, callbacks: Sequence[Callable[[dict, StopFlag], None]] = ()) ->
         progress.close()
         for s, h in handlers.items():
             signal.signal(s, h)
-    try:
-        return finish(run, status, stop.reason, last, last_eval, start_step, t0)
-    finally:
-        if run.lock is not None:
-            run.lock.release()
+    return finish(run, status, stop.reason, last, last_eval, start_step, t0)
 
 
 def step_row(run: Run, step: int, metrics: Metrics, seconds: float) -> dict:
@@ -234,6 +230,16 @@ def announce(run: Run) -> None:
 
 def finish(run: Run, status: str, reason: str | None, last: dict, last_eval: dict, start_step: int,
            t0: float) -> RunResult:
+    """`_finish`, then the run directory's writer lock is released (also when writing fails)."""
+    try:
+        return _finish(run, status, reason, last, last_eval, start_step, t0)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _finish(run: Run, status: str, reason: str | None, last: dict, last_eval: dict, start_step: int,
+            t0: float) -> RunResult:
     """Final weights and hooks' end-of-run views (when finished), `summary.json`."""
     acc, run_dir = run.accelerator, run.cfg.train.output_dir
     if status == "finished":

@@ -68,6 +68,18 @@ def check_positive(study: str, settings, names: tuple[str, ...]) -> None:
             raise ConfigError(f"study {study}: {name} = {v!r}: must be a number > 0")
 
 
+def check_reference_loss(study: str, name: str) -> None:
+    """`name` is a registered loss with a reference and a beta (the studies sweep beta and move the reference)."""
+    from entangle import losses
+
+    try:
+        spec = losses.get(name)
+    except ConfigError as e:
+        raise ConfigError(f"study {study}: loss: {e}") from None
+    if not (spec.uses_reference and "beta" in spec.params):
+        raise ConfigError(f"study {study}: loss = {name!r}: needs a loss with a reference and a beta")
+
+
 def write_summary(out: str, summary: dict, report: bool, title: str) -> dict:
     """`OUT/summary.json`, then (if `report`) `OUT/report/report.html`, whose path joins the summary."""
     from entangle.checkpoint import write_json

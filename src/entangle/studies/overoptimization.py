@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 from entangle.errors import ConfigError
-from entangle.studies import check_positive, check_whole, run_once, write_summary
+from entangle.studies import check_positive, check_reference_loss, check_whole, run_once, write_summary
 from entangle.studies.frontier import Curves, compare, describe_fit, positive_control
 
 log = logging.getLogger(__name__)
@@ -93,13 +93,7 @@ class Settings:
         need(self.evals <= self.steps, "evals", "must not exceed steps")
         check_positive("overoptimization", self, ("lr", "sft_lr"))
         need(finite(self.noise) and self.noise >= 0, "noise", "must be a number >= 0")
-        from entangle import losses
-
-        try:
-            spec = losses.get(self.loss)
-        except ConfigError as e:
-            raise ConfigError(f"study overoptimization: loss: {e}") from None
-        need(spec.uses_reference and "beta" in spec.params, "loss", "needs a loss with a reference and a beta")
+        check_reference_loss("overoptimization", self.loss)
         return self
 
 

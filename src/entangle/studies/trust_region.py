@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 from entangle.errors import ConfigError
-from entangle.studies import check_positive, check_whole, run_once, write_summary
+from entangle.studies import check_positive, check_reference_loss, check_whole, run_once, write_summary
 from entangle.studies import overoptimization as oo
 
 VARIANTS = ("static", "soft", "hard")
@@ -70,13 +70,7 @@ class Settings:
         check_positive("trust-region", self, ("beta", "lr", "sft_lr"))
         need(math.isfinite(self.soft_alpha) and 0 < self.soft_alpha <= 1, "soft_alpha", "must be in (0, 1]")
         need(math.isfinite(self.noise) and self.noise >= 0, "noise", "must be a number >= 0")
-        from entangle import losses
-
-        try:
-            spec = losses.get(self.loss)
-        except ConfigError as e:
-            raise ConfigError(f"study trust-region: loss: {e}") from None
-        need(spec.uses_reference and "beta" in spec.params, "loss", "needs a loss with a reference and a beta")
+        check_reference_loss("trust-region", self.loss)
         return self
 
 
