@@ -131,3 +131,21 @@ def test_eval_takes_prompts_or_samples_never_both(tmp_path, capsys):
     samples = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "Hi", "completion": " a"}])
     assert main(["eval", "tiny", "--samples", str(samples), "--prompts", str(samples), "--out", str(tmp_path / "e")]) == 2
     assert "not both or neither" in capsys.readouterr().err and not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "tiny", "--prompts", "synthetic:sentiment?n=4", "--temperature", "nan"], "--temperature must be"),
+    (["generate", "tiny", "--prompts", "synthetic:sentiment?n=4", "--limit", "0"], "--limit must be a whole number >= 1"),
+    (["generate", "tiny", "--prompts", "synthetic:sentiment?n=4", "--limit", "-1"], "--limit must be a whole number"),
+    (["generate", "tiny", "--prompts", "synthetic:sentiment?n=4", "--max-prompt-length", "0"], "--max-prompt-length"),
+    (["generate", "tiny", "--prompts", "synthetic:sentiment?n=4", "--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["eval", "tiny", "--prompts", "synthetic:sentiment?n=4", "--n", "0"], "--n must be a whole number >= 1"),
+    (["eval", "tiny", "--prompts", "synthetic:sentiment?n=4", "--judge-template", "t.txt"], "applies to a judge"),
+    (["label", "tiny", "--prompts", "synthetic:sentiment?n=4", "--n", "3"], "--n does not apply"),
+])
+def test_sampling_options_out_of_range_are_refused_before_any_work(args, message, tmp_path, capsys):
+    from entangle.cli import main
+
+    assert main([*args, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists(), err

@@ -182,7 +182,7 @@ def test_report_shows_the_gold_kl_path_and_escaped_samples(tmp_path):
     (["eval", "tiny", "--prompts", PROMPTS, "--scorer", "rm:RM2", "--out", "OUT"], "has 2 labels"),
     (["eval", "NOFINAL", "--prompts", PROMPTS, "--out", "OUT"], "has no final/"),
     (["generate", "tiny", "--prompts", "missing.jsonl", "--out", "OUT/s.jsonl"], "missing.jsonl: no such file"),
-    (["generate", "tiny", "--prompts", PROMPTS, "--top-p", "0", "--out", "OUT/s.jsonl"], "0 < top_p <= 1"),
+    (["generate", "tiny", "--prompts", PROMPTS, "--top-p", "0", "--out", "OUT/s.jsonl"], "--top-p must be in (0, 1]"),
 ], ids=["no-prompts", "unknown-scorer", "rm-two-labels", "run-without-final", "missing-file", "bad-top-p"])
 def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"text": "x"}])

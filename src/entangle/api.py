@@ -22,8 +22,8 @@ from entangle.errors import DataError
 from entangle.evaluation import check_scorer_spec, get_scorer, write_evaluation
 from entangle.evaluation import evaluate as evaluate_policy
 from entangle.generation import generate as generate_rows
-from entangle.generation import (load_initial, load_moving_reference, load_policy, load_prompts, resolve,
-                                 write_samples)
+from entangle.generation import (check_sampling, load_initial, load_moving_reference, load_policy, load_prompts,
+                                 resolve, write_samples)
 from entangle.rundir import refuse_overwriting_inputs
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ def generate(model: str, prompts: str | list, out: str | None = None, limit: int
              split: str = "train", device: str = "auto", dtype: str = "auto", **settings) -> list[dict]:
     """Sample from a model or run (`settings`: n, max_new_tokens, temperature, top_p, seed, batch_size,
     max_prompt_length, progress); rows as `generation.generate`, written to `out` (JSONL) when given."""
+    check_sampling(limit, **settings)
     refuse_overwriting_inputs({"--out": out}, {"prompts": prompts})
     texts = load_prompts(prompts, split, limit) if isinstance(prompts, str) else list(prompts)[:limit]
     resolve(model)
@@ -71,6 +72,11 @@ def evaluate(model: str, prompts: str | list | None, scorer: str = "vader", out:
     """Generate (or reuse a samples file), score, KL to the initial policy, win rate against the baseline
     (default: the initial policy); writes `out/eval.json` and `out/samples.jsonl` when `out` is given."""
     check_scorer_spec(scorer)
+    check_sampling(limit, **settings)
+    if judge_template and not scorer.startswith("judge:"):
+        from entangle.errors import ConfigError
+
+        raise ConfigError(f"--judge-template applies to a judge:PATH scorer, not {scorer}")
     if out:
         refuse_overwriting_inputs({"--out": os.path.join(out, "samples.jsonl"), "--out ": os.path.join(out, "eval.json")},
                                   {"--samples": samples, "prompts": prompts if isinstance(prompts, str) else None})
@@ -115,6 +121,7 @@ def label(model: str, prompts: str | list, scorer: str = "vader", out: str | Non
         raise ConfigError(f"--noise must be >= 0 (got {noise})")
     if scorer.startswith("judge:"):
         raise ConfigError("labelling needs a pointwise gold scorer (vader, rm:PATH, python:module:function)")
+    check_sampling(limit, **{k: v for k, v in settings.items() if k != "n"})
     refuse_overwriting_inputs({"--out": out}, {"prompts": prompts})
     texts = load_prompts(prompts, split, limit) if isinstance(prompts, str) else list(prompts)[:limit]
     resolve(model)

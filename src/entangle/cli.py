@@ -121,6 +121,8 @@ def _eval(args) -> int:
 def _label(args) -> int:
     from entangle.api import label
 
+    if args.n != 1:   # an option either acts or is refused
+        raise ConfigError("label: --n does not apply (labelling draws exactly two samples per prompt)")
     settings = _gen_settings(args)
     rows = label(args.model, args.prompts, args.scorer, out=args.out, noise=args.noise, limit=args.limit,
                  split=args.split, device=args.device, dtype=args.dtype, **settings)

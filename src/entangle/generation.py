@@ -140,6 +140,27 @@ def _cut(tokens: list[int], eos: int | None, pad: int) -> tuple[list[int], bool]
 
 
 @torch.no_grad()
+def check_sampling(limit: int | None = None, **settings) -> None:
+    """The sampling options of generate / eval / label in their ranges, one line each, before anything loads:
+    n, max_new_tokens, batch_size, max_prompt_length and limit >= 1 (None: no limit), temperature finite >= 0
+    (0: greedy), 0 < top_p <= 1, seed >= 0."""
+    import math
+
+    whole = {"--n": settings.get("n"), "--max-new-tokens": settings.get("max_new_tokens"),
+             "--batch-size": settings.get("batch_size"), "--max-prompt-length": settings.get("max_prompt_length"),
+             "--limit": limit}
+    for name, v in whole.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ModelError(f"{name} must be a whole number >= 1 (got {v!r})")
+    t, top_p, seed = settings.get("temperature", 1.0), settings.get("top_p", 1.0), settings.get("seed", 0)
+    if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
+        raise ModelError(f"--temperature must be a finite number >= 0 (0: greedy; got {t!r})")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ModelError(f"--top-p must be in (0, 1] (got {top_p!r})")
+    if not (isinstance(seed, int) and seed >= 0):
+        raise ModelError(f"--seed must be a whole number >= 0 (got {seed!r})")
+
+
 def generate(model, tokenizer, prompts: Sequence[Text], n: int = 1, max_new_tokens: int = 64,
              temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
              max_prompt_length: int | None = 512, progress: bool = False, logps: bool = True) -> list[dict]:
