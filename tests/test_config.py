@@ -130,3 +130,12 @@ def test_own_training_data_never_meets_the_configs_built_in_eval_set(tmp_path):
     both = config.load(tiny, ["data.train=my.jsonl", "data.eval=my-test.jsonl"])
     assert both.data.eval == "my-test.jsonl"
     assert config.load(tiny).data.eval.startswith("synthetic:")
+
+
+def test_a_home_path_and_an_unknown_section_read_as_users_expect():
+    import os
+
+    cfg = config.load(None, ["train.output_dir=~/runs/x", "data.train=~/pairs.jsonl"])
+    assert cfg.train.output_dir == os.path.expanduser("~/runs/x") and not cfg.data.train.startswith("~")
+    with pytest.raises(config.ConfigError, match="valid: data, diagnostics, eval, loss, model"):
+        config.load(None, ["bogus=1"])

@@ -9,6 +9,7 @@ no side effects. The field comments document each key; `entangle config` prints 
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
@@ -243,7 +244,8 @@ def _explain(e: OmegaConfBaseException, source: str) -> ConfigError:
         valid = all_keys()
         close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
         parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
-        siblings = [k for k in valid if k.startswith(parent) and k.count(".") == key.count(".")]
+        depth = key.count(".")   # the names at the unknown key's level: sections at the top, keys below
+        siblings = sorted({".".join(k.split(".")[: depth + 1]) for k in valid if k.startswith(parent)})
         hint = f"did you mean {close[0]!r}? " if close else ""
         return ConfigError(f"{source}: unknown config key {key!r}; {hint}valid: {', '.join(siblings)}")
     return ConfigError(f"{source}: config key {key!r}: {msg}")
@@ -266,6 +268,10 @@ def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.max_steps=10)")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    for key in (*INPUT_PATHS, "train.output_dir"):   # `~/x` is the user's home, never a folder named `~`
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, str) and value.startswith("~"):
+            OmegaConf.update(cfg, key, os.path.expanduser(value))
     given = {item.split("=", 1)[0].strip() for item in overrides}
     if "data.train" in given and "data.eval" not in given and cfg.data.eval is not None:
         # the file's held-out set belongs to the file's training data, not to the user's own
