@@ -219,7 +219,7 @@ def run(s: Settings | None = None, report: bool = True) -> dict:
                 kl.setdefault(arm, {}).setdefault(name, []).append(k)
                 table.setdefault(arm, {}).setdefault(name, {"steps": steps, "train": []})["train"].append(
                     train_metrics(rows))
-    summary = {"study": "overoptimization", "settings": {k: v for k, v in asdict(s).items()},
+    summary = {"study": "overoptimization", "model": s.model, "settings": asdict(s),
                "policy": policy, "scorers": SCORERS, "control_arm": CONTROL_ARM, "labels": labels,
                "arms": {arm: analyse(gold[arm], kl[arm], table[arm], s) for arm in s.arms}}
     summary["verdict"] = headline(summary)
