@@ -344,3 +344,21 @@ def test_position_split_equals_independent_per_position_deposits(tmp_path, extra
         torch.testing.assert_close(rejected, want_l, rtol=1e-6, atol=1e-9 * abs(v["inner"]))
         assert v["other"] == pytest.approx(rest_w, rel=1e-6, abs=1e-12) and rest_w == pytest.approx(rest_l, rel=1e-6,
                                                                                                       abs=1e-12)
+
+
+def test_recorded_factors_share_float32_under_mixed_precision(tok):
+    """Under autocast a linear's output (and its gradient) is bf16 while its input may stay float32; the recorder
+    keeps both in float32 so every product it forms has one dtype (CUDA mixed precision failed on this)."""
+    from entangle.diagnostics.ghost import GradientRecorder
+
+    model, _ = models.load_model("tiny", dtype="float32", tokenizer=tok)
+    ids = torch.tensor([tok("Statement: x\nSentiment: Positive.", add_special_tokens=False)["input_ids"]] * 2)
+    rec = GradientRecorder(model)
+    rec.start(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids).logits
+    out.float().sum().backward()
+    uses = [u for us in rec.usages.values() for u in us]
+    assert uses and all(u.x[0].dtype in (torch.float32, torch.long, torch.int64) for u in uses)
+    assert all(u.g is None or u.g.dtype == torch.float32 for u in uses)
+    assert any(u.g is not None for u in uses)

@@ -80,6 +80,13 @@ def _rows3d(x: torch.Tensor, n: int, rows: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A captured activation or output gradient in float32 when autocast made it bf16/fp16: under CUDA mixed
+    precision a linear's input stays float32 while its output (and so its gradient) is bf16, and their
+    products must share a dtype (measured failing on an H200 before this)."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 class GradientRecorder:
     """Attach around one forward+backward of a concatenated pair batch (chosen rows, then rejected)."""
 
@@ -147,11 +154,11 @@ class GradientRecorder:
         elif rows is None and output.shape[0] != n:
             self.problems.append(f"{type(module).__name__}: output batch {output.shape[0]} != rows {n}")
             return None
-        use = _Usage(module, kind, (x.detach(), rows), n, HeadRows.positions if rows is not None else None)
+        use = _Usage(module, kind, (_full(x.detach()), rows), n, HeadRows.positions if rows is not None else None)
         for p in module.parameters(recurse=False):
             if p.requires_grad:
                 self.usages.setdefault(id(p), []).append(use)
-        output.register_hook(lambda g, use=use: setattr(use, "g", g.detach()))
+        output.register_hook(lambda g, use=use: setattr(use, "g", _full(g.detach())))
         return output
 
     # -- per-usage helpers
