@@ -37,11 +37,8 @@ def main() -> None:
         peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20   # KiB on Linux
         if p.returncode != 0:
             sys.exit(f"scan failed ({p.returncode}): {p.stderr.strip()[-400:]}")
-        methods = []
-        report = os.path.join(out, "scan", "scan.jsonl")
-        rows = sum(1 for _ in open(report))
-        views = os.path.join(out, "scan", "summary.json")
-        methods = json.load(open(views)).get("token_views", "?")
+        rows = sum(1 for _ in open(os.path.join(out, "scan", "scan.jsonl")))
+        methods = json.load(open(os.path.join(out, "scan", "summary.json"))).get("token_views", "?")
     print(f"{a.model}: {rows} pairs scanned, {a.tokens} token views ({methods}); peak RSS {peak_gb:.2f} GiB, "
           f"wall {seconds:.0f} s")
 

@@ -24,7 +24,7 @@ from entangle.evaluation import evaluate as evaluate_policy
 from entangle.generation import generate as generate_rows
 from entangle.generation import (check_sampling, load_initial, load_moving_reference, load_policy, load_prompts,
                                  resolve, write_samples)
-from entangle.rundir import refuse_overwriting_inputs
+from entangle.rundir import check_writable_folder, refuse_overwriting_inputs
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,6 @@ def scan(model: str, data: str, out: str | None = None, loss: str = "dpo", loss_
     from entangle import losses, scanning
     from entangle.data import missing_file, read_examples, tokenize_pairs
     from entangle.errors import ConfigError
-    from entangle.models import LoraSettings, load_model
 
     _check_scan_options(method, batch_size, tokens, max_length, lora_r, layers, drop_case, max_cos,
                         max_ches_quantile, max_ches_norm_quantile)
@@ -171,23 +170,14 @@ def scan(model: str, data: str, out: str | None = None, loss: str = "dpo", loss_
         raise DataError(f"--data {data}: no such file or folder")
     refuse_overwriting_inputs({"--keep": keep_path, "--out": out}, {"--data": data})
     if out:
-        _writable_folder(out)
+        check_writable_folder(out)
     if data.startswith("synthetic:"):
         from entangle import synthetic
 
         examples = synthetic.from_source(data)[:limit]
     else:
         examples, _ = read_examples(data, split=split, limit=limit)   # every record checked before any model loads
-    kind = resolve(model)[0]
-    dev = _device(device)
-    if lora_r and kind == "model":
-        lm, tokenizer = load_model(model, dtype, dev, LoraSettings(r=lora_r))
-    else:
-        loaded = load_policy(model, dtype, dev)
-        lm, tokenizer = loaded.model, loaded.tokenizer
-    measured = "all trainable parameters" if not lora_r else f"fresh LoRA adapters of rank {lora_r}"
-    if layers:
-        measured = scanning.last_layers_only(lm, layers)
+    lm, tokenizer, measured = _scan_model(model, lora_r, layers, dtype, _device(device))
     pairs, stats = tokenize_pairs(examples, tokenizer, max_length, max_prompt_length)
     if not pairs:
         raise DataError(f"{data}: every pair was dropped by truncation; raise --max-length")
@@ -209,6 +199,21 @@ def scan(model: str, data: str, out: str | None = None, loss: str = "dpo", loss_
                                        f"entangle scan: {model} on {data}")
     return result
 
+
+
+def _scan_model(model: str, lora_r: int, layers: int | None, dtype: str, device: str):
+    """(model, tokenizer, what the gradient is over) for the scan: fresh LoRA adapters on a plain model when
+    `lora_r`, else the model or run as it is; `layers` keeps only the last K decoder layers trainable."""
+    from entangle import scanning
+    from entangle.models import LoraSettings, load_model
+
+    if lora_r and resolve(model)[0] == "model":
+        lm, tokenizer = load_model(model, dtype, device, LoraSettings(r=lora_r))
+    else:
+        loaded = load_policy(model, dtype, device)
+        lm, tokenizer = loaded.model, loaded.tokenizer
+    measured = "all trainable parameters" if not lora_r else f"fresh LoRA adapters of rank {lora_r}"
+    return lm, tokenizer, scanning.last_layers_only(lm, layers) if layers else measured
 
 def _check_scan_options(method, batch_size, tokens, max_length, lora_r, layers, drop_case, max_cos,
                         max_ches_quantile, max_ches_norm_quantile) -> None:
@@ -261,13 +266,3 @@ def _write_scan(out: str, rows: list[dict], summary: dict, pairs, examples, lm, 
 def _flat_text(t) -> str:
     return t if isinstance(t, str) else " | ".join(f"{m['role']}: {m['content']}" for m in t)
 
-
-def _writable_folder(out: str) -> None:
-    """`out` can be written (it, or its nearest existing parent, is a writable folder); created only when written."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise DataError(f"--out {out} is a file; give a folder")
-    here = os.path.abspath(out)
-    while not os.path.exists(here):
-        here = os.path.dirname(here)
-    if not os.path.isdir(here) or not os.access(here, os.W_OK):
-        raise DataError(f"--out {out} is not writable ({here}); give a folder you can write")

@@ -77,10 +77,7 @@ def fit(run: Run, callbacks: Sequence[Callable[[dict, StopFlag], None]] = ()) ->
         for step in range(start_step + 1, run.total_steps + 1):
             t_step = time.time()
             # 1. This step's pairs: a seeded permutation per epoch; this process's share, in micro-batches.
-            idx = batching.batch_indices(len(run.train_pairs), step - 1, run.global_batch, tc.seed)
-            mine = batching.process_share(idx, acc.process_index, tc.batch_size * tc.grad_accum)
-            micro = batching.micro_batches(run.train_pairs, mine, tc.batch_size, run.tokenizer.pad_token_id,
-                                       tc.prefix_sharing, acc.device)
+            idx, micro = step_batches(run, step)
             if tc.activation_checkpointing:  # hooks that read activations off the forward: no recompute
                 set_activation_checkpointing(hf_model(acc, run.policy),
                                              not any(h.needs_rows and h.due(step) for h in run.hooks))
@@ -100,15 +97,10 @@ def fit(run: Run, callbacks: Sequence[Callable[[dict, StopFlag], None]] = ()) ->
                 last_eval = evaluate(run, step)
                 row.update(last_eval)
             if step % tc.log_every == 0 or step == run.total_steps or row.get("skipped_nonfinite"):
-                metrics_log.write(row)
-                if run.cfg.tracking.report_to:
-                    acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+                log_row(run, metrics_log, row, step)
             last = row
             progress.update(row)
-            if nonfinite_run >= tc.max_nonfinite:
-                raise TrainingError(f"{nonfinite_run} consecutive steps had a non-finite loss or gradient "
-                                    f"(last at step {step}); lower optimizer.lr or check the data "
-                                    f"(train.max_nonfinite={tc.max_nonfinite})")
+            check_nonfinite(nonfinite_run, step, tc.max_nonfinite)
             for cb in callbacks:
                 cb(row, stop)
             if (tc.save_every and step % tc.save_every == 0 and step < run.total_steps) or stop.reason:
@@ -123,6 +115,28 @@ def fit(run: Run, callbacks: Sequence[Callable[[dict, StopFlag], None]] = ()) ->
         for s, h in handlers.items():
             signal.signal(s, h)
     return finish(run, status, stop.reason, last, last_eval, start_step, t0)
+
+
+def log_row(run: Run, metrics_log: JsonlLog, row: dict, step: int) -> None:
+    """The step's row to metrics.jsonl and to the configured trackers."""
+    metrics_log.write(row)
+    if run.cfg.tracking.report_to:
+        run.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+
+
+def check_nonfinite(count: int, step: int, limit: int) -> None:
+    if count >= limit:
+        raise TrainingError(f"{count} consecutive steps had a non-finite loss or gradient (last at step {step}); "
+                            f"lower optimizer.lr or check the data (train.max_nonfinite={limit})")
+
+
+def step_batches(run: Run, step: int):
+    """(the step's pair indices over all processes, this process's micro-batches)."""
+    tc, acc = run.cfg.train, run.accelerator
+    idx = batching.batch_indices(len(run.train_pairs), step - 1, run.global_batch, tc.seed)
+    mine = batching.process_share(idx, acc.process_index, tc.batch_size * tc.grad_accum)
+    return idx, batching.micro_batches(run.train_pairs, mine, tc.batch_size, run.tokenizer.pad_token_id,
+                                       tc.prefix_sharing, acc.device)
 
 
 def step_row(run: Run, step: int, metrics: Metrics, seconds: float) -> dict:

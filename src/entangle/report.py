@@ -17,6 +17,7 @@ import logging
 import os
 
 from entangle.errors import DataError
+from entangle.rundir import check_writable_folder
 from entangle.plots import (has_any, plot_case_plane, plot_distributions, plot_gold_vs_kl, plot_metrics,
                              plot_position_views, plot_token_masks, plot_token_views)
 
@@ -125,14 +126,11 @@ def write_report(paths: list[str], out: str, title: str | None = None) -> str:
     """Write `out/report.html` (self-contained) and `out/*.png`; return the HTML path."""
     run_dirs, studies = discover(paths)
     metrics = {name: load_metrics(d) for name, d in run_dirs.items()}
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise DataError(f"--out {out} is a file; give a folder for the report")
+    check_writable_folder(out)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise DataError(f"--out {out}: cannot create it ({e.strerror})") from None
-    if not os.access(out, os.W_OK):
-        raise DataError(f"--out {out} is not writable; give a folder you can write")
     sections = []
     for study_dir, summary in studies:
         sections.append(_study_section(study_dir, summary))
@@ -152,6 +150,22 @@ def write_report(paths: list[str], out: str, title: str | None = None) -> str:
             "step" if all("step_dlogp_w" in r for r in rows_all) else "pred"
         png = plot_case_plane(pairs, os.path.join(out, "case_plane.png"), which=which)
         sections.append(_figure("Per-pair changes: which case each pair is in", png, CASE_NOTE))
+    sections += _view_sections(run_dirs, out)
+    sections.append(_configs(run_dirs))
+    title = title or f"entangle report: {', '.join(run_dirs)}"
+    page = PAGE.format(title=html.escape(title), body="\n".join(sections))
+    path = os.path.join(out, "report.html")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(page)
+    os.replace(tmp, path)
+    return path
+
+
+
+def _view_sections(run_dirs: dict[str, str], out: str) -> list[str]:
+    """Each run's token views, learned token mask and per-position view, as figures."""
+    sections = []
     for name, d in run_dirs.items():
         for view_path in _token_files(d):
             label = os.path.splitext(os.path.basename(view_path))[0]
@@ -178,16 +192,7 @@ def write_report(paths: list[str], out: str, title: str | None = None) -> str:
             png = plot_position_views(views, os.path.join(out, f"positions-{_slug(name)}-{label}.png"),
                                       title=f"{name}: per-position shares of <grad_w, grad_l> ({label})")
             sections.append(_figure(f"Position view: {name}, {label}", png, POSITION_NOTE))
-    sections.append(_configs(run_dirs))
-    title = title or f"entangle report: {', '.join(run_dirs)}"
-    page = PAGE.format(title=html.escape(title), body="\n".join(sections))
-    path = os.path.join(out, "report.html")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(page)
-    os.replace(tmp, path)
-    return path
-
+    return sections
 
 def write_scan_report(rows: list[dict], summary: dict, out: str, texts: dict[int, tuple[str, str, str]],
                       token_views: list[dict], title: str, top: int = 12) -> str:

@@ -74,6 +74,20 @@ class RunLock:
             self.file.close()
 
 
+def check_writable_folder(out: str, option: str = "--out") -> None:
+    """`out` can be written as a folder (it, or its nearest existing parent, is a writable folder), checked before
+    any work; nothing is created. A one-line DataError naming `option` otherwise."""
+    from entangle.errors import DataError
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"{option} {out} is a file; give a folder")
+    here = os.path.abspath(out)
+    while not os.path.exists(here):
+        here = os.path.dirname(here)
+    if not os.path.isdir(here) or not os.access(here, os.W_OK):
+        raise DataError(f"{option} {out} is not writable ({here}); give a folder you can write")
+
+
 def refuse_overwriting_inputs(outputs: dict[str, str | None], inputs: dict[str, str | None]) -> None:
     """One line, before any work, when an output path is one of the inputs (the same path, or the same file by
     another name: a link, `./x` vs `x`). `outputs` / `inputs`: option name -> path (None: not given)."""
