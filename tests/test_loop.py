@@ -50,8 +50,8 @@ def test_run_directory_contents_and_metric_names(tmp_path):
 
 
 @pytest.mark.parametrize("extra", [[], ["model.lora.r=4", "model.lora.dropout=0.1", "optimizer.lr=1e-2"],
-                                   ["loss.token_mask=sparse", "loss.mask_lr=0.05"]],
-                         ids=["full", "lora-dropout", "sparse-mask"])
+                                   ["loss.token_mask=sparse", "loss.mask_lr=0.05"], ["loss.name=bco"]],
+                         ids=["full", "lora-dropout", "sparse-mask", "bco-baseline"])
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, extra):
     a = cfg_for(tmp_path / "a", "train.eval_every=2", *extra)
     train(a)
@@ -226,8 +226,10 @@ def test_lora_final_is_a_peft_adapter(tmp_path):
 
 
 @pytest.mark.distributed
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
-    common = ["data.eval=null", "train.max_steps=4", "train.device=cpu", "diagnostics.entanglement.every=2"]
+@pytest.mark.parametrize("loss", ["dpo", "bco"])   # bco: a running baseline summed across processes each step
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, loss):
+    common = ["data.eval=null", "train.max_steps=4", "train.device=cpu", "diagnostics.entanglement.every=2",
+              f"loss.name={loss}"]
     one = rows(train(cfg_for(tmp_path / "one", "train.batch_size=4", *common)).run_dir)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "entangle.cli", "-q",
            "train", "model.name=tiny", "data.train=synthetic:sentiment?config=short&n=64", "data.max_length=64",
@@ -239,8 +241,10 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     two = rows(tmp_path / "two")
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
     assert len(one) == len(two) == 4
+    state = ["loss_state/delta"] if loss == "bco" else []
+    assert not state or one[-1]["loss_state/delta"] != 0.0
     for x, y in zip(one, two):
-        for k in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+        for k in ("loss", "rewards/margins", "logps/chosen", "grad_norm", *state):
             assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), (x["step"], k)
     assert two[1]["entanglement/cos"] == pytest.approx(one[1]["entanglement/cos"], rel=1e-4)
     pairs_one = [json.loads(x) for x in (tmp_path / "one" / "entanglement.jsonl").read_text().splitlines()]

@@ -186,9 +186,23 @@ def test_bco_running_baseline_is_mean_of_all_rewards_seen():
     fn = losses.get("bco", beta=1.0)
     fn.observe(t([1.0]), t([0.0]), t([0.0]), t([0.0]))   # rewards 1, 0
     fn.observe(t([2.0]), t([3.0]), t([0.0]), t([0.0]))   # rewards 2, 3
+    assert fn.state == {"delta": 0.0, "count": 0}        # fixed within a step
+    fn.commit()
     assert fn.state["delta"] == pytest.approx(1.5) and fn.state["count"] == 4
     got = fn(t([0.5]), t([0.2]), t([0.0]), t([0.0]))
     assert got.item() == pytest.approx(-ls(0.5 - 1.5) - ls(-(0.2 - 1.5)))
+
+
+def test_bco_commit_sums_across_processes_and_drops_a_skipped_step():
+    fn = losses.get("bco", beta=1.0)
+    fn.observe(t([1.0]), t([3.0]), t([0.0]), t([0.0]))   # this process: rewards 1, 3
+    fn.commit(lambda sums: sums * 2)                     # another process saw the same sums
+    assert fn.state == {"delta": pytest.approx(2.0), "count": 4}
+    fn.observe(t([float("nan")]), t([0.0]), t([0.0]), t([0.0]))
+    fn.commit()
+    assert fn.state == {"delta": pytest.approx(2.0), "count": 4} and fn.pending is None
+    fn.commit(lambda sums: sums + torch.tensor([8.0, 2.0]))   # no batch here; others had rewards summing to 8
+    assert fn.state == {"delta": pytest.approx(16 / 6), "count": 6}
 
 
 def test_kto_closed_form_and_coefficients():

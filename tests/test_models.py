@@ -41,3 +41,25 @@ def test_an_unknown_hub_id_fails_at_once_with_one_line(monkeypatch):
     assert models.hub_options("nobody/no-such-model") == {"local_files_only": True}
     with pytest.raises(ModelError, match="cannot load"):
         models.load_model("nobody/no-such-model")
+
+
+def test_dtype_auto_is_one_rule_for_training_and_every_other_command(monkeypatch):
+    """`auto`: float32 weights everywhere; bf16 autocast on CUDA for training *and* generate/eval/label/scan."""
+    import torch
+
+    from entangle import api
+    from entangle.build import precision as training_precision
+
+    assert models.precision("auto", "cuda:0") == (torch.float32, torch.bfloat16)
+    assert models.precision("auto", "cpu") == (torch.float32, None)
+    assert models.precision("bf16", "cuda") == (torch.bfloat16, None)
+    assert training_precision("auto", cuda=True) == ("float32", "bf16")
+    with pytest.raises(ModelError, match="not one of auto"):
+        models.precision("int8")
+    model, _ = models.load_model("tiny", "auto", "cpu")
+    assert next(model.parameters()).dtype == torch.float32
+    seen = []
+    monkeypatch.setattr(models, "compute", lambda dtype, device: seen.append((dtype, device)) or
+                        __import__("contextlib").nullcontext())
+    api.generate("tiny", ["hello"], max_new_tokens=2, device="cpu", dtype="auto")
+    assert seen == [("auto", "cpu")]

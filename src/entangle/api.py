@@ -33,6 +33,26 @@ def _device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
+def _precision_rule(command):
+    """Run `command` under `models.precision`'s rule for its `dtype` and `device` (bf16 autocast for auto on CUDA),
+    the rule training follows."""
+    import functools
+    import inspect
+
+    from entangle import models
+
+    signature = inspect.signature(command)
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        with models.compute(bound.arguments["dtype"], _device(bound.arguments["device"])):
+            return command(*args, **kwargs)
+    return run
+
+
+@_precision_rule
 def generate(model: str, prompts: str | list, out: str | None = None, limit: int | None = None,
              split: str = "train", device: str = "auto", dtype: str = "auto", **settings) -> list[dict]:
     """Sample from a model or run (`settings`: n, max_new_tokens, temperature, top_p, seed, batch_size,
@@ -65,6 +85,7 @@ def _read_samples(path: str) -> list[dict]:
     return rows
 
 
+@_precision_rule
 def evaluate(model: str, prompts: str | list | None, scorer: str = "vader", out: str | None = None,
              baseline: str | None = None, initial: str | None = None, samples: str | None = None,
              limit: int | None = None, split: str = "train", device: str = "auto", dtype: str = "auto",
@@ -107,6 +128,7 @@ def evaluate(model: str, prompts: str | list | None, scorer: str = "vader", out:
     return figures
 
 
+@_precision_rule
 def label(model: str, prompts: str | list, scorer: str = "vader", out: str | None = None, noise: float = 0.0,
           limit: int | None = None, split: str = "train", device: str = "auto", dtype: str = "auto",
           dropped: dict | None = None, **settings) -> list[dict]:
@@ -144,6 +166,7 @@ def label(model: str, prompts: str | list, scorer: str = "vader", out: str | Non
     return rows
 
 
+@_precision_rule
 def scan(model: str, data: str, out: str | None = None, loss: str = "dpo", loss_params: dict | None = None,
          method: str = "fast", tokens: int = 3, batch_size: int = 1, max_length: int | None = 512,
          max_prompt_length: int | None = None, limit: int | None = None, split: str = "train", lora_r: int = 0,

@@ -179,9 +179,10 @@ def precision(dtype: str, cuda: bool) -> tuple[str, str]:
     """`(weights dtype, Accelerate mixed_precision)` of a training run. `auto` on CUDA is mixed precision as HF
     Trainer and TRL run it: float32 master weights, bf16 autocast (pure bf16 loses small updates: at lr 1e-6 most
     weights never change); `auto` on CPU is float32 (bf16 is ~50x slower there). An explicit dtype is pure."""
-    if dtype == "auto":
-        return "float32", "bf16" if cuda else "no"
-    return dtype, "no"
+    from entangle.models import precision as rule
+
+    autocast = rule(dtype, "cuda" if cuda else "cpu")[1]     # bf16 only for auto on CUDA
+    return ("float32", "bf16") if autocast is not None else (dtype if dtype != "auto" else "float32", "no")
 
 
 def make_accelerator(cfg: DictConfig):

@@ -10,6 +10,8 @@ import sys
 from entangle import __version__
 from entangle.errors import ConfigError, EntangleError
 
+DTYPE_HELP = "auto (float32 weights; bf16 autocast on CUDA, as training) | float32 | bfloat16 | float16"
+
 
 def _train(args) -> int:
     from entangle import config
@@ -186,7 +188,7 @@ def _scan_parser(sub) -> None:
     sc.add_argument("--max-ches-norm-quantile", type=float, help="filter: the same for length-normalised CHES")
     sc.add_argument("--keep", help="where the pairs that pass go (default OUT/kept.<the input's extension>)")
     sc.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    sc.add_argument("--dtype", default="auto")
+    sc.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     sc.set_defaults(func=_scan)
 
 
@@ -206,7 +208,7 @@ def _sampling_args(p, prompts_required: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
 
 
 def _study_overoptimization(args) -> int:

@@ -157,7 +157,7 @@ class Judge(Scorer):
         for key in ("{prompt}", "{a}", "{b}"):
             if key not in template:
                 raise ConfigError(f"judge template: it must contain {key}")
-        self.model, self.tokenizer = load_model(path, "float32" if device == "cpu" else "auto", device)
+        self.model, self.tokenizer = load_model(path, "auto", device)
         self.model.eval()
         self.ids = [self._letter(x) for x in ("A", "B")]
 

@@ -72,8 +72,12 @@ class LossSpec:
     citation: str
     aliases: tuple[str, ...] = ()
     needs_lengths: bool = False
-    # Running state (BCO's reward baseline): (state, pair, params) -> new state, before the loss.
-    update_state: Callable[[dict, Pair, Mapping[str, Any]], dict] | None = None
+    # Running state (BCO's reward baseline). `batch_stats(pair, params) -> Tensor [k]` are sums over a batch
+    # (no host sync); once per optimisation step the sums of every micro-batch on every process are added up
+    # and `merge_state(state, sums: list[float]) -> state` folds them in. The loss reads the state as of the
+    # step's start, so one process with batch 2B and two processes with B each train the same numbers.
+    batch_stats: Callable[[Pair, Mapping[str, Any]], Tensor] | None = None
+    merge_state: Callable[[dict, list], dict] | None = None
     initial_state: Mapping[str, float] = field(default_factory=dict)
     ranges: Mapping[str, Range] = field(default_factory=dict)   # beyond `RANGES`, or replacing an entry
 
@@ -145,6 +149,7 @@ class Loss:
         self.spec = spec
         self.params = dict(params)
         self.state: dict[str, float] = dict(spec.initial_state)
+        self.pending: Tensor | None = None      # this step's batch_stats, summed over its micro-batches
 
     name = property(lambda self: self.spec.name)
     uses_reference = property(lambda self: _flag(self.spec.uses_reference, self.params))
@@ -171,10 +176,25 @@ class Loss:
         return self.spec.loss(self.pair(pc, pr, rc, rr, lc, lr), **self.params, **self.state)
 
     def observe(self, pc, pr, rc=None, rr=None, lc=None, lr=None) -> None:
-        """Update running state (e.g. BCO's reward baseline) with a batch; a no-op for most losses."""
-        if self.spec.update_state is not None:
+        """Add a training batch to this step's running statistics (BCO's rewards); a no-op for most losses.
+        The state changes only at `commit`."""
+        if self.spec.batch_stats is not None:
             with torch.no_grad():
-                self.state = self.spec.update_state(self.state, self.pair(pc, pr, rc, rr, lc, lr), self.params)
+                stats = self.spec.batch_stats(self.pair(pc, pr, rc, rr, lc, lr), self.params).detach().float()
+            self.pending = stats if self.pending is None else self.pending + stats
+
+    def commit(self, reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+        """End of an optimisation step: fold this step's statistics into the state. `reduce` sums them across
+        processes (every process must call it, with or without statistics of its own); a non-finite sum (a
+        skipped step) is dropped."""
+        if self.spec.batch_stats is None:
+            return
+        pending, self.pending = self.pending, None
+        if pending is None:
+            pending = torch.zeros(len(self.spec.initial_state))
+        total = reduce(pending) if reduce is not None else pending
+        if bool(torch.isfinite(total).all()):
+            self.state = self.spec.merge_state(self.state, total.tolist())
 
     def rewards(self, pc, pr, rc=None, rr=None, lc=None, lr=None) -> tuple[Tensor, Tensor]:
         """Implicit rewards as TRL logs them: beta * (log pi - log pi_ref) (normalised where the loss is)."""
@@ -335,19 +355,27 @@ register(LossSpec(  # NCA, Chen et al. eq. 11 (pairwise form, TRL's nca_pair)
 ))
 
 
-def _bco_update(state: dict, p: Pair, params: Mapping[str, Any]) -> dict:
-    # Running mean of all rewards seen so far (chosen and rejected), as TRL's RunningMoments.
+def _bco_stats(p: Pair, params: Mapping[str, Any]) -> Tensor:
+    """[sum of the batch's rewards (chosen and rejected), their count]."""
     r = params["beta"] * torch.cat([p.ratio_w, p.ratio_l]).float()
-    n_old, n_new = state["count"], r.numel()
-    mean = (state["delta"] * n_old + r.sum().item()) / (n_old + n_new)
-    return {"delta": mean, "count": n_old + n_new}
+    return torch.stack([r.sum(), torch.tensor(float(r.numel()), device=r.device)])
+
+
+def _bco_merge(state: dict, sums: list) -> dict:
+    # Running mean of all rewards of the steps before this one (TRL's RunningMoments includes the current
+    # micro-batch; here the baseline is fixed within a step, exact under accumulation and DDP).
+    total, n_new = sums
+    n_old = state["count"]
+    if n_new == 0:
+        return state
+    return {"delta": (state["delta"] * n_old + total) / (n_old + n_new), "count": n_old + int(n_new)}
 
 
 register(LossSpec(  # BCO, Jung et al. eq. 9 (pairwise form), reward baseline delta = running mean
     "bco", aliases=("bco_pair",), uses_reference=True, length_normalized=False,
     citation="arXiv:2404.04656 eq. 9",
     defaults={"beta": 0.1},
-    update_state=_bco_update, initial_state={"delta": 0.0, "count": 0},
+    batch_stats=_bco_stats, merge_state=_bco_merge, initial_state={"delta": 0.0, "count": 0},
     loss=lambda p, beta, delta, count: -logsig(beta * p.ratio_w - delta) - logsig(-(beta * p.ratio_l - delta)),
 ))
 

@@ -11,6 +11,7 @@ Built-in names: `tiny` (Llama, untied), `tiny-gpt2` (GPT-2, tied embeddings), `s
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -44,15 +45,34 @@ def cache_dir() -> str:
     return os.environ.get("ENTANGLE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "entangle"))
 
 
-def resolve_dtype(dtype: str, device: str = "cpu") -> torch.dtype:
-    """`auto` is float32 on CPU (bf16 is ~50x slower there) and bfloat16 on CUDA."""
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+
+
+def precision(dtype: str, device: str = "cpu") -> tuple[torch.dtype, torch.dtype | None]:
+    """The one rule for `model.dtype` / `--dtype`, in training and in every other command: `(weights, autocast)`.
+
+    `auto`: float32 weights; on CUDA every forward runs under bf16 autocast (mixed precision, as HF Trainer and
+    TRL train: pure bf16 loses small updates), on CPU in float32 (bf16 is ~50x slower there). Any other value
+    is pure: weights and arithmetic in that dtype, no autocast."""
     if dtype == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
-    if dtype not in table:
-        raise ModelError(f"model.dtype {dtype!r} is not one of auto, {', '.join(table)}")
-    return table[dtype]
+        return torch.float32, (torch.bfloat16 if str(device).startswith("cuda") else None)
+    if dtype not in _DTYPES:
+        raise ModelError(f"model.dtype {dtype!r} is not one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype], None
+
+
+def resolve_dtype(dtype: str, device: str = "cpu") -> torch.dtype:
+    """The weights' dtype under `precision`'s rule."""
+    return precision(dtype, device)[0]
+
+
+def compute(dtype: str, device: str = "cpu"):
+    """The forwards' context under `precision`'s rule: bf16 autocast for `auto` on CUDA, else nothing."""
+    autocast = precision(dtype, device)[1]
+    if autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(str(device).split(":")[0], dtype=autocast)
 
 
 # ------------------------------------------------------------------------------------ tiny

@@ -75,11 +75,12 @@ def pair_forward(model, loss_fn: Loss, reference: Reference, batch: Batch, initi
                  hooks: Sequence[StepHook] = (), mask_l1: float = 0.0, pack: bool = True, train: bool = True):
     """Log-probs, per-pair loss [B] and metric sums of a pair batch -> (loss [B], Metrics, PairLogps).
 
-    Only training batches (`train`) update a stateful loss (BCO's running baseline). With a token mask,
+    Only training batches (`train`) add to a stateful loss's statistics (BCO's running baseline, folded in at
+    the step's end by `Loss.commit`). With a token mask,
     `mask_l1` times each pair's mean token weight is added to its loss."""
     logps, ref_full, live_weights = pair_logps(model, reference, batch, hooks, pack)
     if train:
-        loss_fn.observe(*logps.args())                          # running state sees the batch first
+        loss_fn.observe(*logps.args())                          # this step's statistics (BCO)
     per_pair = loss_fn(*logps.args())                           # [B]  (the loss's equation, losses.py)
     rewards_chosen, rewards_rejected = loss_fn.rewards(*logps.args())
     full_chosen, full_rejected = (t.detach() for t in logps.unmasked())
@@ -96,6 +97,8 @@ def pair_forward(model, loss_fn: Loss, reference: Reference, batch: Batch, initi
     # The weight the loss gives each pair's chosen log-prob (DPO: beta * sigmoid(-beta z)): a trust region
     # can only differ from a static reference once this has fallen.
     m.add("loss/d_w", coefficients(loss_fn, *logps.args())[0].sum())
+    for key, value in loss_fn.state.items():                    # a stateful loss's state (BCO's baseline)
+        m.add(f"loss_state/{key}", float(value), "last")
     if ref_full is not None:
         # log pi - log pi_ref on the batch's responses: how far the policy is from the *current* reference.
         m.add("ref/logratio", (torch.cat([full_chosen, full_rejected]) - ref_full.detach()).sum() / 2)
@@ -282,6 +285,8 @@ def train_step(parts: StepParts, micro_batches: Sequence[Batch], step: int) -> t
     # 7. Optimiser step, unless the loss or gradient is not finite (then the step is skipped);
     #    hooks see the update; the reference moves on its schedule.
     finite = bool(torch.isfinite(grad_norm) & torch.isfinite(metrics["loss"]))   # the step's one host sync
+    # A stateful loss (BCO's baseline) folds in this step's statistics from every micro-batch and process.
+    parts.loss_fn.commit(lambda sums: acc.reduce(sums.to(acc.device), "sum") if finite else sums * math.nan)
     if finite:
         optimizer.step()
         for h in hooks:
