@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from entangle import memory
 from entangle.errors import DataError
 from entangle.evaluation import check_scorer_spec, get_scorer, write_evaluation
 from entangle.evaluation import evaluate as evaluate_policy
@@ -172,17 +173,21 @@ def scan(model: str, data: str, out: str | None = None, loss: str = "dpo", loss_
          max_prompt_length: int | None = None, limit: int | None = None, split: str = "train", lora_r: int = 0,
          drop_case: tuple[int, ...] = (), max_cos: float | None = None, max_ches_quantile: float | None = None,
          max_ches_norm_quantile: float | None = None, keep_path: str | None = None, device: str = "auto",
-         dtype: str = "auto", progress: bool = False, layers: int | None = None) -> dict:
+         dtype: str = "auto", progress: bool = False, layers: int | None = None,
+         memory_gib: float | None = None) -> dict:
     """`entangle scan`: every pair of `data` scored at `model` before training (`scanning.py`). With `out`:
     `out/scan.jsonl`, `out/summary.json`, `out/report.html`; with any filter, the pairs that pass are written
     in the input's format to `keep_path` (default `out/kept.<ext>`). `layers`: measure the gradient over the last
-    that many decoder layers only (a faster, partial scan). Returns {"rows", "summary", "kept", ...}."""
+    that many decoder layers only (a faster, partial scan). `batch_size` shrinks to fit `memory_gib` (default:
+    90 % of what is free), a one-line error before the scan when one pair does not fit; the token views stay
+    within a quarter of the budget (1 GiB at most). Returns {"rows", "summary", "kept", ...}."""
     from entangle import losses, scanning
     from entangle.data import missing_file, read_examples, tokenize_pairs
     from entangle.errors import ConfigError
 
     _check_scan_options(method, batch_size, tokens, max_length, lora_r, layers, drop_case, max_cos,
                         max_ches_quantile, max_ches_norm_quantile)
+    memory.check_gib(memory_gib)
     fn = losses.get(loss, **(loss_params or {}))
     if not fn.paired:
         raise ConfigError(f"--loss {loss}: the scan scores preference pairs; give a paired loss")
@@ -204,6 +209,11 @@ def scan(model: str, data: str, out: str | None = None, loss: str = "dpo", loss_
     pairs, stats = tokenize_pairs(examples, tokenizer, max_length, max_prompt_length)
     if not pairs:
         raise DataError(f"{data}: every pair was dropped by truncation; raise --max-length")
+    limit = memory.work_budget(lm, _device(device), memory_gib)
+    length = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
+    batch_size = memory.largest_batch(
+        lambda b: memory.trainable(lm) * (3 if method == "exact" else 1) + memory.forward(lm, 2 * b, length, grad=True),
+        limit, min(batch_size, len(pairs)), f"scan of {len(pairs)} pairs of up to {length} tokens", "--batch-size")
     rows = scanning.scan(lm, tokenizer, pairs, loss, loss_params, method, batch_size, progress)
     summary = {"model": model, "data": data, "loss": loss, "method": method, "max_length": max_length,
                "gradient_over": measured,
@@ -219,7 +229,7 @@ def scan(model: str, data: str, out: str | None = None, loss: str = "dpo", loss_
         result["kept"] = kept
     if out:
         result["report"] = _write_scan(out, rows, summary, pairs, examples, lm, tokenizer, tokens,
-                                       f"entangle scan: {model} on {data}")
+                                       f"entangle scan: {model} on {data}", max(limit // 4, 0))
     return result
 
 
@@ -259,11 +269,11 @@ def _check_scan_options(method, batch_size, tokens, max_length, lora_r, layers, 
 
 
 def _write_scan(out: str, rows: list[dict], summary: dict, pairs, examples, lm, tokenizer, tokens: int,
-                title: str) -> str:
+                title: str, view_bytes: int) -> str:
     """`out/scan.jsonl` (first: the rows survive whatever follows), the token views of the `tokens` most entangled
     pairs, the report and `out/summary.json`; returns the report's path."""
     from entangle.checkpoint import write_json
-    from entangle.diagnostics.tokens import to_json, token_gradients
+    from entangle.diagnostics.tokens import TOKEN_BUDGET, to_json, token_gradients
     from entangle.report import write_scan_report
 
     os.makedirs(out, exist_ok=True)
@@ -276,7 +286,8 @@ def _write_scan(out: str, rows: list[dict], summary: dict, pairs, examples, lm, 
     for r in sorted(rows, key=lambda r: r["cos"], reverse=True)[:tokens]:
         p = by_index[r["index"]]   # the first 24 tokens of each response: exact (a token sees only its past)
         views.append({"pair": p.index, **to_json(token_gradients(lm, p.prompt_ids, p.chosen_ids[:24],
-                                                                 p.rejected_ids[:24], tokenizer))})
+                                                                 p.rejected_ids[:24], tokenizer,
+                                                                 min(TOKEN_BUDGET, view_bytes)))})
     lm.zero_grad(set_to_none=True)
     texts = {i: tuple(_flat_text(t)[-160:] if k == 0 else _flat_text(t) for k, t in
                       enumerate((ex.prompt, ex.chosen, ex.rejected))) for i, ex in enumerate(examples)}

@@ -317,6 +317,20 @@ def build(cfg: DictConfig, hooks: Sequence[StepHook] = (), train_data=None, eval
     return run
 
 
+def check_training_memory(model, tc: DictConfig, max_length: int, acc) -> None:
+    """The estimated peak of a training step (gradients and Adam's two moments of the trainable weights, the
+    activations of one micro-batch) against `train.memory_gib` (default: 90 % of what is free with the model
+    loaded): a one-line error before the first step, else a log line."""
+    from entangle import memory
+
+    need = 3 * memory.trainable(model) + memory.forward(model, 2 * tc.batch_size, max_length,
+                                                        grad=not tc.activation_checkpointing)
+    what = f"training (batch {tc.batch_size} pairs of up to {max_length} tokens)"
+    memory.check(need, memory.work_budget(model, str(acc.device), tc.memory_gib, "train.memory_gib"), what,
+                 "lower train.batch_size or data.max_length, set train.activation_checkpointing=true, "
+                 "or raise train.memory_gib")
+
+
 def _assemble(cfg: DictConfig, acc, resume_from: str | None, hooks: Sequence[StepHook], train_data, eval_data) -> Run:
     """The model, data, loss, references, optimiser and hooks of a run whose directory is ready."""
     from accelerate.utils import set_seed
@@ -327,6 +341,7 @@ def _assemble(cfg: DictConfig, acc, resume_from: str | None, hooks: Sequence[Ste
     lora = LoraSettings(**OmegaConf.to_container(mc.lora))
     dtype = precision(mc.dtype, acc.device.type == "cuda")[0]
     model, tokenizer = load_model(mc.name, dtype, str(acc.device), lora, mc.trust_remote_code, seed=tc.seed)
+    check_training_memory(model, tc, cfg.data.max_length, acc)
     loss_fn = losses.get(cfg.loss.name, **OmegaConf.to_container(cfg.loss.params))
     unpaired, unit = not loss_fn.paired, objective(loss_fn).unit
     train_pairs, train_stats = load_pairs(cfg.data.train if train_data is None else train_data, tokenizer, cfg.data,

@@ -10,6 +10,8 @@ import sys
 from entangle import __version__
 from entangle.errors import ConfigError, EntangleError
 
+MEMORY_HELP = ("memory budget in GiB (default: 90 %% of what is free); batches shrink to fit it, and a command that "
+               "cannot fit stops with one line before its work")
 DTYPE_HELP = "auto (float32 weights; bf16 autocast on CUDA, as training) | float32 | bfloat16 | float16"
 
 
@@ -92,7 +94,7 @@ def _study_compare(args) -> int:
 def _gen_settings(args) -> dict:
     return {"n": args.n, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
             "top_p": args.top_p, "seed": args.seed, "batch_size": args.batch_size,
-            "max_prompt_length": args.max_prompt_length, "progress": not args.quiet}
+            "max_prompt_length": args.max_prompt_length, "progress": not args.quiet, "memory_gib": args.memory_gib}
 
 
 def _generate(args) -> int:
@@ -150,7 +152,7 @@ def _scan(args) -> int:
                   max_prompt_length=args.max_prompt_length, limit=args.limit, split=args.split, lora_r=args.lora_r,
                   drop_case=tuple(args.drop_case), max_cos=args.max_cos, max_ches_quantile=args.max_ches_quantile,
                   max_ches_norm_quantile=args.max_ches_norm_quantile, keep_path=args.keep, device=args.device,
-                  dtype=args.dtype, progress=not args.quiet, layers=args.layers)
+                  dtype=args.dtype, progress=not args.quiet, layers=args.layers, memory_gib=args.memory_gib)
     s = result["summary"]
     cases = s["cases"]
     print(f"{s['pairs']} pairs: case 1 {cases['1']:.1%}, case 2 {cases['2']:.1%}, case 3 {cases['3']:.1%}; "
@@ -189,6 +191,7 @@ def _scan_parser(sub) -> None:
     sc.add_argument("--keep", help="where the pairs that pass go (default OUT/kept.<the input's extension>)")
     sc.add_argument("--device", default="auto", help="auto | cpu | cuda")
     sc.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    sc.add_argument("--memory-gib", type=float, help=MEMORY_HELP)
     sc.set_defaults(func=_scan)
 
 
@@ -209,6 +212,7 @@ def _sampling_args(p, prompts_required: bool = True) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    p.add_argument("--memory-gib", type=float, help=MEMORY_HELP)
 
 
 def _study_overoptimization(args) -> int:

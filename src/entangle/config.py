@@ -116,6 +116,8 @@ class TrainConfig:
     prefix_sharing: bool = True  # each pair as one row [prompt, chosen, rejected] where the model allows it
                                  # (diagnostic steps, token masks and unknown architectures use two rows)
     device: str = "auto"         # auto | cpu | cuda
+    memory_gib: Optional[float] = None   # memory budget; null: 90 % of what is free at start. A run whose
+                                         # estimated peak exceeds it stops in one line before the first step
 
 
 @dataclass
@@ -202,6 +204,7 @@ RANGES = {
     "train.max_steps": _ATLEAST1, "train.epochs": _POS, "train.seed": _R(0.0, 2.0 ** 32, low_closed=True),
     "train.log_every": _ATLEAST1, "train.eval_every": _COUNT, "train.eval_batch_size": _ATLEAST1,
     "train.save_every": _COUNT, "train.keep_checkpoints": _COUNT, "train.max_nonfinite": _ATLEAST1,
+    "train.memory_gib": _POS,
     "diagnostics.entanglement.every": _COUNT, "diagnostics.entanglement.tokens": _COUNT,
     "eval.generate.every": _COUNT, "eval.generate.n_prompts": _ATLEAST1, "eval.generate.n": _ATLEAST1,
     "eval.generate.max_new_tokens": _ATLEAST1, "eval.generate.temperature": _NONNEG,

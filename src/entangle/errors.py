@@ -19,3 +19,7 @@ class ModelError(EntangleError):
 
 class TrainingError(EntangleError):
     """Training cannot continue (non-finite losses, an unusable run directory)."""
+
+
+class OverBudget(EntangleError):
+    """A command would exceed its memory budget (raised before the work, never after it)."""

@@ -282,22 +282,23 @@ def evaluate(policy: LoadedPolicy, prompts: Sequence, scorer: Scorer, initial: L
 
     `baseline` (default: the initial policy) is sampled with the same settings and seed for the win rate.
     `reference`: a run's moved trust-region reference (`generation.load_moving_reference`): adds `kl/reference`.
-    `gen`: n, max_new_tokens, temperature, top_p, seed, batch_size, max_prompt_length, progress."""
+    `gen`: n, max_new_tokens, temperature, top_p, seed, batch_size, max_prompt_length, progress, memory_gib."""
     pad = policy.tokenizer.pad_token_id
+    scoring = {"batch_size": gen.get("batch_size", 8), "memory_gib": gen.get("memory_gib")}
     if samples is None:
         samples = generate(policy.model, policy.tokenizer, prompts, **gen)
     initial = initial or policy
     # KL from one numeric path: both sides teacher-forced in the same batches (the sampling forward's own
     # log-probs differ from a full forward by ~1e-2 per token in bf16, a bias of tenths of a nat per sample)
-    for s, lp in zip(samples, completion_logps(policy.model, samples, pad, gen.get("batch_size", 8)).tolist()):
+    for s, lp in zip(samples, completion_logps(policy.model, samples, pad, **scoring).tolist()):
         s["logp"] = lp
     same = initial.model is policy.model   # a model against itself: KL exactly 0
     init_logps = [s["logp"] for s in samples] if same else \
-        completion_logps(initial.model, samples, pad, gen.get("batch_size", 8)).tolist()
+        completion_logps(initial.model, samples, pad, **scoring).tolist()
     for s, lp in zip(samples, init_logps):
         s["logp_initial"] = lp
     if reference is not None:
-        for s, lp in zip(samples, completion_logps(reference, samples, pad, gen.get("batch_size", 8)).tolist()):
+        for s, lp in zip(samples, completion_logps(reference, samples, pad, **scoring).tolist()):
             s["logp_reference"] = lp
     baseline = baseline or initial
     if baseline.model is policy.model:   # the same model, seed and batches: the same samples

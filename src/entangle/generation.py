@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from omegaconf import OmegaConf
 
-from entangle import synthetic
+from entangle import memory, synthetic
 from entangle.checkpoint import load_weights
 from entangle.config import load_saved, trust_region
 from entangle.data import Text, encode_prompt, missing_file, read_prompts
@@ -159,15 +159,19 @@ def check_sampling(limit: int | None = None, **settings) -> None:
         raise ModelError(f"--top-p must be in (0, 1] (got {top_p!r})")
     if not (isinstance(seed, int) and seed >= 0):
         raise ModelError(f"--seed must be a whole number >= 0 (got {seed!r})")
+    memory.check_gib(settings.get("memory_gib"))
 
 
 def generate(model, tokenizer, prompts: Sequence[Text], n: int = 1, max_new_tokens: int = 64,
              temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
-             max_prompt_length: int | None = 512, progress: bool = False, logps: bool = True) -> list[dict]:
+             max_prompt_length: int | None = 512, progress: bool = False, logps: bool = True,
+             memory_gib: float | None = None) -> list[dict]:
     """`n` samples per prompt, returned in prompt-major order, stopping at EOS. Prompts run in batches of
     similar length (longest first: little padding in the prefill), each batch seeded, so the same seed and
     batch size give the same samples. Prompts longer than `max_prompt_length` keep their last tokens.
-    `temperature` 0 is greedy. `logp` comes from the raw logits of the sampling forward (no extra pass)."""
+    `temperature` 0 is greedy. `logp` comes from the raw logits of the sampling forward (no extra pass).
+    `batch_size` is lowered (one warning) to the largest that fits the memory budget (`memory_gib`, default
+    90 % of what is free); a one-line error before any sampling when one sequence does not fit."""
     if temperature < 0 or not 0 < top_p <= 1 or n < 1 or max_new_tokens < 1 or batch_size < 1:
         raise ModelError(f"generation needs temperature >= 0, 0 < top_p <= 1, n, max_new_tokens and batch_size "
                          f">= 1 (got {temperature}, {top_p}, {n}, {max_new_tokens}, {batch_size})")
@@ -178,6 +182,12 @@ def generate(model, tokenizer, prompts: Sequence[Text], n: int = 1, max_new_toke
         encoded.append(ids[-max_prompt_length:] if max_prompt_length else ids)
     jobs = sorted(((i, s) for i in range(len(prompts)) for s in range(n)), key=lambda j: -len(encoded[j[0]]))
     device = next(model.parameters()).device
+    length = max((len(e) for e in encoded), default=1) + max_new_tokens
+    vocab_bytes = memory.shape(model)["vocab"] * 4 * max_new_tokens if logps else 0
+    batch_size = memory.largest_batch(
+        lambda b: memory.forward(model, b, length, grad=False, logits_rows=1) + memory.kv_cache(model, b, length)
+        + b * vocab_bytes, memory.work_budget(model, str(device), memory_gib), min(batch_size, max(len(jobs), 1)),
+        f"sampling {len(jobs)} completions of up to {length} tokens", "--batch-size")
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 \
         else {"do_sample": False}
     bar = None
@@ -218,16 +228,23 @@ def _token_logps(logits: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.
 
 
 @torch.no_grad()
-def completion_logps(model, rows: Sequence[dict], pad_id: int, batch_size: int = 8) -> torch.Tensor:
+def completion_logps(model, rows: Sequence[dict], pad_id: int, batch_size: int = 8,
+                     memory_gib: float | None = None) -> torch.Tensor:
     """log pi(completion | prompt) of each row (`prompt_ids`, `completion_ids`) under `model`: [len(rows)],
     float64 on the CPU, from right-padded forwards of rows of similar length. An empty completion has
-    log-probability 0. `model` may also be a `reference.Reference` (its `logps` of each batch)."""
+    log-probability 0. `model` may also be a `reference.Reference` (its `logps` of each batch). `batch_size` is
+    lowered to fit the memory budget as in `generate`."""
     if isinstance(model, Reference):
         reference, model = model, model.model
     else:
         reference = None
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda k: -(len(rows[k]["prompt_ids"]) + len(rows[k]["completion_ids"])))
+    length = max((len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows), default=1)
+    batch_size = memory.largest_batch(lambda b: memory.forward(model, b, length, grad=False),
+                                      memory.work_budget(model, str(device), memory_gib),
+                                      min(batch_size, max(len(rows), 1)),
+                                      f"scoring {len(rows)} samples of up to {length} tokens", "--batch-size")
     out = torch.zeros(len(rows), dtype=torch.float64)
     for b in range(0, len(order), batch_size):
         chunk = order[b : b + batch_size]

@@ -1,0 +1,86 @@
+"""Memory budgets: estimated before the work, a one-line error (exit 2) when over, batches shrunk to fit."""
+
+import logging
+import os
+
+import pytest
+
+from conftest import write_jsonl
+from entangle import api, memory, models
+from entangle.errors import OverBudget
+from test_cli import entangle
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return models.load_model("tiny")[0]
+
+
+def one_line_error(p, message):
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = [x for x in p.stderr.strip().splitlines() if "INFO" not in x]
+    assert "Traceback" not in p.stderr and len(lines) == 1 and message in lines[0], p.stderr[-2000:]
+
+
+def test_estimates_count_weights_gradients_logits_and_cache(tiny):
+    s = memory.shape(tiny)
+    assert memory.weights(tiny) == sum(p.numel() * 4 for p in tiny.parameters()) + sum(
+        b.numel() * b.element_size() for b in tiny.buffers())
+    assert memory.trainable(tiny) == sum(p.numel() * 4 for p in tiny.parameters())
+    # logits: float32 [rows, positions, vocab], kept with log-softmax (x2 without grad, x3 with)
+    no_grad = memory.forward(tiny, 2, 10, grad=False)
+    assert no_grad >= 2 * 10 * s["vocab"] * 4 * 2
+    assert memory.forward(tiny, 2, 10, grad=True) > no_grad           # every layer's activations kept
+    assert memory.forward(tiny, 4, 10, grad=True) == 2 * memory.forward(tiny, 2, 10, grad=True)
+    assert memory.kv_cache(tiny, 3, 7) == 2 * s["layers"] * 3 * 7 * s["kv_heads"] * (s["hidden"] // s["heads"]) * 4
+
+
+def test_largest_batch_halves_until_it_fits_and_refuses_when_one_does_not(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert memory.largest_batch(lambda b: 100 * b, 450, 16, "sampling", "--batch-size") == 4
+    assert "--batch-size 16 does not fit" in caplog.text and "using 4" in caplog.text
+    assert memory.largest_batch(lambda b: 100 * b, 10_000, 16, "sampling", "--batch-size") == 16
+    with pytest.raises(OverBudget, match="sampling .batch 1. needs about .* over its budget"):
+        memory.largest_batch(lambda b: 100 * b, 50, 16, "sampling", "--batch-size")
+    for bad in (0, -1.0, float("nan"), float("inf"), "2"):
+        with pytest.raises(OverBudget, match="--memory-gib must be a number > 0"):
+            memory.check_gib(bad)
+
+
+def test_generation_shrinks_its_batch_to_the_budget_and_samples_all(tiny, caplog):
+    from entangle.generation import generate
+
+    tok = models.load_model("tiny")[1]
+    need_one = memory.forward(tiny, 1, 40, grad=False, logits_rows=1) + memory.kv_cache(tiny, 1, 40) + \
+        memory.shape(tiny)["vocab"] * 4 * 8
+    gib = (memory.weights(tiny) + 2.5 * need_one) / memory.GIB
+    with caplog.at_level(logging.WARNING):
+        rows = generate(tiny, tok, ["a" * 30] * 4, max_new_tokens=8, batch_size=4, memory_gib=gib)
+    assert len(rows) == 4 and "using 2" in caplog.text
+
+
+@pytest.mark.slow
+def test_commands_over_budget_stop_in_one_line_before_the_work(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    write_jsonl(pairs, [{"prompt": "Q: hi", "chosen": " good answer", "rejected": " bad"}] * 4)
+    out = tmp_path / "scan"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    one_line_error(entangle("scan", "tiny", "--data", str(pairs), "--out", str(out), "--memory-gib", "0.001"),
+                   "scan of 4 pairs of up to")
+    assert sorted(os.listdir(out)) == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
+    one_line_error(entangle("generate", "tiny", "--prompts", str(pairs), "--out", str(tmp_path / "s.jsonl"),
+                            "--memory-gib", "0.0001"), "the model's weights alone take")
+    assert not (tmp_path / "s.jsonl").exists()
+    one_line_error(entangle("train", "configs/tiny-dpo.yaml", f"train.output_dir={tmp_path / 'run'}",
+                            "train.memory_gib=0.001", "tracking.progress=false"), "training (batch 8 pairs")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    one_line_error(entangle("train", "configs/tiny-dpo.yaml", "train.memory_gib=-1"), "train.memory_gib")
+
+
+def test_scan_api_over_budget_refuses_before_any_row(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    write_jsonl(pairs, [{"prompt": "Q: hi", "chosen": " good answer", "rejected": " bad"}] * 2)
+    with pytest.raises(OverBudget, match="scan of 2 pairs"):
+        api.scan("tiny", str(pairs), out=str(tmp_path / "o"), memory_gib=0.001, device="cpu")
+    assert not (tmp_path / "o" / "scan.jsonl").exists()
