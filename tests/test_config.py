@@ -139,3 +139,12 @@ def test_a_home_path_and_an_unknown_section_read_as_users_expect():
     assert cfg.train.output_dir == os.path.expanduser("~/runs/x") and not cfg.data.train.startswith("~")
     with pytest.raises(config.ConfigError, match="valid: data, diagnostics, eval, loss, model"):
         config.load(None, ["bogus=1"])
+
+
+def test_a_config_whose_relative_data_is_elsewhere_says_what_to_change(tmp_path):
+    (tmp_path / "c.yaml").write_text("data:\n  train: ../nowhere/pairs.jsonl\n  eval: ../nowhere/test.jsonl\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: data.train=../nowhere/pairs.jsonl is not there relative to this "
+                                          r"file; give your own on the command line \(data.train=PATH\)"):
+        config.load(str(tmp_path / "c.yaml"))
+    cfg = config.load(str(tmp_path / "c.yaml"), ["data.train=synthetic:sentiment"])   # own data: no eval set
+    assert cfg.data.train == "synthetic:sentiment" and cfg.data.eval is None

@@ -311,3 +311,17 @@ def test_two_writers_cannot_share_a_run_directory(tmp_path):
     train(cfg_for(out, "train.max_steps=2"))               # the dead holder's lock is gone
     train(cfg_for(out, "train.max_steps=2", "train.overwrite=true"))   # and the finished run released its own
     assert len(rows(out)) == 2
+
+
+def test_the_start_up_lines_name_every_data_source_and_say_loudly_when_nothing_is_held_out(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        train(cfg_for(tmp_path / "a", "train.max_steps=1"))
+    assert "data: train synthetic:sentiment?config=short&n=64 (64 pairs) | eval synthetic:sentiment?config=short&" \
+           "n=16&split=test (16 pairs)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        train(cfg_for(tmp_path / "b", "train.max_steps=1", "data.eval=null"))
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "eval: NONE" in r.getMessage()]
+    assert len(warned) == 1 and "give data.eval=FILE" in warned[0].getMessage()

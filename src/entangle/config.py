@@ -266,6 +266,7 @@ def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, DictConfig):
             raise ConfigError(f"{path}: the config must be a mapping of sections (model, data, loss, ...)")
+        unresolved = _unresolved_paths(data, path)
         cfg = _merge(cfg, _relative_to(data, path), path)
     for item in overrides:
         if "=" not in item:
@@ -276,6 +277,10 @@ def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -
         if isinstance(value, str) and value.startswith("~"):
             OmegaConf.update(cfg, key, os.path.expanduser(value))
     given = {item.split("=", 1)[0].strip() for item in overrides}
+    for key, value in (unresolved.items() if path is not None else ()):
+        if key not in given:   # a shipped config whose data lives elsewhere on this machine: say what to change
+            raise ConfigError(f"{path}: {key}={value} is not there relative to this file; give your own on the "
+                              f"command line ({key}=PATH) or edit the file")
     if "data.train" in given and "data.eval" not in given and cfg.data.eval is not None:
         # the file's held-out set belongs to the file's training data, not to the user's own
         cfg.data.eval = None
@@ -284,6 +289,21 @@ def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 INPUT_PATHS = ("model.name", "data.train", "data.eval", "eval.generate.prompts")
+
+
+def _unresolved_paths(data: DictConfig, path: str) -> dict[str, str]:
+    """Input paths of a YAML file written as relative (`./`, `../`) that exist neither beside the file nor from
+    the working folder."""
+    import os
+
+    here = os.path.dirname(os.path.abspath(path))
+    out = {}
+    for key in INPUT_PATHS:
+        value = OmegaConf.select(data, key, default=None)
+        if isinstance(value, str) and value.startswith(".") and \
+                not os.path.exists(os.path.join(here, value)) and not os.path.exists(value):   # ./ or ../: no hub id
+            out[key] = value
+    return out
 
 
 def _relative_to(data: DictConfig, path: str) -> DictConfig:

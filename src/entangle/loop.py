@@ -232,11 +232,14 @@ def announce(run: Run) -> None:
                  info["trainable_parameters"], info["total_parameters"], len(run.train_pairs), unit, labels,
                  st["n_truncated"], st["n_dropped"], st["n_skipped"], run.global_batch, unit, run.total_steps,
                  run.steps_per_epoch, info["reference"])
-        ev = info["data"]["eval"]
-        log.info("data: train %s (%d %s) | eval %s", cfg.data.train, len(run.train_pairs), unit,
-                 f"{cfg.data.eval} ({len(run.eval_pairs)} {unit})" if ev is not None else
-                 "none (set data.eval to measure held-out figures; a config's own eval set is not used when "
-                 "data.train is overridden)")
+        ev, source = info["data"]["eval"], cfg.data.train or "in-memory data"
+        if ev is not None:
+            log.info("data: train %s (%d %s) | eval %s (%d %s)", source, len(run.train_pairs), unit,
+                     cfg.data.eval or "in-memory data", len(run.eval_pairs), unit)
+        else:
+            log.warning("data: train %s (%d %s) | eval: NONE, no held-out figures (give data.eval=FILE; a "
+                        "config's own eval set is never used with your data.train)", source, len(run.train_pairs),
+                        unit)
     if cfg.tracking.report_to:
         run.accelerator.init_trackers(cfg.tracking.project,
                                       config={k: str(v) for k, v in OmegaConf.to_container(cfg).items()})
