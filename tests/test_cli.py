@@ -149,3 +149,16 @@ def test_sampling_options_out_of_range_are_refused_before_any_work(args, message
     assert main([*args, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists(), err
+
+
+@pytest.mark.slow
+def test_the_console_shows_no_library_notices_and_q_no_progress_bars(tmp_path):
+    run = ["train", "configs/tiny-dpo.yaml", "train.max_steps=2", "model.lora.r=4", "data.eval=null"]
+    p = entangle(*run, f"train.output_dir={tmp_path / 'a'}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    for notice in ("FutureWarning", "Setting accelerator", "UserWarning", "warnings.warn"):
+        assert notice not in p.stderr
+    assert "step/s" in p.stderr                                  # the progress bar, without -q
+    q = entangle("-q", *run, f"train.output_dir={tmp_path / 'b'}")
+    assert q.returncode == 0 and "step/s" not in q.stderr and "%|" not in q.stderr
+    assert entangle("-v", *run, f"train.output_dir={tmp_path / 'c'}").returncode == 0

@@ -252,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="entangle", description="Margin-based preference optimisation with "
                                 "gradient-entanglement diagnostics.")
     p.add_argument("--version", action="version", version=f"entangle {__version__}")
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="also the libraries' own notices (DeepSpeed, PEFT, "
+                   "transformers' deprecations), hidden by default")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train from a YAML config with key=value overrides")
     t.add_argument("config", nargs="?", help="YAML config (defaults only when omitted)")
@@ -425,6 +427,18 @@ def _split_config_arg(args) -> None:
         args.config = None
 
 
+def quiet_libraries() -> None:
+    """Hide the third-party notices a user cannot act on: transformers' and PEFT's deprecations
+    (FutureWarning), PEFT's failed hub look-up when saving offline, DeepSpeed's "Setting accelerator to CPU"
+    (its logger resets its own level on import, so a filter on the logger object does it)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*Unable to fetch remote file.*")
+    warnings.filterwarnings("ignore", message=r".*fan_in_fan_out is set to False.*")
+    logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _split_config_arg(args)
@@ -432,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "datasets", "accelerate", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.verbose:
+        quiet_libraries()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
