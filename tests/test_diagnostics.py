@@ -362,3 +362,19 @@ def test_recorded_factors_share_float32_under_mixed_precision(tok):
     assert uses and all(u.x[0].dtype in (torch.float32, torch.long, torch.int64) for u in uses)
     assert all(u.g is None or u.g.dtype == torch.float32 for u in uses)
     assert any(u.g is not None for u in uses)
+
+
+def test_entanglement_stats_takes_text_records_with_a_tokenizer():
+    from entangle.data import parse_pair, tokenize_pairs
+    from entangle.errors import DataError
+
+    model, tok = models.load_model("tiny")
+    records = [{"prompt": "Q: the film?", "chosen": " lovely", "rejected": " awful and long"},
+               {"prompt": [{"role": "user", "content": "hi"}], "chosen": "hello there", "rejected": "go away"}]
+    pairs, _ = tokenize_pairs([parse_pair(r, "x") for r in records], tok)
+    from_text = entanglement_stats(model, records, "exact", tokenizer=tok)
+    from_ids = entanglement_stats(model, pairs, "exact", tok.pad_token_id)
+    for key in ("inner", "norm_w2", "norm_l2", "cos"):
+        torch.testing.assert_close(from_text[key], from_ids[key])
+    with pytest.raises(DataError, match="pair 1: give prompt_ids/chosen_ids/rejected_ids, or a prompt/chosen/"):
+        entanglement_stats(model, records)

@@ -55,6 +55,7 @@ def test_a_model_against_itself_has_zero_kl_and_even_win_rate(tmp_path):
 
     f = evaluate("tiny", PROMPTS, "vader", out=str(tmp_path / "ev"), n=1, max_new_tokens=6, seed=0, progress=False)
     assert f["kl/initial"] == 0.0 and f["win_rate"] == 0.5 and f["win_rate_n"] == 6
+    assert f["gold/baseline"] == f["gold/mean"] and f["gold/baseline_n"] == 6   # the initial policy's gold, beside
     written = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert written["kl/initial"] == 0.0 and written["scorer"] == "vader"
     rows = [json.loads(x) for x in (tmp_path / "ev" / "samples.jsonl").read_text().splitlines()]

@@ -48,7 +48,7 @@ def kto_cfg(out, *overrides):
     train_path, eval_path = distinct_files(os.path.dirname(str(out)))
     base = ["model.name=tiny", "loss.name=kto", f"data.train={train_path}", f"data.eval={eval_path}",
             "data.max_length=64", "optimizer.lr=1e-3", "train.batch_size=4", "train.max_steps=6",
-            "tracking.progress=false", f"train.output_dir={out}"]
+            "tracking.progress=false", "train.eval_at_start=false", f"train.output_dir={out}"]
     return config.load(None, base + list(overrides))
 
 

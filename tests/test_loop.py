@@ -18,7 +18,7 @@ TIMING = {"tokens_per_s", "pairs_per_s", "step_time_s"}
 def cfg_for(out, *overrides):
     base = ["model.name=tiny", "data.train=synthetic:sentiment?config=short&n=64",
             "data.eval=synthetic:sentiment?config=short&n=16&split=test", "data.max_length=64",
-            "optimizer.lr=3e-3", "train.batch_size=4", "train.max_steps=6", "tracking.progress=false",
+            "optimizer.lr=3e-3", "train.batch_size=4", "train.max_steps=6", "tracking.progress=false", "train.eval_at_start=false",
             f"train.output_dir={out}"]
     return config.load(None, base + list(overrides))
 
@@ -325,3 +325,15 @@ def test_the_start_up_lines_name_every_data_source_and_say_loudly_when_nothing_i
         train(cfg_for(tmp_path / "b", "train.max_steps=1", "data.eval=null"))
     warned = [r for r in caplog.records if r.levelno == logging.WARNING and "eval: NONE" in r.getMessage()]
     assert len(warned) == 1 and "give data.eval=FILE" in warned[0].getMessage()
+
+
+def test_a_run_evaluates_at_step_0_by_default_and_fit_returns_its_metrics(tmp_path):
+    from entangle.loop import build, fit
+
+    result = fit(build(cfg_for(tmp_path / "run", "train.eval_at_start=true", "train.max_steps=2")))
+    logged = rows(result.run_dir)
+    assert config.load(None, []).train.eval_at_start is True
+    assert logged[0]["step"] == 0 and "eval/loss" in logged[0] and "loss" not in logged[0]
+    assert result.metrics_path == os.path.join(result.run_dir, "metrics.jsonl")
+    assert result.metrics["step"] == 2 and result.metrics["loss"] == logged[-1]["loss"]
+    assert result.metrics["eval/loss"] == logged[-1]["eval/loss"]

@@ -115,10 +115,13 @@ def _eval(args) -> int:
     figures = evaluate(args.model, args.prompts, args.scorer, out=args.out, baseline=args.baseline,
                        initial=args.initial, samples=args.samples, limit=args.limit, split=args.split,
                        device=args.device, dtype=args.dtype, judge_template=args.judge_template, **_gen_settings(args))
-    for k in ("gold/mean", "kl/initial", "kl/reference", "win_rate", "length/mean"):
+    for k in ("gold/mean", "gold/baseline", "kl/initial", "kl/reference", "win_rate", "length/mean"):
         if figures.get(k) is not None:
-            print(f"{k:12} {figures[k]:10.4f} +- {figures[k + '_se']:.4f}  (n={figures[k + '_n']})")
-    print(f"distinct_2   {figures['distinct_2']:10.4f}\nevaluation: {args.out}/eval.json, samples: {args.out}/samples.jsonl")
+            print(f"{k:13} {figures[k]:10.4f} +- {figures[k + '_se']:.4f}  (n={figures[k + '_n']})")
+    if figures.get("gold/baseline") is not None:
+        print(f"gold/baseline is the gold of {args.baseline or args.initial or 'the initial policy'}'s samples "
+              "of the same prompts")
+    print(f"distinct_2    {figures['distinct_2']:10.4f}\nevaluation: {args.out}/eval.json, samples: {args.out}/samples.jsonl")
     return 0
 
 

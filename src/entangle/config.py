@@ -103,7 +103,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     eval_every: int = 0          # 0: only at the end (when data.eval is set)
-    eval_at_start: bool = False  # also evaluate before the first step (logged as step 0)
+    eval_at_start: bool = True   # also evaluate before the first step (logged as step 0): where training began
     eval_batch_size: int = 8
     save_every: int = 0          # 0: only the final model (and on interruption)
     keep_checkpoints: int = 0    # 0 keeps all
@@ -277,13 +277,13 @@ def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -
         if isinstance(value, str) and value.startswith("~"):
             OmegaConf.update(cfg, key, os.path.expanduser(value))
     given = {item.split("=", 1)[0].strip() for item in overrides}
-    for key, value in (unresolved.items() if path is not None else ()):
-        if key not in given:   # a shipped config whose data lives elsewhere on this machine: say what to change
-            raise ConfigError(f"{path}: {key}={value} is not there relative to this file; give your own on the "
-                              f"command line ({key}=PATH) or edit the file")
     if "data.train" in given and "data.eval" not in given and cfg.data.eval is not None:
         # the file's held-out set belongs to the file's training data, not to the user's own
         cfg.data.eval = None
+    for key, value in (unresolved.items() if path is not None else ()):
+        if key not in given and OmegaConf.select(cfg, key) == value:   # data that lives elsewhere on this machine
+            raise ConfigError(f"{path}: {key}={value} is not there relative to this file; give your own on the "
+                              f"command line ({key}=PATH) or edit the file")
     validate(cfg)
     return cfg
 

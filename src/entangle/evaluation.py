@@ -216,6 +216,8 @@ def summarise(samples: Sequence[dict]) -> dict:
     out: dict = {}
     if samples and "score" in samples[0]:
         _figure(out, "gold/mean", [s["score"] for s in samples])
+    if samples and "baseline_score" in samples[0]:   # the baseline's (default: the initial policy's) gold, beside
+        _figure(out, "gold/baseline", [s["baseline_score"] for s in samples])
     if samples and "logp_initial" in samples[0]:
         _figure(out, "kl/initial", [s["logp"] - s["logp_initial"] for s in samples])
     if samples and "logp_reference" in samples[0]:

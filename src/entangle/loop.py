@@ -41,6 +41,16 @@ class RunResult:
     stop_signal: str | None = None   # SIGINT | SIGTERM | requested, when interrupted
     is_main: bool = True
 
+    @property
+    def metrics(self) -> dict:
+        """The last logged training row and the last held-out evaluation (`eval/...`), merged."""
+        return {**self.summary.get("final", {}), **self.summary.get("eval", {})}
+
+    @property
+    def metrics_path(self) -> str:
+        """The run's `metrics.jsonl` (one row per logged step)."""
+        return os.path.join(self.run_dir, "metrics.jsonl")
+
 
 class StopFlag:
     """Set by SIGINT/SIGTERM or a callback; the loop saves a checkpoint and exits after the step."""

@@ -31,15 +31,40 @@ def with_cos(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {**stats, "cos": stats["inner"] / denom}
 
 
-def entanglement_stats(model, pairs, method: str = "fast", pad_id: int = 0) -> dict[str, torch.Tensor]:
+def _tokenized(pairs, tokenizer) -> list[TokenizedPair]:
+    """`entanglement_stats`'s pairs as TokenizedPair, in order (text records tokenised with `tokenizer`)."""
+    from entangle.data import encode_prompt_response, parse_pair
+    from entangle.errors import DataError
+
+    items = []
+    for i, p in enumerate(pairs):
+        if isinstance(p, TokenizedPair):
+            items.append(TokenizedPair(list(p.prompt_ids), list(p.chosen_ids), list(p.rejected_ids), i))
+        elif isinstance(p, dict) and "prompt_ids" in p:
+            items.append(TokenizedPair(list(p["prompt_ids"]), list(p["chosen_ids"]), list(p["rejected_ids"]), i))
+        elif isinstance(p, dict) and tokenizer is not None:
+            ex = parse_pair(p, f"pair {i + 1}")
+            prompt, chosen = encode_prompt_response(tokenizer, ex.prompt, ex.chosen, ex.where)
+            _, rejected = encode_prompt_response(tokenizer, ex.prompt, ex.rejected, ex.where)
+            items.append(TokenizedPair(prompt, chosen, rejected, i))
+        else:
+            raise DataError(f"pair {i + 1}: give prompt_ids/chosen_ids/rejected_ids, or a prompt/chosen/rejected "
+                            "text record with tokenizer=...")
+    return items
+
+
+def entanglement_stats(model, pairs, method: str = "fast", pad_id: int | None = None,
+                       tokenizer=None) -> dict[str, torch.Tensor]:
     """Exact <grad log pi_w, grad log pi_l>, norms and cosine per pair, over parameters with requires_grad.
 
-    `log pi(y|x)` is the sum of the log-probs of the given response ids after `prompt_ids` (no EOS
-    is added). `method`: "fast" (one backward, falls back to "exact" where it cannot apply) or "exact"."""
-    items = [TokenizedPair(list(p.prompt_ids), list(p.chosen_ids), list(p.rejected_ids), i)
-             if isinstance(p, TokenizedPair) else
-             TokenizedPair(list(p["prompt_ids"]), list(p["chosen_ids"]), list(p["rejected_ids"]), i)
-             for i, p in enumerate(pairs)]
+    `pairs`: `TokenizedPair`s, dicts of `prompt_ids`/`chosen_ids`/`rejected_ids`, or text records
+    (`prompt`/`chosen`/`rejected`, strings or chat messages, as `entangle train` reads them) with `tokenizer`
+    (tokenised as training does, the response ending with EOS). `log pi(y|x)` is the sum of the log-probs of
+    the response ids after the prompt ids. `method`: "fast" (one backward, falls back to "exact" where it
+    cannot apply) or "exact". Returns tensors [n_pairs]: inner, norm_w2, norm_l2, cos."""
+    items = _tokenized(pairs, tokenizer)
+    if pad_id is None:
+        pad_id = 0 if tokenizer is None or tokenizer.pad_token_id is None else tokenizer.pad_token_id
     device = next(model.parameters()).device
     batch = collate(items, pad_id).to(device)
     if method == "fast":
