@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.entangle-installed
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint docs bench clean
 
 $(STAMP): pyproject.toml Makefile
 	@if [ ! -x $(PY) ]; then \
@@ -33,6 +33,11 @@ test-fast: setup lint
 
 lint: setup
 	$(PY) -m ruff check --select F src tests benchmarks examples
+
+# the generated reference pages (a test fails when they differ from the code)
+docs: setup
+	$(VENV)/bin/entangle reference config > docs/reference/config.md
+	$(VENV)/bin/entangle reference losses > docs/reference/losses.md
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,4 +1,5 @@
-"""The `entangle` command: `train`, `generate`, `eval`, `label`, `config`, `losses`, `study`, `report`. Errors print as one line, exit code 2."""
+"""The `entangle` command: `train`, `generate`, `eval`, `label`, `scan`, `config`, `losses`, `reference`, `study`,
+`report`. Errors print as one line, exit code 2."""
 
 from __future__ import annotations
 
@@ -49,6 +50,13 @@ def _losses(args) -> int:
         alias = f" (alias {', '.join(s.aliases)})" if s.aliases else ""
         print(f"{name}{alias}: reference={'yes' if fn.uses_reference else 'no'}, "
               f"length-normalised={'yes' if fn.length_normalized else 'no'}; {params}; {s.citation}")
+    return 0
+
+
+def _reference(args) -> int:
+    from entangle.docgen import PAGES
+
+    print(PAGES[args.page](), end="")
     return 0
 
 
@@ -278,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     _scan_parser(sub)
     losses_p = sub.add_parser("losses", help="list the registered losses and their defaults")
     losses_p.set_defaults(func=_losses)
+    ref = sub.add_parser("reference", help="print a generated reference page (markdown): every config key, or "
+                         "every loss (docs/reference/ is made by this)")
+    ref.add_argument("page", choices=["config", "losses"])
+    ref.set_defaults(func=_reference)
     return p
 
 

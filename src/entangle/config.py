@@ -24,16 +24,17 @@ from entangle.errors import ConfigError
 class LoraConfig:
     r: int = 0                      # LoRA rank; 0 trains all parameters
     alpha: float = 16.0             # LoRA scaling numerator (scaling = alpha / r)
-    dropout: float = 0.0
-    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    dropout: float = 0.0            # LoRA dropout on the adapters' input
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # LoRA
 
 
 @dataclass
 class ModelConfig:
     name: str = "tiny"              # tiny | tiny-gpt2 | smollm2-135m | a local folder | a hub id
-    dtype: str = "auto"             # auto: float32 on CPU; on CUDA mixed precision (float32 weights, bf16 autocast)
-                                    # | float32 | bfloat16 | float16 (pure: no float32 master weights)
-    trust_remote_code: bool = False
+    dtype: str = "auto"             # auto: float32 weights, with bf16 autocast on CUDA (training and every
+                                    # other command); float32 / bfloat16 / float16: pure (no float32 master weights)
+    trust_remote_code: bool = False   # run a hub model's own code; only from your command line or config,
+                                      # never from a run folder's saved config
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -42,13 +43,13 @@ class DataConfig:
     train: str = "synthetic:sentiment"   # .jsonl/.json/.parquet file, datasets folder, hub id, or synthetic:NAME
     eval: Optional[str] = None           # same forms; evaluated every train.eval_every steps
     split: str = "train"                 # split for folders and hub ids
-    eval_split: str = "test"
+    eval_split: str = "test"             # split of data.eval for folders and hub ids
     columns: Dict[str, str] = field(default_factory=dict)   # e.g. {prompt: question, chosen: good}
     max_length: Optional[int] = 512      # prompt + longest response, in tokens
     max_prompt_length: Optional[int] = None   # prompts keep at most their last N tokens (null: only a pair that
                                               # does not fit max_length keeps its last max_length // 2, as TRL)
-    max_train_examples: Optional[int] = None
-    max_eval_examples: Optional[int] = None
+    max_train_examples: Optional[int] = None   # the first N training records (null: all)
+    max_eval_examples: Optional[int] = None    # the first N held-out records (null: all)
     skip_bad: bool = False               # count and skip malformed records instead of stopping
 
 
@@ -94,17 +95,17 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/entangle"
+    output_dir: str = "runs/entangle"   # the run directory (locked while a process writes it)
     batch_size: int = 4          # pairs per micro-batch per process
     grad_accum: int = 1          # micro-batches per optimiser step
     max_grad_norm: Optional[float] = 1.0   # null disables clipping (the norm is still logged)
     max_steps: Optional[int] = None        # optimiser steps; overrides epochs
-    epochs: float = 1.0
-    seed: int = 0
-    log_every: int = 1
+    epochs: float = 1.0          # passes over the training data when max_steps is null
+    seed: int = 0                # model init (tiny), data order, dropout
+    log_every: int = 1           # optimiser steps between metrics.jsonl rows
     eval_every: int = 0          # 0: only at the end (when data.eval is set)
     eval_at_start: bool = True   # also evaluate before the first step (logged as step 0): where training began
-    eval_batch_size: int = 8
+    eval_batch_size: int = 8     # held-out pairs per forward
     save_every: int = 0          # 0: only the final model (and on interruption)
     keep_checkpoints: int = 0    # 0 keeps all
     overwrite: bool = False      # replace the entangle run in output_dir (only the files entangle wrote)
@@ -123,7 +124,7 @@ class TrainConfig:
 @dataclass
 class TrackingConfig:
     report_to: List[str] = field(default_factory=list)   # tensorboard | wandb | mlflow (all off by default)
-    project: str = "entangle"
+    project: str = "entangle"    # the trackers' project name
     progress: bool = True        # progress bar on the terminal
 
 

@@ -81,12 +81,48 @@ def plot_metrics(runs: dict[str, list[dict]], panels: list[tuple[str, list[str]]
         ax.axis("off")
     if title:
         fig.suptitle(title)
-    if many:
-        handles = [Line2D([0], [0], color=colours[i % len(colours)], lw=2.5) for i in range(len(runs))]
-        fig.legend(handles, list(runs), loc="lower center", ncol=min(6, len(runs)), fontsize=9, frameon=False)
+    if many:   # one legend of the runs actually drawn in this figure
+        drawn = [i for i, rows in enumerate(runs.values()) if any(series(rows, k)[0] for _, keys in panels for k in keys)]
+        handles = [Line2D([0], [0], color=colours[i % len(colours)], lw=2.5) for i in drawn]
+        fig.legend(handles, [list(runs)[i] for i in drawn], loc="lower center", ncol=min(6, len(drawn)), fontsize=9,
+                   frameon=False)
         fig.tight_layout(rect=(0, 0.12 * legend_rows / rows_n, 1, 1))
     else:
         fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+CASE_COLOURS = {"case1": "#4caf50", "case2": "#e57373", "case3": "#64b5f6", "case0": "#bdbdbd"}
+
+
+def plot_case_runs(runs: dict[str, list[dict]], path: str, prefix: str = "entanglement/") -> str:
+    """Small multiples: one panel per run, the shares of pairs in each case stacked over the steps (the
+    plain-gradient-step prediction; case 0 is what is left)."""
+    plt = _pyplot()
+    drawn = {name: rows for name, rows in runs.items() if series(rows, f"{prefix}case1")[0]}
+    cols = min(3, len(drawn))
+    rows_n = math.ceil(len(drawn) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 2.9 * rows_n), squeeze=False, sharey=True)
+    for ax, (name, rows) in zip(axes.flat, drawn.items()):
+        steps, shares = series(rows, f"{prefix}case1")[0], {}
+        for case in ("case1", "case2", "case3"):
+            lookup = dict(zip(*series(rows, f"{prefix}{case}")))
+            shares[case] = [lookup.get(s, 0.0) for s in steps]
+        shares["case0"] = [max(0.0, 1 - sum(v[i] for v in shares.values())) for i in range(len(steps))]
+        ax.stackplot(steps, *shares.values(), colors=[CASE_COLOURS[c] for c in shares],
+                     labels=["case 1: chosen up, rejected down", "case 2: both down", "case 3: both up",
+                             "chosen down, rejected up"], step="post" if len(steps) < 3 else None)
+        ax.set_title(name, fontsize=10)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("step")
+    axes.flat[0].set_ylabel("share of pairs")
+    for ax in list(axes.flat)[len(drawn):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1 / rows_n, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -176,11 +212,9 @@ def plot_token_views(views: list[dict], path: str, title: str) -> str:
         ax.set_xlabel("rejected token", fontsize=8)
         ax.set_ylabel("chosen token", fontsize=8)
         ax.set_title(f"pair {v.get('pair', '?')}: pair cos {_pair_cos(v):+.2f}", fontsize=9)
-        if len(cos) * len(cos[0]) <= 120:
-            for i, row in enumerate(cos):
-                for j, c in enumerate(row):
-                    ax.text(j, i, f"{c:.2f}", ha="center", va="center", fontsize=6,
-                            color="white" if abs(c) > 0.6 else "black")
+        for i, j in strongest_cells(cos, STRONGEST):   # numbers only where they matter; the colour says the rest
+            ax.text(j, i, f"{cos[i][j]:.1f}", ha="center", va="center", fontsize=7,
+                    color="white" if abs(cos[i][j]) > 0.6 else "black")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     if image is not None:
@@ -190,6 +224,15 @@ def plot_token_views(views: list[dict], path: str, title: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+STRONGEST = 5   # cells of a token heat map that carry their value as text
+
+
+def strongest_cells(matrix, k: int) -> list[tuple[int, int]]:
+    """The `k` cells of largest |value|, as (row, column)."""
+    cells = [(abs(v), i, j) for i, row in enumerate(matrix) for j, v in enumerate(row)]
+    return [(i, j) for _, i, j in sorted(cells, reverse=True)[:k]]
 
 
 def _pair_bars(views: list[dict], path: str, title: str, width: float, row_height: float, draw) -> str:

@@ -18,53 +18,64 @@ import os
 
 from entangle.errors import DataError
 from entangle.rundir import check_writable_folder
-from entangle.plots import (has_any, plot_case_plane, plot_distributions, plot_gold_vs_kl, plot_metrics,
-                             plot_position_views, plot_token_masks, plot_token_views)
+from entangle.plots import (has_any, plot_case_plane, plot_case_runs, plot_distributions, plot_gold_vs_kl,
+                             plot_metrics, plot_position_views, plot_token_masks, plot_token_views)
 
 log = logging.getLogger(__name__)
 
-# (file, title, [(panel title, metric keys)]): the curves of the report, in order.
+# (file, title, [(panel title, [(metric key, what its line is)])]): the curves of the report, in order. A panel's
+# title names the line styles of the keys that some run has (solid, dashed, dotted in key order), nothing else.
 FIGURES = [
     ("logps", "Log-probabilities", [
-        ("train batch log-probs (solid: chosen, dashed: rejected)", ["logps/chosen", "logps/rejected"]),
-        ("held-out log-probs (solid: chosen, dashed: rejected)", ["eval/logps/chosen", "eval/logps/rejected"])]),
+        ("train batch log-probs", [("logps/chosen", "chosen"), ("logps/rejected", "rejected")]),
+        ("held-out log-probs", [("eval/logps/chosen", "chosen"), ("eval/logps/rejected", "rejected")])]),
     ("margins", "Margin, accuracy and loss", [
-        ("reward margin (solid: train, dashed: held-out)", ["rewards/margins", "eval/rewards/margins"]),
-        ("preference accuracy (solid: train, dashed: held-out)", ["rewards/accuracies", "eval/rewards/accuracies"]),
-        ("loss (solid: train, dashed: held-out)", ["loss", "eval/loss"]),
-        ("reward of chosen / rejected (solid / dashed)", ["rewards/chosen", "rewards/rejected"])]),
+        ("reward margin", [("rewards/margins", "train"), ("eval/rewards/margins", "held-out")]),
+        ("preference accuracy", [("rewards/accuracies", "train"), ("eval/rewards/accuracies", "held-out")]),
+        ("loss", [("loss", "train"), ("eval/loss", "held-out")]),
+        ("reward of chosen / rejected", [("rewards/chosen", "chosen"), ("rewards/rejected", "rejected")])]),
     ("entanglement", "Gradient entanglement", [
-        ("cos(grad_w, grad_l): pair mean (solid), batch-mean grads (dashed)",
-         ["entanglement/cos", "entanglement/batch_cos"]),
-        ("inner product <grad_w, grad_l>", ["entanglement/inner"]),
-        ("gradient norms (solid: chosen, dashed: rejected)", ["entanglement/norm_w", "entanglement/norm_l"]),
-        ("change of log pi(chosen) per step (see note)",
-         ["entanglement/step_dlogp_w", "entanglement/real_dlogp_w", "entanglement/pred_dlogp_w"]),
-        ("change of log pi(rejected) per step (see note)",
-         ["entanglement/step_dlogp_l", "entanglement/real_dlogp_l", "entanglement/pred_dlogp_l"]),
-        ("loss weights d_w (solid), d_l (dashed)", ["entanglement/d_w", "entanglement/d_l"])]),
-    ("cases", "Case fractions", [
-        ("case 1: chosen up, rejected down", ["entanglement/case1", "entanglement/step_case1",
-                                              "entanglement/real_case1"]),
-        ("case 2: both down", ["entanglement/case2", "entanglement/step_case2", "entanglement/real_case2"]),
-        ("case 3: both up", ["entanglement/case3", "entanglement/step_case3", "entanglement/real_case3"])]),
+        ("cos(grad_w, grad_l)", [("entanglement/cos", "pair mean"), ("entanglement/batch_cos", "batch-mean grads")]),
+        ("inner product <grad_w, grad_l>", [("entanglement/inner", "")]),
+        ("gradient norms", [("entanglement/norm_w", "chosen"), ("entanglement/norm_l", "rejected")]),
+        ("change of log pi(chosen) per step (see note)", [("entanglement/step_dlogp_w", "optimiser's update"),
+                                                          ("entanglement/real_dlogp_w", "realised"),
+                                                          ("entanglement/pred_dlogp_w", "gradient step")]),
+        ("change of log pi(rejected) per step (see note)", [("entanglement/step_dlogp_l", "optimiser's update"),
+                                                            ("entanglement/real_dlogp_l", "realised"),
+                                                            ("entanglement/pred_dlogp_l", "gradient step")]),
+        ("loss weights", [("entanglement/d_w", "d_w"), ("entanglement/d_l", "d_l")])]),
     ("reference", "Reference and drift", [
-        ("log pi - log pi_init on the batch (KL estimate)", ["ref/kl_to_init"]),
-        ("held-out log-ratio margin vs the initial policy (not beta-scaled)", ["eval/ref/margin_vs_init"]),
-        ("reference drift from its start", ["ref/drift"]),
-        ("KTO's reference point z0 (solid: train, dashed: held-out)", ["kl", "eval/kl"]),
-        ("reference updates", ["ref/updates"])]),
+        ("log pi - log pi_init on the batch (KL estimate)", [("ref/kl_to_init", "")]),
+        ("held-out log-ratio margin vs the initial policy (not beta-scaled)", [("eval/ref/margin_vs_init", "")]),
+        ("reference drift from its start", [("ref/drift", "")]),
+        ("KTO's reference point z0", [("kl", "train"), ("eval/kl", "held-out")]),
+        ("reference updates", [("ref/updates", "")])]),
     ("mask", "Sparse token mask", [
-        ("mean token weight m_t (solid: train, dashed: held-out)", ["mask/mean", "eval/mask/mean"]),
-        ("share of response tokens with m_t < 0.1", ["mask/below_0.1"])]),
+        ("mean token weight m_t", [("mask/mean", "train"), ("eval/mask/mean", "held-out")]),
+        ("share of response tokens with m_t < 0.1", [("mask/below_0.1", "")])]),
     ("generation", "Generated samples (gold scorer, KL from samples)", [
-        ("gold reward of held-out samples", ["eval/gold/mean"]),
-        ("KL(policy || initial) from samples", ["eval/kl/initial"]),
-        ("win rate against the initial policy", ["eval/win_rate"]),
-        ("completion length (tokens)", ["eval/length/mean"])]),
-    ("speed", "Throughput", [("pairs (KTO: examples) per second", ["pairs_per_s", "examples_per_s"]),
-                             ("tokens per second", ["tokens_per_s"])]),
+        ("gold reward of held-out samples", [("eval/gold/mean", "")]),
+        ("KL(policy || initial) from samples", [("eval/kl/initial", "")]),
+        ("win rate against the initial policy", [("eval/win_rate", "")]),
+        ("completion length (tokens)", [("eval/length/mean", "")])]),
+    ("speed", "Throughput", [("pairs (KTO: examples) per second", [("pairs_per_s", "pairs"),
+                                                                   ("examples_per_s", "examples")]),
+                             ("tokens per second", [("tokens_per_s", "")])]),
 ]
+STYLE_NAMES = ("solid", "dashed", "dotted", "dash-dot")
+
+
+def drawn_panels(metrics: dict[str, list[dict]], panels) -> list[tuple[str, list[str]]]:
+    """The panels some run has data for, each titled with the line styles of only the keys that exist."""
+    out = []
+    for title, keyed in panels:
+        present = [(k, role) for k, role in keyed if has_any(metrics, [k])]
+        if not present:
+            continue
+        styles = ", ".join(f"{STYLE_NAMES[j]}: {role}" for j, (_, role) in enumerate(present) if role)
+        out.append((f"{title} ({styles})" if len(present) > 1 else title, [k for k, _ in present]))
+    return out
 
 
 def load_metrics(run_dir: str) -> list[dict]:
@@ -135,12 +146,17 @@ def write_report(paths: list[str], out: str, title: str | None = None) -> str:
     for study_dir, summary in studies:
         sections.append(_study_section(study_dir, summary))
     if run_dirs:
-        sections.append(_runs_table(run_dirs))
+        sections.append(_headlines(run_dirs, metrics))
+        sections.append(_runs_table(run_dirs, metrics))
     for fname, heading, panels in FIGURES:
-        panels = [(t, keys) for t, keys in panels if has_any(metrics, keys)]
+        panels = drawn_panels(metrics, panels)
         if panels:
             png = plot_metrics(metrics, panels, os.path.join(out, f"{fname}.png"))
             sections.append(_figure(heading, png, NOTES.get(fname, "")))
+        if fname == "entanglement" and has_any(metrics, ["entanglement/case1"]):
+            png = plot_case_runs(metrics, os.path.join(out, "cases.png"))
+            sections.append(_figure("Case fractions" + (": one panel per run" if len(metrics) > 1 else ""), png,
+                                    NOTES["cases"]))
     sections += _generation_sections(run_dirs, metrics, out)
     pairs = {name: _second_half(_jsonl(os.path.join(d, "entanglement.jsonl"))) for name, d in run_dirs.items()}
     pairs = {k: v for k, v in pairs.items() if v}
@@ -198,10 +214,12 @@ def write_scan_report(rows: list[dict], summary: dict, out: str, texts: dict[int
                       token_views: list[dict], title: str, top: int = 12) -> str:
     """`out/report.html` of `entangle scan`: distributions, the case split, the most entangled pairs."""
     cases = summary["cases"]
-    head = (f"<section><h2>{summary['pairs']} pairs</h2><p>Predicted case of a plain gradient step on each pair "
-            f"alone: case 1 (chosen up, rejected down) {cases['1']:.1%}, case 2 (both down) {cases['2']:.1%}, "
-            f"case 3 (both up) {cases['3']:.1%}, chosen down and rejected up {cases['0']:.1%}.</p>"
-            + _quantile_table(summary) + "</section>")
+    head = (f"<section class=headline><b>What the scan found</b><ul><li>{summary['pairs']} pairs: "
+            f"{cases['2']:.0%} would have both log-probs fall (case 2) under a plain gradient step on the pair "
+            f"alone, {cases['1']:.0%} the chosen rise and the rejected fall (case 1), {cases['3']:.0%} both rise "
+            f"(case 3) {case_bar({f'case{k}': v for k, v in cases.items()})}</li>"
+            f"<li>median cosine of the chosen and rejected gradients {summary['cos']['q50']:.3f}</li></ul></section>"
+            f"<section><h2>Quantiles</h2>{_quantile_table(summary)}</section>")
     sections = [head]
     png = plot_distributions(rows, [("cos", "cos(grad log pi_w, grad log pi_l)"), ("ches_norm", "CHES (length-normalised)"),
                                     ("shared_tokens", "share of tokens in common"), ("d_w", "d_w at the start"),
@@ -212,13 +230,11 @@ def write_scan_report(rows: list[dict], summary: dict, out: str, texts: dict[int
                           title="Per-pair first-order changes of one SGD step (per unit learning rate)")
     sections.append(_figure("Predicted changes: which case each pair is in", png))
     ranked = sorted(rows, key=lambda r: r["cos"], reverse=True)[:top]
-    cells = "".join(
-        f"<tr><td>{r['index']}</td><td>{r['cos']:.3f}</td><td>{r['case']}</td><td>{r['ches_norm']:.4g}</td>"
-        f"<td>{r['shared_tokens']:.2f}</td>" + "".join(f"<td>{html.escape(_clip(t))}</td>" for t in texts[r['index']])
-        + "</tr>" for r in ranked)
-    sections.append("<section><h2>The most entangled pairs (highest cosine)</h2><table><tr><th>index</th><th>cos</th>"
-                    "<th>case</th><th>CHES (norm.)</th><th>shared</th><th>prompt (end)</th><th>chosen</th>"
-                    f"<th>rejected</th></tr>{cells}</table></section>")
+    table = [[str(r["index"]), f"{r['cos']:.3f}", str(r["case"]), f"{r['ches_norm']:.4g}", f"{r['shared_tokens']:.2f}",
+              *[html.escape(_clip(t)) for t in texts[r["index"]]]] for r in ranked]
+    sections.append("<section><h2>The most entangled pairs (highest cosine)</h2>" + _table(
+        ["index", "cos", "case", "CHES (norm.)", "shared", "prompt (end)", "chosen", "rejected"], table, "samples")
+        + "</section>")
     if token_views:
         png = plot_token_views(token_views, os.path.join(out, "tokens.png"),
                                title="per-token gradient cosines, most entangled pairs (first tokens of each response)")
@@ -237,9 +253,8 @@ def _clip(text: str, n: int = 160) -> str:
 
 def _quantile_table(summary: dict) -> str:
     keys = [k for k in ("cos", "inner", "ches", "ches_norm", "shared_tokens", "d_w", "d_l") if summary.get(k)]
-    body = "".join(f"<tr><td>{k}</td>" + "".join(f"<td>{_fmt(summary[k][q])}</td>" for q in ("q10", "q50", "q90"))
-                   + "</tr>" for k in keys)
-    return f"<table><tr><th>statistic</th><th>10%</th><th>median</th><th>90%</th></tr>{body}</table>"
+    return _table(["statistic", "10%", "median", "90%"],
+                  [[k, *[_fmt(summary[k][q]) for q in ("q10", "q50", "q90")]] for k in keys])
 
 
 def _generation_sections(run_dirs: dict[str, str], metrics: dict[str, list[dict]], out: str) -> list[str]:
@@ -264,22 +279,22 @@ def _samples_table(name: str, first: str, last: str, n: int = 4) -> str:
 
     a, b = rows_of(first), rows_of(last)
     label = lambda p: os.path.basename(p)[:-6]  # noqa: E731
-    head = (f"<tr><th>prompt</th><th>initial policy</th><th>policy at {label(first)}</th>"
-            f"<th>policy at {label(last)}</th></tr>")
     body = []
     for i in sorted(b)[:n]:
         prompt = b[i]["prompt"] if isinstance(b[i]["prompt"], str) else json.dumps(b[i]["prompt"])
 
         def cell(r):
             if r is None:
-                return "<td></td>"
+                return ""
             score = f"<br><small>score {r['score']:.3f}</small>" if isinstance(r.get("score"), (int, float)) else ""
-            return f"<td><pre>{html.escape(r['completion'])}</pre>{score}</td>"
+            return f"<pre>{html.escape(r['completion'])}</pre>{score}"
         base = b[i].get("baseline_completion")
-        base_cell = f"<td><pre>{html.escape(base)}</pre></td>" if base is not None else "<td></td>"
-        body.append(f"<tr><td><pre>{html.escape(prompt[-600:])}</pre></td>{base_cell}{cell(a.get(i))}{cell(b[i])}</tr>")
-    return (f"<h2>Samples: {html.escape(name)}</h2><table class=samples>{head}{''.join(body)}</table>"
-            "<p class=note>The prompt's last 600 characters; the initial policy's completion is sampled with the "
+        base_cell = f"<pre>{html.escape(base)}</pre>" if base is not None else ""
+        body.append([f"<pre>{html.escape(prompt[-600:])}</pre>", base_cell, cell(a.get(i)), cell(b[i])])
+    return (f"<h2>Samples: {html.escape(name)}</h2>"
+            + _table(["prompt", "initial policy", f"policy at {label(first)}", f"policy at {label(last)}"], body,
+                     "samples")
+            + "<p class=note>The prompt's last 600 characters; the initial policy's completion is sampled with the "
             "same seed as the policy's.</p>")
 
 
@@ -325,22 +340,97 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
-def _runs_table(run_dirs: dict[str, str]) -> str:
-    keys = ["steps", "loss", "logps/chosen", "logps/rejected", "rewards/margins", "eval/logps/chosen",
+def _last(rows: list[dict], key: str):
+    """(step, value) of the last row that has `key`, else None."""
+    return next(((r["step"], r[key]) for r in reversed(rows) if isinstance(r.get(key), (int, float))), None)
+
+
+def _first(rows: list[dict], key: str):
+    return next(((r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))), None)
+
+
+def run_headline(rows: list[dict]) -> str:
+    """What happened in a run, in one plain sentence per fact, from its metrics alone: how the chosen and
+    rejected log-probs moved (held-out where measured), the cases at the last diagnostic step, the held-out
+    margin and accuracy, and the gold reward of samples."""
+    facts = []
+    side = "held-out " if _first(rows, "eval/logps/chosen") else "train-batch "
+    prefix = "eval/" if side == "held-out " else ""
+    moved = []
+    for what in ("chosen", "rejected"):
+        a, b = _first(rows, f"{prefix}logps/{what}"), _last(rows, f"{prefix}logps/{what}")
+        if a and b and b[0] > a[0]:
+            change = b[1] - a[1]
+            moved.append(f"{what} {'fell' if change < 0 else 'rose'} {abs(change):.2f} nats")
+    if moved:
+        facts.append(f"{side}log-probs: {' and '.join(moved)} (step {_first(rows, prefix + 'logps/chosen')[0]} to "
+                     f"{_last(rows, prefix + 'logps/chosen')[0]})")
+    cases = _last(rows, "entanglement/case2")
+    if cases:
+        row = next(r for r in reversed(rows) if "entanglement/case2" in r)
+        facts.append(f"{row['entanglement/case2']:.0%} of pairs in case 2 (both down), "
+                     f"{row.get('entanglement/case1', 0):.0%} in case 1 at step {cases[0]}")
+    margin, accuracy = _last(rows, "eval/rewards/margins"), _last(rows, "eval/rewards/accuracies")
+    if margin:
+        facts.append(f"held-out margin {margin[1]:+.2f}" + (f", accuracy {accuracy[1]:.2f}" if accuracy else "")
+                     + f" at step {margin[0]}")
+    gold0, gold1, kl = _first(rows, "eval/gold/mean"), _last(rows, "eval/gold/mean"), _last(rows, "eval/kl/initial")
+    if gold0 and gold1 and gold1[0] > gold0[0]:
+        facts.append(f"gold {gold0[1]:.3f} to {gold1[1]:.3f}" + (f" at KL {kl[1]:.2f} from the initial policy"
+                                                                 if kl else ""))
+    steps = _last(rows, "loss")
+    return "; ".join(facts) if facts else (f"{steps[0]} steps logged, loss {steps[1]:.4f}" if steps else
+                                           "no training steps logged yet")
+
+
+def _headlines(run_dirs: dict[str, str], metrics: dict[str, list[dict]]) -> str:
+    items = "".join(f"<li><b>{html.escape(name)}</b>: {html.escape(run_headline(metrics[name]))}</li>"
+                    for name in run_dirs)
+    return f"<section class=headline><b>What happened</b><ul>{items}</ul></section>"
+
+
+def case_bar(shares: dict) -> str:
+    """Case fractions as one small stacked bar (the numbers on hover and beside it)."""
+    colours = {"case1": "#4caf50", "case2": "#e57373", "case3": "#64b5f6", "case0": "#bdbdbd"}
+    shares = {k: float(v) for k, v in shares.items() if k in colours and isinstance(v, (int, float))}
+    if not shares:
+        return ""
+    parts = "".join(f'<span style="width:{100 * v:.1f}%;background:{colours[k]}" title="{k} {v:.1%}"></span>'
+                    for k, v in sorted(shares.items(), key=lambda kv: "1230".index(kv[0][-1])))
+    text = " ".join(f"{k[-1]}:{v:.0%}" for k, v in sorted(shares.items()) if k != "case0")
+    return f'<span class=bar>{parts}</span> <small>{text}</small>'
+
+
+def _table(columns: list[str], rows: list[list[str]], css: str = "") -> str:
+    """A table inside its own scrolling box (never wider than the page); cells are HTML already escaped."""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<div class=scroll><table{' class=' + css if css else ''}><tr>{head}</tr>{body}</table></div>"
+
+
+def _runs_table(run_dirs: dict[str, str], metrics: dict[str, list[dict]]) -> str:
+    keys = ["loss", "logps/chosen", "logps/rejected", "rewards/margins", "eval/logps/chosen",
             "eval/logps/rejected", "eval/rewards/accuracies", "entanglement/cos", "pairs_per_s"]
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in ["run", "status", *keys])
-    body = []
+    rows = []
     for name, d in run_dirs.items():
-        s = _json(os.path.join(d, "summary.json")) or {}
-        final = {**s.get("final", {}), **s.get("eval", {}), "steps": s.get("steps", "")}
-        cells = "".join(f"<td>{_fmt(final.get(k, ''))}</td>" for k in keys)
-        body.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(str(s.get('status', 'running?')))}</td>"
-                    f"{cells}</tr>")
-    return (f"<section><h2>Runs (values at the last step)</h2><div class=scroll><table><tr>{head}</tr>"
-            f"{''.join(body)}</table></div></section>")
+        s = _json(os.path.join(d, "summary.json"))
+        logged = metrics[name]
+        last = {k: v for r in logged for k, v in r.items()}          # each metric's last logged value
+        final = {**last, **(s or {}).get("final", {}), **(s or {}).get("eval", {})}
+        steps = (s or {}).get("steps", max((r.get("step", 0) for r in logged), default=0))
+        status = s.get("status", "") if s else "no summary.json (a TRL run, or still running)"
+        cases = {k.split("/")[-1]: v for k, v in last.items() if k.startswith("entanglement/case")}
+        rows.append([html.escape(name), html.escape(str(status)), _fmt(steps),
+                     *[_fmt(final[k]) if k in final else "" for k in keys], case_bar(cases)])
+    return ("<section><h2>Runs (values at the last step)</h2>"
+            + _table(["run", "status", "steps", *keys, "cases (last diagnostic step)"], rows, "runs") + "</section>")
 
 
 def _study_section(study_dir: str, summary: dict) -> str:
+    """A study's headline (`verdict`), its own figures, what it renders itself (`studies.report_blocks`),
+    and its results table."""
+    from entangle.studies import report_blocks
+
     parts = [f"<section><h2>Study: {html.escape(str(summary.get('study', '')))} "
              f"({html.escape(str(summary.get('model', '')))})</h2>"]
     if summary.get("verdict"):      # a study's own headline: what it found, first
@@ -348,60 +438,48 @@ def _study_section(study_dir: str, summary: dict) -> str:
         parts.append(f"<div class=headline><b>Finding</b><ul>{items}</ul></div>")
     for png in summary.get("figures") or []:      # figures the study drew itself, relative to its folder
         parts.append(_img(os.path.join(study_dir, png)))
-    preds = summary.get("predictions") or []
-    if preds:
-        items = "".join(f"<li class={'held' if p['held'] else 'failed'}><b>{'held' if p['held'] else 'did not hold'}"
-                        f"</b>: {html.escape(p['config'])}: {html.escape(p['claim'])} "
-                        f"<span class=m>({html.escape(p['measured'])})</span></li>" for p in preds)
-        parts.append(f"<h3>The paper's predictions, as measured</h3><ul class=preds>{items}</ul>")
-    theory = summary.get("theory")
-    if theory:
-        if theory.get("held") is None:
-            text = f"not decided ({html.escape(str(theory.get('why', '')))})"
-        else:
-            text = (f"<b>{'held' if theory['held'] else 'did not hold'}</b>: the chosen log-prob rose in "
-                    f"{theory['chosen_rose_fraction_explicit']:.2f} of pair-steps for losses with d_w &gt; d_l "
-                    f"({html.escape(', '.join(theory['explicit']))}) vs {theory['chosen_rose_fraction_balanced']:.2f}"
-                    f" for d_w = d_l ({html.escape(', '.join(theory['balanced']))})")
-        parts.append(f"<h3>Theory check (spec &sect;3)</h3><p class={'held' if theory.get('held') else 'failed'}>"
-                     f"{text}</p>")
-    for m in summary.get("mitigations") or []:
-        parts.append(f"<p>Mitigation <b>{html.escape(m['run'])}</b>: held-out chosen log-prob "
-                     f"{m['chosen_change']:+.3f} (without: {m['chosen_change_without']:+.3f}), rejected "
-                     f"{m['rejected_change']:+.3f}: the chosen {'still falls' if m['chosen_still_falls'] else 'no longer falls'}."
-                     "</p>")
-    for loss, by_variant in (summary.get("verdicts") or {}).items():
-        for name, v in by_variant.items():
-            gap = "no matched KL" if v["mean_gap"] is None else f"{v['mean_gap']:+.4f} &plusmn; {v['gap_se']:.4f}"
-            parts.append(f"<p class={'held' if v['verdict'] == 'higher' else 'failed'}>{html.escape(loss)}, "
-                         f"<b>{html.escape(name)}</b> reference vs static at matched KL: gold gap {gap} over "
-                         f"{v['matched_points']} points ({v['beyond_static_kl']} beyond the static run's KL): "
-                         f"<b>{html.escape(v['verdict'])}</b></p>")
-    results = summary.get("results") or {}
-    moved = {n: r["heldout_token_changes"] for n, r in results.items() if r.get("heldout_token_changes")}
-    if moved:
-        keys = ("chosen_differing", "chosen_shared", "rejected_differing", "rejected_shared")
-        head = "".join(f"<th>{k.replace('_', ' at ')} tokens</th>" for k in keys)
-        rows = "".join(f"<tr><td>{html.escape(n)}</td>{''.join(f'<td>{t[k]:+.3f}</td>' for k in keys)}</tr>"
-                       for n, t in moved.items())
-        parts.append("<h3>Where the held-out log-probs moved</h3><p class=note>Change of each response's log-prob, "
-                     "split into the tokens where chosen and rejected differ and the tokens they share "
-                     f"(means over held-out pairs).</p><table><tr><th>run</th>{head}</tr>{rows}</table>")
-        results = {n: {k: v for k, v in r.items() if k != "heldout_token_changes"} for n, r in results.items()}
+    for block in report_blocks(summary):
+        parts.append(_block(block))
+    # scalars, [start, end] pairs and case fractions; any other mapping is a table of its own (the study's blocks)
+    results = {n: {k: v for k, v in r.items() if not isinstance(v, dict) or _is_cases(v)}
+               for n, r in (summary.get("results") or {}).items()}
     if results:
-        present = {k for r in results.values() for k in r}
-        cols = [k for k in RESULT_ORDER if k in present] + sorted(present - set(RESULT_ORDER))
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in ["run", *cols])
-        rows = "".join(f"<tr><td>{html.escape(n)}</td>{''.join(f'<td>{_cell(r.get(c))}</td>' for c in cols)}</tr>"
-                       for n, r in results.items())
-        parts.append(f"<h3>Results</h3><div class=scroll><table><tr>{head}</tr>{rows}</table></div>")
+        cols = list(dict.fromkeys(k for r in results.values() for k in r))   # the study's own order
+        rows = [[html.escape(n), *[_cell(r.get(c)) for c in cols]] for n, r in results.items()]
+        parts.append("<h3>Results</h3>" + _table(["run", *cols], rows))
     parts.append(f"<p class=note>Study folder: {html.escape(os.path.abspath(study_dir))}</p></section>")
     return "".join(parts)
+
+
+def _block(block: dict) -> str:
+    """One block a study renders itself: a heading, then claims (held / did not hold), a table or a text."""
+    out = f"<h3>{html.escape(block['heading'])}</h3>" if block.get("heading") else ""
+    if block.get("note"):
+        out += f"<p class=note>{html.escape(block['note'])}</p>"
+    state = lambda held: "" if held is None else (" class=held" if held else " class=failed")  # noqa: E731
+    if "claims" in block:
+        items = "".join(f"<li{state(c.get('held'))}><b>{html.escape(c.get('label', ''))}</b>"
+                        f"{': ' if c.get('label') else ''}{html.escape(c['text'])}"
+                        + (f" <span class=m>({html.escape(c['measured'])})</span>" if c.get("measured") else "")
+                        + "</li>" for c in block["claims"])
+        out += f"<ul class=preds>{items}</ul>"
+    if "table" in block:
+        out += _table(block["table"]["columns"], [[_cell(v) if i else html.escape(str(v)) for i, v in enumerate(r)]
+                                                  for r in block["table"]["rows"]])
+    if "text" in block:
+        out += f"<p{state(block.get('held'))}>{html.escape(block['text'])}</p>"
+    return out
+
+
+def _is_cases(v: dict) -> bool:
+    return bool(v) and all(str(k).startswith("case") for k in v)
 
 
 def _cell(v) -> str:
     if isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v):
         return f"{v[0]:.4g} &rarr; {v[1]:.4g}"
+    if isinstance(v, dict) and _is_cases(v):
+        return case_bar(v)
     if isinstance(v, dict):
         return ", ".join(f"{html.escape(str(k))} {_fmt(x)}" for k, x in v.items())
     return _fmt(v) if v is not None else ""
@@ -420,9 +498,6 @@ def _configs(run_dirs: dict[str, str]) -> str:
     return f"<section><h2>Configurations</h2>{''.join(blocks)}</section>"
 
 
-RESULT_ORDER = ["heldout_logps_chosen", "heldout_logps_rejected", "eval_logps_chosen", "eval_logps_rejected",
-                "cos_last_half", "inner_last_half", "case_fractions", "step_case_fractions", "real_case_fractions", "real_dlogp_chosen", "real_dlogp_rejected",
-                "step_dlogp_chosen", "step_dlogp_rejected", "pred_dlogp_chosen", "pred_dlogp_rejected", "heldout_margin_final", "heldout_accuracy_final"]
 NOTES = {
     "reference": "ref/kl_to_init: mean log pi - log pi_init over the batch's (training) responses, not a KL divergence "
                  "(those are not samples of the policy; see the generated-samples panels for one). The held-out "
@@ -433,8 +508,9 @@ NOTES = {
                     "(&lt;grad log pi, theta_after - theta_before&gt;); real_dlogp (dashed) is the realised change of "
                     "the same batch (with diagnostics.entanglement.realised); pred_dlogp (dotted) is the "
                     "paper's formula for a plain gradient step eta (d_w |grad_w|^2 - d_l &lt;grad_w, grad_l&gt;).",
-    "cases": "Solid: the cases of the plain-gradient-step prediction; dashed: of the first-order change along "
-             "the optimiser's update; dotted: of the realised change.",
+    "cases": "The share of the step's pairs in each case, from the first-order change of a plain gradient step on "
+             "each pair alone (grey: chosen down and rejected up, which one pair alone cannot do: the rest of the "
+             "batch did it).",
 }
 POSITION_NOTE = ("Each bar: what the activations at that position contribute to the pair's inner product "
                  "&lt;grad log pi(chosen), grad log pi(rejected)&gt; (linear layers, embeddings and the LM head, "
@@ -472,8 +548,11 @@ section {{ margin-bottom: 2.2rem; }}
 img {{ max-width: 100%; height: auto; border: 1px solid #eee; }}
 table {{ border-collapse: collapse; font-size: .85rem; }}
 th, td {{ border: 1px solid #ddd; padding: .25rem .5rem; text-align: right; white-space: nowrap; }}
-th {{ background: #f5f5f7; }} td:first-child {{ text-align: left; font-weight: 600; }}
-.scroll {{ overflow-x: auto; }}
+th {{ background: #f5f5f7; white-space: normal; overflow-wrap: anywhere; min-width: 4rem; }} td:first-child {{ text-align: left; font-weight: 600; }}
+.scroll {{ overflow-x: auto; max-width: 100%; }}
+.bar {{ display: inline-flex; width: 7rem; height: .8rem; vertical-align: middle; border: 1px solid #ccc; }}
+.bar span {{ display: block; height: 100%; }}
+.headline li {{ margin: .15rem 0; }}
 .note {{ color: #555; font-size: .9rem; max-width: 70rem; }}
 .preds li {{ margin: .2rem 0; }} .held b {{ color: #1a7f37; }} .failed b {{ color: #c62828; }}
 .headline {{ background: #f3f6fb; border-left: 4px solid #3b6fb6; padding: .4rem .8rem; margin: .6rem 0; }}

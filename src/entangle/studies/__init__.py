@@ -111,3 +111,17 @@ def run_once(overrides: list[str], run_dir: str) -> list[dict]:
         raise TrainingError(f"study interrupted in {run_dir}; run the same command again to continue from "
                             "its checkpoint")
     return load_metrics(run_dir)
+
+
+# The studies that render blocks of their own beside the generic headline, figures and results table.
+_RENDERERS = {"sentiment": "entangle.studies.sentiment", "compare": "entangle.studies.compare"}
+
+
+def report_blocks(summary: dict) -> list[dict]:
+    """What a study shows in the report beyond its `verdict`, `figures` and `results`, as plain blocks that
+    `report.py` draws without knowing the study: `{"heading", "note", "claims": [{"label", "text", "held",
+    "measured"}]}`, `{"heading", "table": {"columns", "rows"}}` or `{"heading", "text", "held"}`."""
+    import importlib
+
+    module = _RENDERERS.get(str(summary.get("study", "")))
+    return importlib.import_module(module).report_blocks(summary) if module else []

@@ -163,3 +163,18 @@ def format_table(summary: dict) -> str:
                      f"({', '.join(t['explicit'])}) vs {t['chosen_rose_fraction_balanced']:.2f} with d_w = d_l "
                      f"({', '.join(t['balanced'])})")
     return "\n".join(lines)
+
+
+def report_blocks(summary: dict) -> list[dict]:
+    """The report's view of this study beyond its results table: the theory check of spec sec. 3."""
+    theory = summary.get("theory")
+    if not theory:
+        return []
+    if theory.get("held") is None:
+        text = f"not decided ({theory.get('why', '')})"
+    else:
+        text = (f"{'held' if theory['held'] else 'did not hold'}: the chosen log-prob rose in "
+                f"{theory['chosen_rose_fraction_explicit']:.2f} of pair-steps for losses with d_w > d_l "
+                f"({', '.join(theory['explicit'])}) vs {theory['chosen_rose_fraction_balanced']:.2f} for d_w = d_l "
+                f"({', '.join(theory['balanced'])})")
+    return [{"heading": "Theory check (d_w > d_l keeps the chosen rising)", "text": text, "held": theory.get("held")}]

@@ -322,3 +322,29 @@ def format_table(summary: dict) -> str:
                      f"{m['chosen_change_without']:+.3f}), rejected {m['rejected_change']:+.3f}; chosen "
                      f"{'still falls' if m['chosen_still_falls'] else 'no longer falls'}")
     return "\n".join(lines)
+
+
+def report_blocks(summary: dict) -> list[dict]:
+    """The report's view of this study beyond its results table (`studies.report_blocks`): the paper's
+    predictions as measured, where the held-out log-probs moved, what each mitigation did."""
+    blocks = []
+    preds = summary.get("predictions") or []
+    if preds:
+        blocks.append({"heading": "The paper's predictions, as measured", "claims": [
+            {"label": "held" if p["held"] else "did not hold", "held": p["held"],
+             "text": f"{p['config']}: {p['claim']}", "measured": p["measured"]} for p in preds]})
+    moved = {n: r["heldout_token_changes"] for n, r in (summary.get("results") or {}).items()
+             if r.get("heldout_token_changes")}
+    if moved:
+        keys = ("chosen_differing", "chosen_shared", "rejected_differing", "rejected_shared")
+        blocks.append({"heading": "Where the held-out log-probs moved",
+                       "note": "Change of each response's log-prob, split into the tokens where chosen and rejected "
+                               "differ and the tokens they share (means over held-out pairs).",
+                       "table": {"columns": ["run", *[f"{k.replace('_', ' at ')} tokens" for k in keys]],
+                                 "rows": [[n, *[round(t[k], 3) for k in keys]] for n, t in moved.items()]}})
+    for m in summary.get("mitigations") or []:
+        blocks.append({"held": not m["chosen_still_falls"], "text":
+                       f"Mitigation {m['run']}: held-out chosen log-prob {m['chosen_change']:+.3f} (without: "
+                       f"{m['chosen_change_without']:+.3f}), rejected {m['rejected_change']:+.3f}: the chosen "
+                       f"{'still falls' if m['chosen_still_falls'] else 'no longer falls'}."})
+    return blocks
