@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.entangle-installed
 
-.PHONY: setup demo test test-fast lint docs bench clean
+.PHONY: setup demo test test-fast lint docs browser bench clean
 
 $(STAMP): pyproject.toml Makefile
 	@if [ ! -x $(PY) ]; then \
@@ -24,8 +24,16 @@ demo: setup
 	$(VENV)/bin/entangle -q study sentiment --out runs/demo
 	@echo "open runs/demo/report/report.html in a browser (runs/demo/summary.json has the numbers)"
 
-test: setup lint
+test: setup lint browser
 	$(PY) -m pytest -q
+
+# the report's browser test needs Chromium: Debian's package where this machine can install it (~20 s)
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    { apt-get install -y -q chromium >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	  echo "no Chromium here: the browser test fails; install chromium, or set ENTANGLE_NO_BROWSER=1"
 
 # everything but multi-process launches, whole studies and the real model: the tier to run on each change
 test-fast: setup lint

@@ -440,9 +440,9 @@ def _study_section(study_dir: str, summary: dict) -> str:
         parts.append(_img(os.path.join(study_dir, png)))
     for block in report_blocks(summary):
         parts.append(_block(block))
-    # scalars, [start, end] pairs and case fractions; any other mapping is a table of its own (the study's blocks)
-    results = {n: {k: v for k, v in r.items() if not isinstance(v, dict) or _is_cases(v)}
-               for n, r in (summary.get("results") or {}).items()}
+    # scalars, [start, end] pairs and case fractions; any other mapping or list is a table or a series of its own
+    # (the study's blocks and figures show those)
+    results = {n: {k: v for k, v in r.items() if _is_cell(v)} for n, r in (summary.get("results") or {}).items()}
     if results:
         cols = list(dict.fromkeys(k for r in results.values() for k in r))   # the study's own order
         rows = [[html.escape(n), *[_cell(r.get(c)) for c in cols]] for n, r in results.items()]
@@ -469,6 +469,14 @@ def _block(block: dict) -> str:
     if "text" in block:
         out += f"<p{state(block.get('held'))}>{html.escape(block['text'])}</p>"
     return out
+
+
+def _is_cell(v) -> bool:
+    if isinstance(v, dict):
+        return _is_cases(v)
+    if isinstance(v, (list, tuple)):
+        return len(v) == 2 and all(isinstance(x, (int, float)) for x in v)
+    return True
 
 
 def _is_cases(v: dict) -> bool:

@@ -91,6 +91,7 @@ def run(out: str = "runs/compare", losses: tuple[str, ...] = DEFAULT_LOSSES, qui
                "data": {"train": train_src, "eval": eval_src}, "params": per_loss,
                "runs": {n: n for n in results}, "results": results,
                "theory": theory_check({n: r for n, r in results.items() if n in names})}
+    summary["verdict"] = "; ".join(b["text"] for b in report_blocks(summary)) or "no theory check (too few losses)"
     return write_summary(out, summary, report, f"Loss comparison: {label}")
 
 

@@ -120,6 +120,7 @@ def run(out: str = "runs/sentiment", model: str = "tiny", configs: tuple[str, ..
                "responses": {c: list(synthetic.RESPONSES[c]) for c in configs},
                "runs": {c: c for c in [*configs, *mitigated, *sgd]}, "results": {**results, **mitigated, **sgd},
                "predictions": predictions(results), "mitigations": mitigation_outcomes(results, mitigated)}
+    summary["verdict"] = finding(summary)
     if sgd:
         summary["sgd_lr"] = sgd_lrs
         summary["predictions_sgd"] = predictions({k[: -len("-sgd")]: v for k, v in sgd.items()})
@@ -348,3 +349,16 @@ def report_blocks(summary: dict) -> list[dict]:
                        f"{m['chosen_change_without']:+.3f}), rejected {m['rejected_change']:+.3f}: the chosen "
                        f"{'still falls' if m['chosen_still_falls'] else 'no longer falls'}."})
     return blocks
+
+
+def finding(summary: dict) -> str:
+    """The study's headline: how many of the paper's predictions held, which did not, what the mitigations did
+    ("; " separates the lines)."""
+    preds = summary.get("predictions") or []
+    failed = [f"{p['config']}: {p['claim']} ({p['measured'].replace('; ', ', ')})" for p in preds if not p["held"]]
+    lines = [f"{sum(p['held'] for p in preds)} of {len(preds)} of the paper's predictions held"]
+    lines += [f"did not hold: {f}" for f in failed]
+    for m in summary.get("mitigations") or []:
+        lines.append(f"{m['run']}: held-out chosen {m['chosen_change']:+.3f} (without {m['chosen_change_without']:+.3f})"
+                     f", the chosen {'still falls' if m['chosen_still_falls'] else 'no longer falls'}")
+    return "; ".join(lines)
