@@ -20,7 +20,8 @@ import torch
 
 from entangle import memory
 from entangle.errors import DataError
-from entangle.evaluation import check_scorer_spec, get_scorer, write_evaluation
+from entangle.evaluation import check_scorer_source, check_scorer_spec, get_scorer, write_evaluation
+from entangle.models import check_fits_context, check_source
 from entangle.evaluation import evaluate as evaluate_policy
 from entangle.generation import generate as generate_rows
 from entangle.generation import (check_sampling, load_initial, load_moving_reference, load_policy, load_prompts,
@@ -70,20 +71,51 @@ def generate(model: str, prompts: str | list, out: str | None = None, limit: int
 
 
 def _read_samples(path: str) -> list[dict]:
+    """The rows of a samples file written by `entangle generate`, every field checked (file and line named);
+    a torn last line is skipped, as resume skips one."""
+    from entangle.report import _jsonl
+
     try:
-        with open(path) as f:
-            rows = [json.loads(x) for x in f if x.strip()]
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read samples ({type(e).__name__}); give a file written by entangle "
-                        "generate") from None
+        rows = _jsonl(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read samples ({e.strerror}); give a file written by entangle generate") \
+            from None
     needed = {"prompt", "completion", "sample", "prompt_ids", "completion_ids", "tokens"}
+    ids = lambda v: isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0  # noqa: E731
+                                                for t in v)
     for i, r in enumerate(rows, 1):
         if not needed <= set(r):
             raise DataError(f"{path}:{i}: fields {sorted(needed - set(r))} are missing; give a file written by "
                             "entangle generate")
+        bad = [k for k in ("prompt_ids", "completion_ids") if not ids(r[k])] + \
+            ([] if isinstance(r["completion"], str) else ["completion"]) + \
+            ([] if r["tokens"] == len(r["completion_ids"]) else ["tokens"])
+        if bad:
+            raise DataError(f"{path}:{i}: field {bad[0]!r} does not hold what entangle generate wrote (edited?); "
+                            "sample again")
     if not rows:
         raise DataError(f"{path}: no samples")
     return rows
+
+
+def _check_samples_match(path: str, rows: list[dict], tokenizer) -> None:
+    """Every completion's ids decode to its text under the policy's tokenizer (a samples file whose text was
+    edited, or made by another model, would be scored on one text and its log-probs taken on another)."""
+    vocab = len(tokenizer)
+    for i, r in enumerate(rows, 1):
+        if any(t >= vocab for t in r["prompt_ids"] + r["completion_ids"]):
+            raise DataError(f"{path}:{i}: token ids beyond this model's vocabulary of {vocab}; the samples came from "
+                            "another model")
+        if tokenizer.decode(r["completion_ids"], skip_special_tokens=True) != r["completion"]:
+            raise DataError(f"{path}:{i}: the completion text is not what its completion_ids decode to (edited, or "
+                            "another tokenizer); sample again")
+
+
+def _check_same_tokenizer(policy, other, what: str) -> None:
+    """KL and win rates compare token ids across models: they must share one vocabulary."""
+    if policy.tokenizer.get_vocab() != other.tokenizer.get_vocab():
+        raise DataError(f"{what} {other.source}: its tokenizer differs from the policy's ({len(other.tokenizer)} vs "
+                        f"{len(policy.tokenizer)} tokens); KL needs the same token ids: give a model of the same family")
 
 
 @_precision_rule
@@ -110,13 +142,18 @@ def evaluate(model: str, prompts: str | list | None, scorer: str = "vader", out:
             template = open(judge_template).read()
         except OSError as e:
             raise DataError(f"{judge_template}: cannot read the judge template ({e.strerror})") from None
-    for spec in (model, initial, baseline):
+    check_scorer_source(scorer)
+    for spec, what in ((model, "MODEL_OR_RUN"), (initial, "--initial"), (baseline, "--baseline")):
         if spec:
-            resolve(spec)
+            if resolve(spec)[0] == "model":
+                check_source(spec, what)
     dev = _device(device)
     policy = load_policy(model, dtype, dev)
+    if reused:
+        _check_samples_match(samples, reused, policy.tokenizer)
     start = load_policy(initial, dtype, dev) if initial else load_initial(policy, dtype, dev)
-    base = load_policy(baseline, dtype, dev) if baseline else None
+    _check_same_tokenizer(policy, start, "--initial")
+    base = load_policy(baseline, dtype, dev) if baseline else None   # compared on text: any tokenizer
     moving = load_moving_reference(model, policy)   # a trust-region run: KL to where its reference ended too
     figures, rows = evaluate_policy(policy, texts, get_scorer(scorer, dev, template), start, base, reused, moving,
                                     **settings)
@@ -139,7 +176,7 @@ def label(model: str, prompts: str | list, scorer: str = "vader", out: str | Non
     from entangle.errors import ConfigError
     from entangle.labeling import label_pairs, write_preferences
 
-    check_scorer_spec(scorer)
+    check_scorer_source(scorer)
     if noise < 0 or noise != noise:
         raise ConfigError(f"--noise must be >= 0 (got {noise})")
     if scorer.startswith("judge:"):
@@ -206,6 +243,7 @@ def scan(model: str, data: str, out: str | None = None, loss: str = "dpo", loss_
     else:
         examples, _ = read_examples(data, split=split, limit=limit)   # every record checked before any model loads
     lm, tokenizer, measured = _scan_model(model, lora_r, layers, dtype, _device(device))
+    check_fits_context(lm, max_length, "--max-length")
     pairs, stats = tokenize_pairs(examples, tokenizer, max_length, max_prompt_length)
     if not pairs:
         raise DataError(f"{data}: every pair was dropped by truncation; raise --max-length")

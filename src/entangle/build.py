@@ -31,7 +31,7 @@ from entangle.errors import DataError, TrainingError
 from entangle.hooks import HookContext, StepHook
 from entangle.logps import Policy
 from entangle.mitigations import PairwiseNormalizer, make_token_mask
-from entangle.models import LoraSettings, count_parameters, is_peft, load_model
+from entangle.models import LoraSettings, check_fits_context, count_parameters, is_peft, load_model
 from entangle.reference import Reference, make_reference, precompute_reference
 from entangle.rundir import check_output_dir, git_sha, is_run, prepare_run_dir
 from entangle.step import Objective, StepParts, objective
@@ -129,11 +129,18 @@ def load_pairs(source, tokenizer, cfg: DictConfig, split: str, limit: int | None
 
 
 def check_inputs(cfg: DictConfig) -> None:
-    """Input files exist, before any model loads (hub ids and `synthetic:` sources pass through)."""
+    """Input files and models exist, before any model loads (`synthetic:` sources pass through; a hub id must be
+    cached or reachable)."""
     for key in ("data.train", "data.eval", "eval.generate.prompts"):
         source = OmegaConf.select(cfg, key)
         if source and missing_file(source):
             raise TrainingError(f"{key}={source}: no such file or folder")
+    from entangle.evaluation import check_scorer_source
+    from entangle.models import check_source
+
+    check_source(cfg.model.name, "model.name")
+    if cfg.eval.generate.every:
+        check_scorer_source(cfg.eval.generate.scorer, "eval.generate.scorer")
 
 
 # Keys a resumed run may change without breaking exact resume: where and how long it runs, what it logs.
@@ -341,6 +348,7 @@ def _assemble(cfg: DictConfig, acc, resume_from: str | None, hooks: Sequence[Ste
     lora = LoraSettings(**OmegaConf.to_container(mc.lora))
     dtype = precision(mc.dtype, acc.device.type == "cuda")[0]
     model, tokenizer = load_model(mc.name, dtype, str(acc.device), lora, mc.trust_remote_code, seed=tc.seed)
+    check_fits_context(model, cfg.data.max_length, "data.max_length")
     check_training_memory(model, tc, cfg.data.max_length, acc)
     loss_fn = losses.get(cfg.loss.name, **OmegaConf.to_container(cfg.loss.params))
     unpaired, unit = not loss_fn.paired, objective(loss_fn).unit

@@ -290,7 +290,20 @@ def build_parser() -> argparse.ArgumentParser:
                          "every loss (docs/reference/ is made by this)")
     ref.add_argument("page", choices=["config", "losses"])
     ref.set_defaults(func=_reference)
+    _everywhere(p)
     return p
+
+
+def _everywhere(parser) -> None:
+    """`-q` / `-v` also after any subcommand (`entangle generate ... -q`), as before it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                                 help="only warnings and errors, no progress bars")
+                sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                 help="also the libraries' own notices")
+                _everywhere(sub)
 
 
 def _study_parsers(sub) -> None:

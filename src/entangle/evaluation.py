@@ -185,9 +185,20 @@ class Judge(Scorer):
         return out
 
 
+def check_scorer_source(spec: str, what: str = "--scorer") -> None:
+    """A scorer string's syntax and, for rm:PATH / judge:PATH, its model (`models.check_source`), before anything
+    loads."""
+    from entangle.models import check_source
+
+    check_scorer_spec(spec)
+    kind, _, rest = spec.partition(":")
+    if kind in ("rm", "judge"):
+        check_source(rest, f"{what} {kind}:")
+
+
 def get_scorer(spec: str, device: str = "cpu", judge_template: str | None = None) -> Scorer:
     """The scorer a string names (`SCORERS`)."""
-    check_scorer_spec(spec)
+    check_scorer_source(spec)
     kind, _, rest = spec.partition(":")
     if spec == "vader":
         return Vader()

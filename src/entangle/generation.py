@@ -12,6 +12,7 @@ quantity for any model with one right-padded forward over prompt + completion.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from entangle.errors import DataError, ModelError
 from entangle.logps import sequence_logps
 from entangle.models import LoraSettings, load_model
 from entangle.reference import Reference, TrustRegionReference
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -176,10 +179,15 @@ def generate(model, tokenizer, prompts: Sequence[Text], n: int = 1, max_new_toke
         raise ModelError(f"generation needs temperature >= 0, 0 < top_p <= 1, n, max_new_tokens and batch_size "
                          f">= 1 (got {temperature}, {top_p}, {n}, {max_new_tokens}, {batch_size})")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = []
+    keep = prompt_room(model, max_new_tokens, max_prompt_length)
+    encoded, cut = [], 0
     for i, p in enumerate(prompts):
         ids = encode_prompt(tokenizer, p, f"prompt {i + 1}")
-        encoded.append(ids[-max_prompt_length:] if max_prompt_length else ids)
+        cut += bool(keep) and len(ids) > keep
+        encoded.append(ids[-keep:] if keep else ids)
+    if cut:
+        log.info("generate: %d of %d prompts keep their last %d tokens (--max-prompt-length, or the model's context "
+                 "less --max-new-tokens)", cut, len(prompts), keep)
     jobs = sorted(((i, s) for i in range(len(prompts)) for s in range(n)), key=lambda j: -len(encoded[j[0]]))
     device = next(model.parameters()).device
     length = max((len(e) for e in encoded), default=1) + max_new_tokens
@@ -217,6 +225,21 @@ def generate(model, tokenizer, prompts: Sequence[Text], n: int = 1, max_new_toke
     if bar is not None:
         bar.close()
     return [rows[i, s] for i in range(len(prompts)) for s in range(n)]
+
+
+def prompt_room(model, max_new_tokens: int, max_prompt_length: int | None) -> int | None:
+    """The most prompt tokens a sample may keep: `max_prompt_length`, and the model's context less
+    `max_new_tokens` (prompts are cut from the left, as training cuts them); one line when no room is left."""
+    from entangle.models import context_length
+
+    context = context_length(model)
+    if context is None:
+        return max_prompt_length
+    if max_new_tokens >= context:
+        raise ModelError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
+                         f"{context} tokens; lower it")
+    room = context - max_new_tokens
+    return min(room, max_prompt_length) if max_prompt_length else room
 
 
 def _token_logps(logits: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:

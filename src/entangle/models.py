@@ -196,7 +196,40 @@ def smollm2_folder() -> str:
 BUILTIN = ("tiny", "tiny-gpt2", "smollm2-135m")
 
 
-def hub_options(name: str) -> dict:
+def check_source(name: str, what: str = "model") -> None:
+    """The one resolver of every model argument (model.name, --initial, --baseline, rm:PATH, judge:PATH): a
+    built-in name, a local folder, or a well-formed hub id that is cached or reachable; else one ModelError line
+    naming `what` (before anything loads)."""
+    if name in BUILTIN or os.path.isdir(name):
+        return
+    if name.startswith(("/", "./", "../", "~")) or os.path.exists(name) or name.count("/") > 1:
+        state = "is a file, not a model folder" if os.path.isfile(name) else "no such folder"
+        raise ModelError(f"{what} {name!r}: {state}; give a model folder, a hub id, or one of {', '.join(BUILTIN)}")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ModelError(f"{what} {name!r}: neither a folder here nor a valid hub id (namespace/name); give a model "
+                         f"folder, or one of {', '.join(BUILTIN)}") from None
+    hub_options(name, what)
+
+
+def context_length(model) -> int | None:
+    """The most positions the model takes (`max_position_embeddings`, GPT-2's `n_positions`), None if unstated."""
+    c = model.config
+    c = c.get_text_config() if hasattr(c, "get_text_config") else c
+    return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+
+
+def check_fits_context(model, length: int | None, what: str) -> None:
+    """One line when `length` tokens (a setting) exceed the model's context."""
+    context = context_length(model)
+    if length is not None and context is not None and length > context:
+        raise ModelError(f"{what} is {length} tokens, longer than the model's context of {context}; lower it")
+
+
+def hub_options(name: str, what: str = "model") -> dict:
     """`from_pretrained` options for `name`: none for a local folder; `local_files_only` for a hub id already in
     the Hugging Face cache or with HF_HUB_OFFLINE set; otherwise the hub must answer within seconds, or this is a
     one-line ModelError at once (transformers would retry for about a minute, warning at every try)."""
@@ -210,10 +243,10 @@ def hub_options(name: str) -> dict:
     try:
         huggingface_hub.HfApi().model_info(name, timeout=5)
     except huggingface_hub.errors.RepositoryNotFoundError:
-        raise ModelError(f"model {name!r}: no such local folder, and no such model on the hub; check the name, "
+        raise ModelError(f"{what} {name!r}: no such local folder, and no such model on the hub; check the name, "
                          f"or use one of {', '.join(BUILTIN)}") from None
     except Exception as e:
-        raise ModelError(f"model {name!r}: no such local folder, not in the Hugging Face cache, and the hub is not "
+        raise ModelError(f"{what} {name!r}: no such local folder, not in the Hugging Face cache, and the hub is not "
                          f"reachable from here ({type(e).__name__}); give a local folder, or one of "
                          f"{', '.join(BUILTIN)}") from None
     return {}
@@ -224,6 +257,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
         return byte_tokenizer()
     from transformers import AutoTokenizer
 
+    check_source(name)
     path = smollm2_folder() if name == "smollm2-135m" else name
     options = hub_options(path)
     try:

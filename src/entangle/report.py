@@ -84,15 +84,29 @@ def load_metrics(run_dir: str) -> list[dict]:
 
 
 def _jsonl(path: str) -> list[dict]:
-    rows = []
+    """The JSON rows of a log. A torn last line (a killed writer) is skipped with a warning; any other line that
+    is not UTF-8 JSON is a DataError naming the file and line."""
     if not os.path.exists(path):
-        return rows
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
+        return []
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    rows = []
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+            rows.append(row)
+        except (UnicodeDecodeError, ValueError) as e:
+            if i == len(lines):
+                log.warning("%s:%d: a torn last line (skipped)", path, i)
                 continue
+            raise DataError(f"{path}:{i}: not a JSON object ({type(e).__name__}); the file was edited or damaged: "
+                            "remove or fix that line") from None
     return rows
 
 
