@@ -366,7 +366,8 @@ def _compare_parser(st) -> None:
     co.add_argument("--losses", default="dpo,ipo,simpo,cpo,slic,rdpo,dpop,rrhf,orpo,sppo")
     co.add_argument("--quick", action="store_true", help="tiny model on generated pairs (about a minute)")
     co.add_argument("--model", help="default: smollm2-135m with LoRA r 8 (tiny with --quick)")
-    co.add_argument("--data", help="training pairs (default: ../shared/data/hh-rlhf/helpful-base.train.jsonl)")
+    co.add_argument("--data", help="training pairs (default: hh-rlhf/helpful-base.train.jsonl under $ENTANGLE_DATA "
+                    "or the shared/data folder beside the repository)")
     co.add_argument("--eval-data", help="held-out pairs (default: the matching .test.jsonl)")
     co.add_argument("--steps", type=int)
     co.add_argument("--lr", type=float)

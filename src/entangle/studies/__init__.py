@@ -50,10 +50,15 @@ def same_settings(run_dir: str, cfg) -> bool:
     return _settings(saved) == _settings(cfg)
 
 
+def _get(settings, name: str):
+    return settings[name] if isinstance(settings, dict) else getattr(settings, name)
+
+
 def check_whole(study: str, settings, lows: dict[str, int]) -> None:
-    """Each named setting a whole number at least its low end, else a one-line ConfigError naming it."""
+    """Each named setting (an attribute or a key) a whole number at least its low end, else a one-line
+    ConfigError naming it."""
     for name, low in lows.items():
-        v = getattr(settings, name)
+        v = _get(settings, name)
         if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
             raise ConfigError(f"study {study}: {name} = {v!r}: must be a whole number >= {low}")
 
@@ -63,7 +68,7 @@ def check_positive(study: str, settings, names: tuple[str, ...]) -> None:
     import math
 
     for name in names:
-        v = getattr(settings, name)
+        v = _get(settings, name)
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise ConfigError(f"study {study}: {name} = {v!r}: must be a number > 0")
 
@@ -125,3 +130,17 @@ def report_blocks(summary: dict) -> list[dict]:
 
     module = _RENDERERS.get(str(summary.get("study", "")))
     return importlib.import_module(module).report_blocks(summary) if module else []
+
+
+def default_data(name: str, flag: str) -> str:
+    """Where a study's default data set `name` (e.g. `hh-rlhf/helpful-base.train.jsonl`) lives, found in one
+    place whatever the working folder: `$ENTANGLE_DATA/NAME`, else the `shared/data/` folder beside the
+    repository (`../shared/data`); a one-line ConfigError naming `flag` when neither has it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    roots = [os.environ.get("ENTANGLE_DATA", "")] + [os.path.normpath(os.path.join(here, *[".."] * k, "shared", "data"))
+                                                      for k in (3, 4)]
+    for root in roots:
+        if root and os.path.exists(os.path.join(root, name)):
+            return os.path.join(root, name)
+    raise ConfigError(f"the default data {name} is not on this machine (looked in $ENTANGLE_DATA and "
+                      f"{roots[1]}); give {flag} FILE")

@@ -16,12 +16,12 @@ from statistics import mean
 
 from entangle import losses as loss_registry
 from entangle.errors import ConfigError
-from entangle.studies import run_once, sentiment, write_summary
+from entangle.data import missing_file
+from entangle.studies import default_data, run_once, sentiment, write_summary
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LOSSES = ("dpo", "ipo", "simpo", "cpo", "slic", "rdpo", "dpop", "rrhf", "orpo", "sppo")
-HH = "../shared/data/hh-rlhf/helpful-base"
 
 # quick: `tiny` after a short SFT on generated sentiment pairs (seconds per loss; for tests and a first look).
 # default: the real SmolLM2-135M with LoRA on short HH pairs (~2 minutes per loss on 2 CPU cores).
@@ -31,6 +31,22 @@ PRESETS = {
     "default": {"model": "smollm2-135m", "steps": 20, "lr": 5e-5, "batch": 2, "lora": 8, "max_length": 160,
                 "every": 2, "n_eval": 24},
 }
+
+
+def check_settings(names, mitigate, steps, lr, seed, per_loss, extra) -> None:
+    """Every setting in its range before any work: steps, lr, seed, the losses to mitigate (among --losses), and
+    each loss's overrides as a config would take them."""
+    from entangle import config
+    from entangle.studies import check_positive, check_whole
+
+    check_whole("compare", {"steps": steps, "seed": seed}, {"steps": 1, "seed": 0})
+    check_positive("compare", {"lr": lr}, ("lr",))
+    unknown = [m for m in mitigate if m not in names]
+    if unknown:
+        raise ConfigError(f"--mitigate {','.join(unknown)}: not among --losses ({', '.join(names)}); give losses "
+                          "that run, or '' for none")
+    for name in names:
+        config.load(None, [f"loss.name={name}", *per_loss.get(name, []), *extra])
 
 
 def parse_overrides(items: list[str], names: tuple[str, ...]) -> dict[str, list[str]]:
@@ -54,7 +70,14 @@ def run(out: str = "runs/compare", losses: tuple[str, ...] = DEFAULT_LOSSES, qui
     p = dict(PRESETS["quick" if quick else "default"])
     model = model or p["model"]
     label = f"{model} after SFT" if quick and model == "tiny" and not data else model
-    steps, lr = steps or p["steps"], lr or p["lr"]
+    steps, lr = p["steps"] if steps is None else steps, p["lr"] if lr is None else lr   # a 0 is refused, not replaced
+    check_settings(names, mitigate, steps, lr, seed, per_loss, extra)
+    if not (quick and model == "tiny" and not data):
+        data, eval_data = data or default_data("hh-rlhf/helpful-base.train.jsonl", "--data"), \
+            eval_data or default_data("hh-rlhf/helpful-base.test.jsonl", "--eval-data")
+        for flag, path in (("--data", data), ("--eval-data", eval_data)):
+            if missing_file(path):
+                raise ConfigError(f"{flag} {path}: no such file or folder")
     os.makedirs(out, exist_ok=True)
     if quick and model == "tiny" and not data:
         # A tiny model needs a warm-up before preferences mean anything: the sentiment study's SFT.
@@ -69,8 +92,7 @@ def run(out: str = "runs/compare", losses: tuple[str, ...] = DEFAULT_LOSSES, qui
                  os.path.join(out, "sft"))
         model = os.path.join(out, "sft", "final")
     else:
-        train_src = data or f"{HH}.train.jsonl"
-        eval_src = eval_data or f"{HH}.test.jsonl"
+        train_src, eval_src = data, eval_data
     base = [f"model.name={model}", f"data.train={train_src}", f"data.eval={eval_src}",
             f"data.max_length={p['max_length']}", f"data.max_eval_examples={p['n_eval']}",
             f"model.lora.r={p['lora']}", f"optimizer.lr={lr}", f"train.batch_size={p['batch']}",

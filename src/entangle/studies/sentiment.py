@@ -49,6 +49,18 @@ def settings(model: str, **overrides) -> dict:
     return s
 
 
+def check_settings(s: dict, seed: int, extra) -> None:
+    """Every setting in its range and the extra overrides valid, one line each, before any work (a 0 is refused,
+    never replaced by the default)."""
+    from entangle import config
+    from entangle.studies import check_positive, check_whole
+
+    check_whole("sentiment", {**s, "seed": seed}, {"n_train": 1, "n_test": 1, "batch": 1, "sft_steps": 1,
+                                                   "steps": 1, "seed": 0})
+    check_positive("sentiment", s, ("sft_lr", "lr", "beta"))
+    config.load(None, ["loss.name=dpo", f"loss.params.beta={s['beta']}", f"optimizer.lr={s['lr']}", *extra])
+
+
 def source(config: str, split: str, n: int, seed: int) -> str:
     return f"synthetic:sentiment?config={config}&n={n}&split={split}&seed={seed}"
 
@@ -80,6 +92,7 @@ def run(out: str = "runs/sentiment", model: str = "tiny", configs: tuple[str, ..
     momentum, no clipping, no weight decay) at the learning rate that moves the margin as the AdamW run does
     (`sgd_lr`), and the predictions are checked under each optimiser."""
     s = settings(model, **overrides)
+    check_settings(s, seed, extra)
     os.makedirs(out, exist_ok=True)
     base = base_model(out, model, s, seed)
     results, mitigated, sgd, sgd_lrs = {}, {}, {}, {}
