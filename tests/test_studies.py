@@ -267,3 +267,35 @@ def test_scan_filter_study_on_tiny_trains_each_arm_on_the_same_share(tmp_path):
     assert set(summary["auroc"]) == set(scan_filter.SCORES) and "positive control" in summary["verdict"]
     assert "held-out chosen" in scan_filter.format_table(summary)
     assert "Finding" in (out / summary["report"]).read_text()
+
+def test_study_runs_keep_periodic_checkpoints_and_a_rerun_reuses_them(tmp_path):
+    from entangle.studies import run_once
+
+    common = ["model.name=tiny", "data.train=synthetic:sentiment?config=short&n=32", "data.max_length=48",
+              "train.batch_size=4", "train.max_steps=3", "tracking.progress=false"]
+    rows = run_once(common, str(tmp_path / "run"))
+    saved = open(tmp_path / "run" / "config.yaml").read()
+    assert "save_every: 50" in saved and "keep_checkpoints: 1" in saved and rows[-1]["step"] == 3
+    assert run_once(common, str(tmp_path / "run")) == rows          # the same settings: reused, not redone
+
+
+@pytest.mark.slow
+def test_a_study_stopped_by_a_signal_exits_130_or_143_and_continues(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "entangle.cli", "-q", "study", "compare", "--quick", "--losses", "dpo",
+           "--mitigate", "", "--steps", "400", "--out", str(tmp_path / "cmp")]
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    time.sleep(12)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err[-2000:]
+    assert "study interrupted in" in err and "Traceback" not in err
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "continue from its checkpoint" in err, err[-2000:]

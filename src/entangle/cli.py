@@ -9,7 +9,7 @@ import os
 import sys
 
 from entangle import __version__
-from entangle.errors import ConfigError, EntangleError
+from entangle.errors import ConfigError, EntangleError, Interrupted
 
 MEMORY_HELP = ("memory budget in GiB (default: 90 %% of what is free); batches shrink to fit it, and a command that "
                "cannot fit stops with one line before its work")
@@ -488,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         std.tqdm.__init__ = functools.partialmethod(std.tqdm.__init__, disable=True)
     try:
         return args.func(args)
+    except Interrupted as e:
+        print(f"entangle: {e}", file=sys.stderr)
+        return e.exit_code
     except EntangleError as e:
         print(f"entangle: error: {e}", file=sys.stderr)
         return 2

@@ -23,3 +23,11 @@ class TrainingError(EntangleError):
 
 class OverBudget(EntangleError):
     """A command would exceed its memory budget (raised before the work, never after it)."""
+
+
+class Interrupted(EntangleError):
+    """A long command stopped by Ctrl-C (exit 130) or SIGTERM (143) after saving what it had."""
+
+    def __init__(self, message: str, signal_name: str | None = None):
+        super().__init__(message)
+        self.exit_code = 143 if signal_name == "SIGTERM" else 130

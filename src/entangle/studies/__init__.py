@@ -16,12 +16,15 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from entangle import config
-from entangle.errors import ConfigError, TrainingError
+from entangle.errors import ConfigError, Interrupted
 
 log = logging.getLogger(__name__)
 
 # Keys that say where and how a run is written, not what it computes.
-_BOOKKEEPING = ("output_dir", "overwrite", "resume")
+_BOOKKEEPING = ("output_dir", "overwrite", "resume", "save_every", "keep_checkpoints")
+# Every study run keeps its newest checkpoint every 50 steps: a study killed outright (kill -9, a lost machine)
+# continues from there when run again, instead of redoing the run.
+CHECKPOINTS = {"train.save_every": 50, "train.keep_checkpoints": 1}
 
 
 def _settings(cfg) -> dict:
@@ -111,10 +114,12 @@ def run_once(overrides: list[str], run_dir: str) -> list[dict]:
         return load_metrics(run_dir)
     resumable = same and (status == "interrupted" or (status is None and bool(list_checkpoints(run_dir))))
     extra = ["train.resume=latest"] if resumable else ["train.overwrite=true"]
-    result = train(config.load(None, [*overrides, f"train.output_dir={run_dir}", *extra]))
+    given = {o.split("=", 1)[0] for o in overrides}
+    periodic = [f"{k}={v}" for k, v in CHECKPOINTS.items() if k not in given]   # a killed study loses little
+    result = train(config.load(None, [*overrides, *periodic, f"train.output_dir={run_dir}", *extra]))
     if result.status != "finished":
-        raise TrainingError(f"study interrupted in {run_dir}; run the same command again to continue from "
-                            "its checkpoint")
+        raise Interrupted(f"study interrupted in {run_dir}; run the same command again to continue from its "
+                          "checkpoint", result.stop_signal)
     return load_metrics(run_dir)
 
 
