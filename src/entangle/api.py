@@ -26,7 +26,7 @@ from entangle.evaluation import evaluate as evaluate_policy
 from entangle.generation import generate as generate_rows
 from entangle.generation import (check_sampling, load_initial, load_moving_reference, load_policy, load_prompts,
                                  resolve, write_samples)
-from entangle.rundir import check_writable_folder, refuse_overwriting_inputs
+from entangle.rundir import check_outputs
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def generate(model: str, prompts: str | list, out: str | None = None, limit: int
     """Sample from a model or run (`settings`: n, max_new_tokens, temperature, top_p, seed, batch_size,
     max_prompt_length, progress); rows as `generation.generate`, written to `out` (JSONL) when given."""
     check_sampling(limit, **settings)
-    refuse_overwriting_inputs({"--out": out}, {"prompts": prompts})
+    check_outputs(files={"--out": out}, inputs={"prompts": prompts if isinstance(prompts, str) else None})
     texts = load_prompts(prompts, split, limit) if isinstance(prompts, str) else list(prompts)[:limit]
     resolve(model)
     policy = load_policy(model, dtype, _device(device))
@@ -132,8 +132,9 @@ def evaluate(model: str, prompts: str | list | None, scorer: str = "vader", out:
 
         raise ConfigError(f"--judge-template applies to a judge:PATH scorer, not {scorer}")
     if out:
-        refuse_overwriting_inputs({"--out": os.path.join(out, "samples.jsonl"), "--out ": os.path.join(out, "eval.json")},
-                                  {"--samples": samples, "prompts": prompts if isinstance(prompts, str) else None})
+        check_outputs(folders={"--out": out}, files={"--out": os.path.join(out, "samples.jsonl"),
+                                                      "--out ": os.path.join(out, "eval.json")},
+                      inputs={"--samples": samples, "prompts": prompts if isinstance(prompts, str) else None})
     reused = _read_samples(samples) if samples else None
     texts = None if reused else load_prompts(prompts, split, limit) if isinstance(prompts, str) else list(prompts)
     template = None
@@ -182,7 +183,7 @@ def label(model: str, prompts: str | list, scorer: str = "vader", out: str | Non
     if scorer.startswith("judge:"):
         raise ConfigError("labelling needs a pointwise gold scorer (vader, rm:PATH, python:module:function)")
     check_sampling(limit, **{k: v for k, v in settings.items() if k != "n"})
-    refuse_overwriting_inputs({"--out": out}, {"prompts": prompts})
+    check_outputs(files={"--out": out}, inputs={"prompts": prompts if isinstance(prompts, str) else None})
     texts = load_prompts(prompts, split, limit) if isinstance(prompts, str) else list(prompts)[:limit]
     resolve(model)
     dev = _device(device)
@@ -233,9 +234,7 @@ def scan(model: str, data: str, out: str | None = None, loss: str = "dpo", loss_
         raise ConfigError("a filter writes the pairs that pass: give --out (or --keep PATH)")
     if missing_file(data):
         raise DataError(f"--data {data}: no such file or folder")
-    refuse_overwriting_inputs({"--keep": keep_path, "--out": out}, {"--data": data})
-    if out:
-        check_writable_folder(out)
+    check_outputs(folders={"--out": out}, files={"--keep": keep_path}, inputs={"--data": data})
     if data.startswith("synthetic:"):
         from entangle import synthetic
 

@@ -122,8 +122,10 @@ class PythonScorer(Scorer):
         self.name = f"python:{module}:{function}"
         try:
             self.fn: Callable = getattr(importlib.import_module(module), function)
-        except (ImportError, AttributeError) as e:
+        except (Exception, SystemExit) as e:   # a module that fails (or exits) as it loads is user code too
             raise ConfigError(f"scorer {self.name}: cannot import it ({type(e).__name__}: {e})") from None
+        if not callable(self.fn):
+            raise ConfigError(f"scorer {self.name}: {function} is not a function of (prompts, completions)")
 
     def score(self, prompts, completions):
         try:   # user code: any failure is one line naming it, never a traceback or a silent exit

@@ -84,8 +84,28 @@ def check_writable_folder(out: str, option: str = "--out") -> None:
     here = os.path.abspath(out)
     while not os.path.exists(here):
         here = os.path.dirname(here)
-    if not os.path.isdir(here) or not os.access(here, os.W_OK):
+    if not os.path.isdir(here):
+        raise DataError(f"{option} {out}: {here} is a file, not a folder; give another path")
+    if not os.access(here, os.W_OK):
         raise DataError(f"{option} {out} is not writable ({here}); give a folder you can write")
+
+
+def check_outputs(folders: dict[str, str | None] = {}, files: dict[str, str | None] = {},  # noqa: B006
+                  inputs: dict[str, str | None] = {}) -> None:  # noqa: B006
+    """The one output-path check of every command, before any model loads: each output folder and file can be
+    written where it is asked for (a file is not a folder, a folder is not a file, no parent is a file, the nearest
+    existing parent is writable) and none is one of the inputs. Option name -> path (None: not given)."""
+    from entangle.errors import DataError
+
+    refuse_overwriting_inputs({**folders, **files}, inputs)
+    for option, path in folders.items():
+        if path:
+            check_writable_folder(path, option)
+    for option, path in files.items():
+        if path:
+            if os.path.isdir(path):
+                raise DataError(f"{option} {path} is a folder; give a file path")
+            check_writable_folder(os.path.dirname(os.path.abspath(path)), option)
 
 
 def refuse_overwriting_inputs(outputs: dict[str, str | None], inputs: dict[str, str | None]) -> None:

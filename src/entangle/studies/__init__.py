@@ -149,3 +149,11 @@ def default_data(name: str, flag: str) -> str:
             return os.path.join(root, name)
     raise ConfigError(f"the default data {name} is not on this machine (looked in $ENTANGLE_DATA and "
                       f"{roots[1]}); give {flag} FILE")
+
+
+def make_study_folder(out: str) -> None:
+    """The study's output folder, checked as every command's output is (`rundir.check_outputs`), then made."""
+    from entangle.rundir import check_outputs
+
+    check_outputs(folders={"--out": out})
+    os.makedirs(out, exist_ok=True)

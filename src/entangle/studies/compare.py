@@ -17,7 +17,7 @@ from statistics import mean
 from entangle import losses as loss_registry
 from entangle.errors import ConfigError
 from entangle.data import missing_file
-from entangle.studies import default_data, run_once, sentiment, write_summary
+from entangle.studies import default_data, make_study_folder, run_once, sentiment, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def run(out: str = "runs/compare", losses: tuple[str, ...] = DEFAULT_LOSSES, qui
         for flag, path in (("--data", data), ("--eval-data", eval_data)):
             if missing_file(path):
                 raise ConfigError(f"{flag} {path}: no such file or folder")
-    os.makedirs(out, exist_ok=True)
+    make_study_folder(out)
     if quick and model == "tiny" and not data:
         # A tiny model needs a warm-up before preferences mean anything: the sentiment study's SFT.
         s = sentiment.settings("tiny")

@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 from entangle.errors import ConfigError
-from entangle.studies import check_positive, check_reference_loss, check_whole, run_once, write_summary
+from entangle.studies import (check_positive, check_reference_loss, check_whole, make_study_folder,
+                              run_once, write_summary)
 from entangle.studies.frontier import Curves, compare, describe_fit, positive_control
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ def train_metrics(rows: list[dict]) -> dict:
 
 def run(s: Settings | None = None, report: bool = True) -> dict:
     s = (s or Settings()).validate()
-    os.makedirs(s.out, exist_ok=True)
+    make_study_folder(s.out)
     policy = sft_policy(s)
     plan = runs(s)
     gold: dict = {}     # arm -> run name -> [seeds] of [C, P]

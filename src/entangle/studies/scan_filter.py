@@ -28,7 +28,7 @@ import numpy as np
 
 from entangle import scanning, synthetic
 from entangle.errors import ConfigError
-from entangle.studies import check_positive, check_whole, run_once, write_summary
+from entangle.studies import check_positive, check_whole, make_study_folder, run_once, write_summary
 from entangle.studies.frontier import draws, interval, sign_verdict
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def run(s: Settings | None = None, report: bool = True) -> dict:
     from entangle.api import scan
 
     s = (s or Settings()).validate()
-    os.makedirs(s.out, exist_ok=True)
+    make_study_folder(s.out)
     policy = sft_policy(s)
     train_src, test_src = source(s, "train"), source(s, "test")
     rows = scan(policy, train_src, out=os.path.join(s.out, "scan"), max_length=64, tokens=0, device="cpu")["rows"]

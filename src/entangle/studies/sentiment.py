@@ -20,7 +20,7 @@ from statistics import mean
 
 from entangle import synthetic
 from entangle.config import load_saved
-from entangle.studies import run_once, write_summary
+from entangle.studies import make_study_folder, run_once, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def run(out: str = "runs/sentiment", model: str = "tiny", configs: tuple[str, ..
     (`sgd_lr`), and the predictions are checked under each optimiser."""
     s = settings(model, **overrides)
     check_settings(s, seed, extra)
-    os.makedirs(out, exist_ok=True)
+    make_study_folder(out)
     base = base_model(out, model, s, seed)
     results, mitigated, sgd, sgd_lrs = {}, {}, {}, {}
     for c in configs:

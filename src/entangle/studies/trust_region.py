@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 from entangle.errors import ConfigError
-from entangle.studies import check_positive, check_reference_loss, check_whole, run_once, write_summary
+from entangle.studies import (check_positive, check_reference_loss, check_whole, make_study_folder,
+                              run_once, write_summary)
 from entangle.studies import overoptimization as oo
 
 VARIANTS = ("static", "soft", "hard")
@@ -82,7 +83,7 @@ def variants(s: Settings) -> dict[str, list[str]]:
 
 def run(s: Settings | None = None, report: bool = True) -> dict:
     s = (s or Settings()).validate()
-    os.makedirs(s.out, exist_ok=True)
+    make_study_folder(s.out)
     policy = oo.sft_policy(s)
     per_seed: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for seed in range(s.seeds):
