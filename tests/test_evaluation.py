@@ -264,3 +264,17 @@ def test_kl_of_a_bf16_model_against_a_separate_copy_of_itself_is_zero():
     figures, samples = evaluate(policy, load_prompts(PROMPTS), get_scorer("vader"), initial=initial, n=2,
                                 max_new_tokens=8, seed=0, batch_size=4)
     assert figures["kl/initial"] == 0.0 and all(s["logp"] == s["logp_initial"] for s in samples)
+
+
+def test_eval_json_records_what_the_sampling_settings_made(tmp_path):
+    """With a samples file the policy's samples were made elsewhere: the settings made only the baseline's."""
+    from entangle.api import evaluate
+
+    evaluate("tiny", PROMPTS, "vader", out=str(tmp_path / "a"), max_new_tokens=4, temperature=0.7, progress=False)
+    first = json.loads((tmp_path / "a" / "eval.json").read_text())
+    assert first["settings"]["temperature"] == 0.7 and "baseline_sampling" not in first
+    evaluate("tiny", None, "vader", samples=str(tmp_path / "a" / "samples.jsonl"), out=str(tmp_path / "b"),
+             max_new_tokens=4, temperature=0.7, progress=False)
+    again = json.loads((tmp_path / "b" / "eval.json").read_text())
+    assert again["baseline_sampling"]["temperature"] == 0.7 and "settings" not in again
+    assert again["samples_file"].endswith("samples.jsonl")

@@ -158,12 +158,13 @@ def evaluate(model: str, prompts: str | list | None, scorer: str = "vader", out:
     moving = load_moving_reference(model, policy)   # a trust-region run: KL to where its reference ended too
     figures, rows = evaluate_policy(policy, texts, get_scorer(scorer, dev, template), start, base, reused, moving,
                                     **settings)
+    used = {k: v for k, v in settings.items() if k not in ("progress", "memory_gib")}
+    # With --samples the policy's samples were made elsewhere: the sampling settings made only the baseline's.
     meta = {"model": model, "initial": start.source, "baseline": baseline or start.source, "scorer": scorer,
             "prompts": prompts if isinstance(prompts, str) else None, "samples_file": samples,
-            "settings": settings}
+            "baseline_sampling" if samples else "settings": used}
     if out:
-        write_evaluation(out, figures, rows, {k: v for k, v in meta.items() if k != "settings"} |
-                         {"settings": {k: v for k, v in settings.items() if k != "progress"}})
+        write_evaluation(out, figures, rows, meta)
     return figures
 
 
