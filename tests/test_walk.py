@@ -103,6 +103,8 @@ CASES = {
     "memory budget 0": (["scan", "tiny", "--data", D, "--out", "OUT/scan", "--memory-gib", "0"], "--memory-gib"),
     "memory too small": (["generate", "tiny", "--prompts", P, "--out", "OUT/s.jsonl", "--memory-gib", "0.0001"],
                          "weights alone take"),
+    "scan limit 0": (["scan", "tiny", "--data", D, "--out", "OUT/scan", "--limit", "0"], "--limit must be"),
+    "scan limit -1": (["scan", "tiny", "--data", D, "--out", "OUT/scan", "--limit", "-1"], "--limit must be"),
     "scan batch 0": (["scan", "tiny", "--data", D, "--out", "OUT/scan", "--batch-size", "0"], "--batch-size"),
     # studies: every setting checked before any work; a 0 is refused, never replaced
     "trust-region hard tau 0": (["study", "trust-region", "--hard-tau", "0", "--out", "OUT/st"], "hard_tau"),

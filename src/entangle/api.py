@@ -225,7 +225,7 @@ def scan(model: str, data: str, out: str | None = None, loss: str = "dpo", loss_
     from entangle.errors import ConfigError
 
     _check_scan_options(method, batch_size, tokens, max_length, lora_r, layers, drop_case, max_cos,
-                        max_ches_quantile, max_ches_norm_quantile)
+                        max_ches_quantile, max_ches_norm_quantile, limit)
     memory.check_gib(memory_gib)
     fn = losses.get(loss, **(loss_params or {}))
     if not fn.paired:
@@ -287,12 +287,13 @@ def _scan_model(model: str, lora_r: int, layers: int | None, dtype: str, device:
     return lm, tokenizer, scanning.last_layers_only(lm, layers) if layers else measured
 
 def _check_scan_options(method, batch_size, tokens, max_length, lora_r, layers, drop_case, max_cos,
-                        max_ches_quantile, max_ches_norm_quantile) -> None:
+                        max_ches_quantile, max_ches_norm_quantile, limit=None) -> None:
     """Every numeric option of `scan` in its range, one line each, before anything loads."""
     from entangle.errors import ConfigError
 
     checks = [(method in ("fast", "exact"), f"--method must be fast or exact (got {method!r})"),
               (batch_size >= 1, f"--batch-size must be >= 1 (got {batch_size})"),
+              (limit is None or limit >= 1, f"--limit must be a whole number >= 1 (got {limit})"),
               (tokens >= 0, f"--tokens must be >= 0 (got {tokens})"),
               (max_length is None or max_length >= 2, f"--max-length must be >= 2 (got {max_length})"),
               (lora_r >= 0, f"--lora-r must be >= 0 (got {lora_r})"),
