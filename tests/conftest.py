@@ -30,3 +30,19 @@ def write_jsonl(path, rows):
         for r in rows:
             f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
     return str(path)
+
+
+def naive_logps(model, batch):
+    """The textbook computation, one row at a time over full logits: the oracle of the log-prob tests."""
+    import torch
+
+    from entangle.logps import upcast
+
+    out = []
+    for i in range(batch.n_rows):
+        n = int(batch.attention_mask[i].sum())
+        ids = batch.input_ids[i : i + 1, :n]
+        logits = upcast(model(input_ids=ids).logits[0, :-1]).log_softmax(-1)                    # [n-1, V]
+        lp = logits.gather(1, ids[0, 1:, None])[:, 0]
+        out.append(lp[batch.response_mask[i, 1:n]].sum())
+    return torch.stack(out)

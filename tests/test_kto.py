@@ -15,7 +15,7 @@ from entangle import batching, config, data, losses
 from entangle.build import build
 from entangle.cli import main
 from entangle.errors import ConfigError
-from entangle.logps import naive_logps
+from conftest import naive_logps
 from entangle.loop import fit, train
 from entangle.step import unpaired_forward
 

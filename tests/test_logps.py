@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from entangle import batching, data, models
-from entangle.logps import naive_logps, sequence_logps
+from conftest import naive_logps
+from entangle.logps import sequence_logps
 
 
 def batch_of(tok, texts):

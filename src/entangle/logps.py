@@ -20,18 +20,42 @@ from entangle.errors import ModelError
 from entangle.models import is_peft
 
 log = logging.getLogger(__name__)
-_warned: set[str] = set()
 MASK_NEEDS_LAYOUT = ("loss.token_mask=sparse needs a decoder/head layout entangle knows (transformers causal "
                      "LMs without logit scaling)")
+# Attributes on the model's own objects (no module-level state): the LM head carries the row layout of its input
+# while it runs on response rows and a recorder listens; a model remembers what it was told once.
+LAYOUT, LISTENERS, TOLD = "entangle_head_layout", "entangle_layout_listeners", "entangle_told"
 
 
-class HeadRows:
-    """The row layout of the response-only LM head input `[K, d]`, published by `_logps` while a
-    gradient recorder listens (the recorder splits that input by row and position); otherwise unset."""
+@dataclass
+class HeadLayout:
+    """The row layout of the response-only LM head input `[K, d]`: the batch row [K] and the sequence position
+    [K] of each head input. Set on the head module by the forward that makes it (`scored_head`), while a gradient
+    recorder listens (`listen`); read with `head_layout(head)`."""
 
-    listeners = 0                            # live recorders (diagnostics.ghost.GradientRecorder)
-    rows: torch.Tensor | None = None         # [K]: the batch row of each head input
-    positions: torch.Tensor | None = None    # [K]: the sequence position of each head input
+    rows: torch.Tensor
+    positions: torch.Tensor
+
+
+def head_layout(head) -> HeadLayout | None:
+    """The layout of the head's current input, None outside a listened-to response forward."""
+    return getattr(head, LAYOUT, None)
+
+
+def listen(head, listening: bool) -> None:
+    """A recorder starts (True) or stops (False) needing the head's row layout."""
+    setattr(head, LISTENERS, getattr(head, LISTENERS, 0) + (1 if listening else -1))
+
+
+def _tell_once(model, key: str, level: int, message: str, *args) -> None:
+    """Log `message` the first time `model` meets `key` (remembered on the model object)."""
+    told = getattr(model, TOLD, None)
+    if told is None:
+        told = set()
+        object.__setattr__(model, TOLD, told)
+    if key not in told:
+        told.add(key)
+        log.log(level, message, *args)
 
 
 @dataclass
@@ -172,9 +196,9 @@ def can_pack(model) -> bool:
     kind = getattr(cfg, "model_type", type(model).__name__)
     attn = getattr(cfg, "_attn_implementation", None) or "eager"
     ok = parts is not None and kind in PACKABLE and attn in ("sdpa", "eager")
-    if not ok and f"pack:{kind}:{attn}" not in _warned:
-        _warned.add(f"pack:{kind}:{attn}")
-        log.info("prefix sharing is not available for %s with %s attention; using the concatenated batch", kind, attn)
+    if not ok:
+        _tell_once(model, f"pack:{kind}:{attn}", logging.INFO, "prefix sharing is not available for %s with %s "
+                   "attention; using the concatenated batch", kind, attn)
     return ok
 
 
@@ -196,20 +220,20 @@ def _packed_logps(model, packed, n_rows: int) -> tuple[torch.Tensor, torch.Tenso
 def scored_head(parts, ids, attn, resp, **decoder_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """The decoder over the batch, then the LM head on the K hidden states that predict response tokens only:
     (features [K, d], float32 logits [K, V]), K in row-major order of `resp[:, 1:]` (position t predicts token
-    t+1). `parts` is `split_model(model)`. While a gradient recorder listens, the head's row layout is published
-    in `HeadRows`."""
+    t+1). `parts` is `split_model(model)`. While a gradient recorder listens, the head carries its input's row
+    layout (`head_layout(head)`) for the duration of its call."""
     decoder, head, cfg = parts
     N, T = ids.shape
     target = resp[:, 1:]                                                                        # [N, T-1]
     hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False, **decoder_kwargs).last_hidden_state
-    if HeadRows.listeners:                # lets a gradient recorder split the [K, d] head input by row
-        HeadRows.rows = torch.arange(N, device=ids.device)[:, None].expand(N, T - 1)[target]             # [K]
-        HeadRows.positions = torch.arange(T - 1, device=ids.device)[None].expand(N, T - 1)[target]       # [K]
+    if getattr(head, LISTENERS, 0):       # lets a gradient recorder split the [K, d] head input by row
+        setattr(head, LAYOUT, HeadLayout(torch.arange(N, device=ids.device)[:, None].expand(N, T - 1)[target],
+                                         torch.arange(T - 1, device=ids.device)[None].expand(N, T - 1)[target]))
     try:
         features = hidden[:, :-1][target]                                                       # [K, d]
         return features, response_logits(head, cfg, features)                                   # [K, V]
     finally:
-        HeadRows.rows = HeadRows.positions = None
+        setattr(head, LAYOUT, None)
 
 
 def _logps(model, ids, attn, resp, token_level: bool, token_mask=None) -> LogpsOut:
@@ -223,10 +247,8 @@ def _logps(model, ids, attn, resp, token_level: bool, token_mask=None) -> LogpsO
     else:
         if token_mask is not None:
             raise ModelError(f"{type(model).__name__}: {MASK_NEEDS_LAYOUT}")
-        name = type(model).__name__
-        if name not in _warned:
-            _warned.add(name)
-            log.warning("%s: unknown decoder/head layout; computing full logits (more memory)", name)
+        _tell_once(model, "layout", logging.WARNING, "%s: unknown decoder/head layout; computing full logits "
+                   "(more memory)", type(model).__name__)
         logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1][target]
         logits = upcast(logits)
     tok = -F.cross_entropy(logits, targets, reduction="none")                                   # [K]
@@ -242,15 +264,3 @@ def _logps(model, ids, attn, resp, token_level: bool, token_mask=None) -> LogpsO
         weights = torch.zeros(N, T, dtype=tok.dtype, device=ids.device)
         weights[:, 1:][target] = m
     return LogpsOut(logps, lengths, token_logps, weights, masked)
-
-
-def naive_logps(model, batch: Batch) -> torch.Tensor:
-    """The textbook computation, one row at a time over full logits: the reference for tests."""
-    out = []
-    for i in range(batch.n_rows):
-        n = int(batch.attention_mask[i].sum())
-        ids = batch.input_ids[i : i + 1, :n]
-        logits = upcast(model(input_ids=ids).logits[0, :-1]).log_softmax(-1)                    # [n-1, V]
-        lp = logits.gather(1, ids[0, 1:, None])[:, 0]
-        out.append(lp[batch.response_mask[i, 1:n]].sum())
-    return torch.stack(out)

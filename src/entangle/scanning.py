@@ -27,7 +27,7 @@ from entangle.data import TokenizedPair, iter_records
 from entangle.diagnostics import classify, entanglement_stats, predicted_changes, with_cos
 from entangle.diagnostics.ghost import GradientRecorder, Unsupported, row_layout
 from entangle.errors import DataError
-from entangle.logps import HeadRows, scored_head, sequence_logps, split_model, upcast
+from entangle.logps import head_layout, scored_head, sequence_logps, split_model, upcast
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def recorded_pass(model, batch: Batch):
     seen = {}
 
     def grab(module, args):
-        seen["x"], seen["rows"] = args[0].detach(), HeadRows.rows
+        seen["x"], seen["rows"] = args[0].detach(), head_layout(module).rows
 
     handle = parts[1].register_forward_pre_hook(grab)
     rec = GradientRecorder(model)

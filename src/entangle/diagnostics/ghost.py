@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vjp
 
-from entangle.logps import HeadRows
+from entangle.logps import head_layout, listen, split_model
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -90,10 +90,12 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 class GradientRecorder:
     """Attach around one forward+backward of a concatenated pair batch (chosen rows, then rejected)."""
 
-    _quiet = 0   # > 0 while any recorder re-runs a module itself (vjp): no recorder records that forward
+    QUIET = "entangle_recorders_quiet"   # on the model: > 0 while a recorder re-runs one of its modules (vjp)
 
     def __init__(self, model: nn.Module):
         self.model = model
+        parts = split_model(model)
+        self.head = parts[1] if parts is not None else None    # carries the row layout of the response-only head
         self.handles: list = []
         self.usages: dict[int, list[_Usage]] = {}   # id(param) -> usages
         self.params: dict[int, nn.Parameter] = {}
@@ -115,16 +117,16 @@ class GradientRecorder:
         self.n_rows = n_rows
         self.lengths = None if lengths is None else [int(x) for x in lengths]
         self.prompt_lengths = None if prompt_lengths is None else [int(x) for x in prompt_lengths]
-        if not self.recording:
-            HeadRows.listeners += 1
+        if not self.recording and self.head is not None:
+            listen(self.head, True)
         self.recording = True
         self.usages = {}
         self.problems = []
 
     def stop(self) -> None:
         """Stop recording (what was recorded stays readable until the next `start`)."""
-        if self.recording:
-            HeadRows.listeners -= 1
+        if self.recording and self.head is not None:
+            listen(self.head, False)
         self.recording = False
 
     def take(self) -> dict:
@@ -140,13 +142,14 @@ class GradientRecorder:
 
     # -- capture
     def _forward_hook(self, module, args, output):
-        if not self.recording or GradientRecorder._quiet or not torch.is_grad_enabled():
+        if not self.recording or getattr(self.model, self.QUIET, 0) or not torch.is_grad_enabled():
             return None
         if not isinstance(output, torch.Tensor) or len(args) != 1 or not isinstance(args[0], torch.Tensor):
             self.problems.append(f"{type(module).__name__}: forward with several inputs or outputs")
             return None
         x, n, kind = args[0], self.n_rows, _kind(module)
-        rows = HeadRows.rows if x.dim() == 2 and kind != "embedding" else None
+        layout = head_layout(self.head) if self.head is not None and x.dim() == 2 and kind != "embedding" else None
+        rows = layout.rows if layout is not None else None
         if output.dim() >= 2 and output.shape[0] == 1 and n > 1 and rows is None:
             # A batch-broadcast output (GPT-2 position embeddings): expand so each row's gradient is kept.
             output = output.expand(n, *output.shape[1:])
@@ -154,7 +157,7 @@ class GradientRecorder:
         elif rows is None and output.shape[0] != n:
             self.problems.append(f"{type(module).__name__}: output batch {output.shape[0]} != rows {n}")
             return None
-        use = _Usage(module, kind, (_full(x.detach()), rows), n, HeadRows.positions if rows is not None else None)
+        use = _Usage(module, kind, (_full(x.detach()), rows), n, layout.positions if layout is not None else None)
         for p in module.parameters(recurse=False):
             if p.requires_grad:
                 self.usages.setdefault(id(p), []).append(use)
@@ -188,7 +191,7 @@ class GradientRecorder:
         key = next(k for k in names if mine[k] is p)
         x = use.x[0]
         outs = []
-        GradientRecorder._quiet += 1
+        object.__setattr__(self.model, self.QUIET, getattr(self.model, self.QUIET, 0) + 1)
         try:
             for r in range(n):
                 def f(params, r=r):
@@ -196,7 +199,7 @@ class GradientRecorder:
                 _, pull = vjp(f, {k: v.detach() for k, v in mine.items()})
                 outs.append(pull(use.g[r : r + 1])[0][key])
         finally:
-            GradientRecorder._quiet -= 1
+            object.__setattr__(self.model, self.QUIET, getattr(self.model, self.QUIET) - 1)
         return torch.stack(outs)
 
     def _pair_block(self, u: _Usage, v: _Usage, p: nn.Parameter, ri: torch.Tensor, si: torch.Tensor):

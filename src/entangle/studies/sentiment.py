@@ -13,7 +13,6 @@ rates are design choices that shape the outcome (a long SFT leaves the single-to
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from statistics import mean
@@ -79,7 +78,6 @@ def base_model(out: str, model: str, s: dict, seed: int) -> str:
     return folder
 
 
-OPTIMIZERS = ("adamw", "sgd")
 CALIBRATION_STEPS = 5   # the AdamW steps whose margin movement the SGD learning rate matches (`sgd_lr`)
 
 
@@ -113,7 +111,8 @@ def run(out: str = "runs/sentiment", model: str = "tiny", configs: tuple[str, ..
         start, test = os.path.join(sft_dir, "final"), source(c, "test", s["n_test"], seed)
         adamw_rows = run_once(dpo, dpo_dir)
         results[c] = summarise(adamw_rows)
-        results[c]["heldout_token_changes"] = token_changes(start, dpo_dir)
+        start_view = heldout_token_logps(start, *heldout_key(dpo_dir))   # the SFT model's view, made once
+        results[c]["heldout_token_changes"] = token_changes(start_view, dpo_dir)
         if "sgd" in optimizers:
             sgd_lrs[c] = sgd_lr(adamw_rows, CALIBRATION_STEPS)
             log.info("sentiment study, %s: DPO with SGD at lr %.4g (matched to AdamW's margin movement)", c, sgd_lrs[c])
@@ -121,14 +120,14 @@ def run(out: str = "runs/sentiment", model: str = "tiny", configs: tuple[str, ..
             sgd[f"{c}-sgd"] = summarise(run_once([*dpo, "optimizer.name=sgd", f"optimizer.lr={sgd_lrs[c]:.6g}",
                                                   "optimizer.momentum=0", "optimizer.weight_decay=0",
                                                   "train.max_grad_norm=null"], sgd_dir))
-            sgd[f"{c}-sgd"]["heldout_token_changes"] = token_changes(start, sgd_dir)
+            sgd[f"{c}-sgd"]["heldout_token_changes"] = token_changes(start_view, sgd_dir)
         if c == "long":
             token_views(dpo_dir, start, test)
             for m in mitigations:
                 log.info("sentiment study, long suffix with the %s mitigation", m)
                 m_dir = os.path.join(out, f"long-{m}")
                 mitigated[f"long-{m}"] = summarise(run_once([*dpo, *MITIGATION_OVERRIDES[m]], m_dir))
-                mitigated[f"long-{m}"]["heldout_token_changes"] = token_changes(start, m_dir)
+                mitigated[f"long-{m}"]["heldout_token_changes"] = token_changes(start_view, m_dir)
     summary = {"study": "sentiment", "model": model, "seed": seed, "settings": s,
                "responses": {c: list(synthetic.RESPONSES[c]) for c in configs},
                "runs": {c: c for c in [*configs, *mitigated, *sgd]}, "results": {**results, **mitigated, **sgd},
@@ -258,15 +257,19 @@ def token_views(run_dir: str, start_model: str, eval_source: str) -> None:
         save_token_views(run_dir, f"heldout-{label}", model, tok, pairs)
 
 
-def token_changes(start_model: str, run_dir: str) -> dict:
-    """Where the held-out log-probs of `run_dir` (its eval pairs) moved from `start_model`: each
+def heldout_key(run_dir: str) -> tuple:
+    """What selects and cuts a run's held-out pairs (its saved data config)."""
+    d = load_saved(run_dir).data
+    return d.eval, d.eval_split, d.max_eval_examples, d.max_length, d.max_prompt_length
+
+
+def token_changes(start_view: tuple, run_dir: str) -> dict:
+    """Where the held-out log-probs of `run_dir` (its eval pairs) moved from the start model's view
+    (`heldout_token_logps(start_model, *heldout_key(run_dir))`, computed once per configuration): each
     response's change split into the tokens where chosen and rejected differ (the sentiment word) and
     the tokens they share (suffix, EOS); means over pairs."""
-    d = load_saved(run_dir).data
-    key = (d.eval, d.eval_split, d.max_eval_examples, d.max_length, d.max_prompt_length)
-    pairs, batch, start = _heldout_token_logps(start_model, _stamp(start_model), *key)
-    end_model = os.path.join(run_dir, "final")
-    _, _, end = _heldout_token_logps(end_model, _stamp(end_model), *key)
+    pairs, batch, start = start_view
+    _, _, end = heldout_token_logps(os.path.join(run_dir, "final"), *heldout_key(run_dir))
     change, resp, B = end - start, batch.response_mask, len(pairs)                       # [2B, T]
     sums = {f"{side}_{kind}": 0.0 for side in ("chosen", "rejected") for kind in ("differing", "shared")}
     for i, p in enumerate(pairs):
@@ -278,14 +281,7 @@ def token_changes(start_model: str, run_dir: str) -> dict:
     return sums
 
 
-def _stamp(folder: str) -> float:
-    """Newest modification time in a model folder: a retrained model is never served from the cache."""
-    return max(os.path.getmtime(os.path.join(folder, f)) for f in os.listdir(folder))
-
-
-@functools.lru_cache(maxsize=4)   # the SFT model's view serves the plain run and each mitigation
-def _heldout_token_logps(model_path: str, stamp: float, source: str, split: str, limit, max_length,
-                         max_prompt_length):
+def heldout_token_logps(model_path: str, source: str, split: str, limit, max_length, max_prompt_length):
     """(pairs, concatenated batch, per-token log-probs [2B, T]) of a model on held-out pairs."""
     import torch
 
