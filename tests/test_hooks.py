@@ -54,7 +54,8 @@ def test_metric_reductions_by_hand():
 def cfg(out, *extra):
     return config.load(None, ["model.name=tiny", "data.train=synthetic:sentiment?config=short&n=16",
                               "data.max_length=64", "optimizer.lr=1e-3", "train.batch_size=2", "train.grad_accum=2",
-                              "train.max_steps=4", "tracking.progress=false", "train.eval_at_start=false", f"train.output_dir={out}", *extra])
+                              "train.max_steps=4", "tracking.progress=false", "train.eval_at_start=false",
+                              f"train.output_dir={out}", *extra])
 
 
 class ChosenLogps(StepHook):
@@ -73,10 +74,8 @@ class ChosenLogps(StepHook):
         assert logps.policy_chosen_logps.shape == (2,) and logps.reference_chosen_logps.shape == (2,)
         self.seen.append(logps.policy_chosen_logps.detach())
 
-    def after_optimizer(self, policy, micro_batches):
-        self.calls.append(("stepped", len(micro_batches)))
-
-    def finish(self):
+    def finish(self, policy, micro_batches, stepped):
+        self.calls.append(("stepped" if stepped else "skipped", len(micro_batches)))
         m = Metrics()
         m.add("my/chosen", torch.cat(self.seen).sum())
         rows = [{"pair": i, "logp": float(x)} for i, x in enumerate(torch.cat(self.seen))]
@@ -147,3 +146,40 @@ def test_in_memory_data_trains_and_an_object_in_the_config_is_refused(tmp_path):
     bad.data.train = datasets.Dataset.from_list(rows)        # OmegaConf keeps str() of the object
     with pytest.raises(ConfigError, match="holds the text of a Python object"):
         build(bad)
+
+
+def test_step_hooks_and_loop_callbacks_are_two_protocols_of_few_call_points(tmp_path):
+    """A loop callback is called after every step and at evaluations, never inside a step; a step hook only inside
+    the steps it is due for; an object may be both."""
+    from entangle import hooks
+
+    step_points = {n for n in vars(hooks.StepHook) if not n.startswith("_") and callable(getattr(hooks.StepHook, n))}
+    loop_points = {n for n in vars(hooks.LoopCallback) if not n.startswith("_")}
+    assert len(step_points - {"due"}) <= 6 and len(loop_points - {"evaluates"}) <= 6
+    assert not step_points & loop_points
+
+    class Both(hooks.StepHook, hooks.LoopCallback):
+        def __init__(self):
+            self.calls = []
+
+        def due(self, step):
+            return step == 2
+
+        def on_step_start(self, step, lr):
+            self.calls.append(("step", step))
+
+        def after_step(self, ctx, rows):
+            self.calls.append(("after", ctx.step))
+
+        def evaluates(self, step):
+            return step == 3
+
+        def on_evaluate(self, ctx):
+            self.calls.append(("evaluate", ctx.step))
+            return {"eval/mine": 1.0}
+
+    both = Both()
+    result = fit(build(cfg(tmp_path / "run", "train.max_steps=3"), hooks=[both]))
+    assert both.calls == [("after", 1), ("step", 2), ("after", 2), ("after", 3), ("evaluate", 3)]
+    rows = [json.loads(x) for x in open(result.metrics_path)]
+    assert rows[-1]["eval/mine"] == 1.0 and "eval/mine" not in rows[0]

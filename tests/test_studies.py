@@ -119,7 +119,7 @@ def test_sentiment_study_on_tiny_writes_summary_token_views_and_report(tmp_path)
     page = (out / summary["report"]).read_text()
     assert "The paper's predictions" in page and "Token view: long, heldout-end" in page
     assert "Where the held-out log-probs moved" in page
-    assert "Mitigation <b>long-pairwise</b>" in page and "Token mask: long-sparse, final" in page
+    assert "Mitigation long-pairwise: held-out chosen" in page and "Token mask: long-sparse, final" in page
     assert page.count("data:image/png;base64,") >= 6
     # a second run with the same settings reuses every finished run
     before = (out / "long" / "metrics.jsonl").stat().st_mtime_ns

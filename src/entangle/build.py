@@ -28,7 +28,7 @@ from entangle.data import (check_labels, missing_file, parse_kto, parse_pair, re
 from entangle.diagnostics.probe import EntanglementProbe
 from entangle.diagnostics.views import TokenMaskViews
 from entangle.errors import DataError, TrainingError
-from entangle.hooks import HookContext, StepHook
+from entangle.hooks import HookContext, LoopCallback, StepHook, split
 from entangle.logps import Policy
 from entangle.mitigations import PairwiseNormalizer, make_token_mask
 from entangle.models import LoraSettings, check_fits_context, count_parameters, is_peft, load_model
@@ -57,7 +57,7 @@ class Run:
     eval_initial: Reference | None
     optimizer: Any
     scheduler: Any
-    hooks: list[StepHook]
+    hooks: list                      # step hooks and loop callbacks (hooks.py); an object may be both
     global_batch: int
     steps_per_epoch: int
     total_steps: int
@@ -79,9 +79,17 @@ class Run:
         return self.cfg.loss.mask_l1 if self.accelerator.unwrap_model(self.policy).token_mask is not None else 0.0
 
     @property
+    def step_hooks(self) -> list[StepHook]:
+        return split(self.hooks)[0]
+
+    @property
+    def loop_callbacks(self) -> list[LoopCallback]:
+        return split(self.hooks)[1]
+
+    @property
     def step_parts(self) -> StepParts:
         return StepParts(self.accelerator, self.policy, self.optimizer, self.scheduler, self.loss_fn, self.reference,
-                         self.cfg.train.max_grad_norm, self.initial, self.hooks, self.mask_l1, self.objective)
+                         self.cfg.train.max_grad_norm, self.initial, self.step_hooks, self.mask_l1, self.objective)
 
     def context(self, step: int, step_pairs: list | None = None) -> HookContext:
         return HookContext(self.accelerator, self.cfg.train.output_dir, self.tokenizer, self.policy, step,
@@ -261,7 +269,7 @@ def make_optimizer(cfg: DictConfig, model, token_mask, total_steps: int):
     return optimizer, get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def make_hooks(cfg: DictConfig, lm, token_mask, sharded: str | None) -> list[StepHook]:
+def make_hooks(cfg: DictConfig, lm, token_mask, sharded: str | None) -> list:
     """The hooks the config asks for: entanglement probe, pairwise-normalised update, token-mask views."""
     ec, hooks = cfg.diagnostics.entanglement, []
     if sharded and (ec.every or cfg.optimizer.pairwise_normalized):
@@ -278,7 +286,7 @@ def make_hooks(cfg: DictConfig, lm, token_mask, sharded: str | None) -> list[Ste
     return hooks
 
 
-def make_generation_eval(cfg: DictConfig, model, tokenizer, total_steps: int, acc) -> StepHook:
+def make_generation_eval(cfg: DictConfig, model, tokenizer, total_steps: int, acc) -> LoopCallback:
     """`eval.generate`: the hook that samples at evaluation steps; the initial policy is the LoRA base with
     adapters off, or a frozen copy made before the first step (one more model in memory)."""
     from entangle.evaluation import GenerationEval, get_scorer
@@ -299,7 +307,7 @@ def make_generation_eval(cfg: DictConfig, model, tokenizer, total_steps: int, ac
                           g.every, total_steps)
 
 
-def build(cfg: DictConfig, hooks: Sequence[StepHook] = (), train_data=None, eval_data=None) -> Run:
+def build(cfg: DictConfig, hooks: Sequence = (), train_data=None, eval_data=None) -> Run:
     """Assemble the run `cfg` describes (its directory checked first); `hooks` join the configured ones.
     `train_data` / `eval_data`: in-memory records (a `datasets.Dataset`, a list of dicts) instead of
     `data.train` / `data.eval`."""
@@ -338,7 +346,7 @@ def check_training_memory(model, tc: DictConfig, max_length: int, acc) -> None:
                  "or raise train.memory_gib")
 
 
-def _assemble(cfg: DictConfig, acc, resume_from: str | None, hooks: Sequence[StepHook], train_data, eval_data) -> Run:
+def _assemble(cfg: DictConfig, acc, resume_from: str | None, hooks: Sequence, train_data, eval_data) -> Run:
     """The model, data, loss, references, optimiser and hooks of a run whose directory is ready."""
     from accelerate.utils import set_seed
 

@@ -22,7 +22,7 @@ import torch
 from entangle.config import check_scorer_spec
 from entangle.errors import ConfigError, ModelError
 from entangle.generation import LoadedPolicy, completion_logps, generate, standard_error, write_samples
-from entangle.hooks import StepHook
+from entangle.hooks import LoopCallback
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ def write_evaluation(out: str, figures: dict, samples: list[dict], meta: dict) -
     return os.path.join(out, "eval.json")
 
 
-class GenerationEval(StepHook):
+class GenerationEval(LoopCallback):
     """`eval.generate`: at evaluation steps, sample from held-out prompts and log `eval/gold/mean`,
     `eval/kl/initial`, `eval/win_rate` (against the initial policy's samples, made once), `eval/length/mean`;
     the samples go to `samples/step-N.jsonl`. Every process samples its share of the prompts."""
@@ -347,9 +347,6 @@ class GenerationEval(StepHook):
         self.tokenizer, self.prompts, self.scorer, self.settings = tokenizer, prompts, scorer, settings
         self.every, self.total_steps = every, total_steps
         self.baseline: list[dict] | None = None
-
-    def due(self, step: int) -> bool:
-        return False   # nothing to do inside optimisation steps
 
     def evaluates(self, step: int) -> bool:
         return step == 0 or step == self.total_steps or step % self.every == 0

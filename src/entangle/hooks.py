@@ -1,27 +1,32 @@
-"""The StepHook protocol: everything that watches or alters a training step plugs in here.
+"""Two small protocols for what watches or alters training: step hooks inside one optimisation step, loop
+callbacks between steps.
 
     class NormLogger(StepHook):                 # a new diagnostic is one class like this
         def after_backward(self, batch, logps, loss_fn):
             self.sizes.append(logps.policy_chosen_logps.detach())
-        def finish(self):
+        def finish(self, policy, micro_batches, stepped):
             m = Metrics(); m.add("my/chosen", torch.cat(self.sizes).sum()); self.sizes = []
             return m, None                  # None: no per-pair rows for entanglement.jsonl
     fit(build(cfg, hooks=[NormLogger()]))
 
-Per optimiser step the step calls, for every hook with `due(step)`:
+`StepHook`: for every hook with `due(step)` (and, if any such hook `needs_rows`, on two rows per pair), the step
+calls, in order:
   on_step_start(step, lr)                   before the first micro-batch
   before_forward(batch)                     each micro-batch, before the policy forward
   on_logps(scored)                          the scored log-prob tensor [2B] (register gradient hooks here)
   after_backward(batch, logps, loss_fn)     each micro-batch, after its backward (`logps`: a PairLogps)
   before_optimizer(accelerator, n_pairs)    after the last backward, before clipping (may replace .grad)
-  after_optimizer(policy, micro_batches)    after the optimiser step (not on skipped, non-finite steps)
-  finish() -> (Metrics, rows | None)        this step's metric sums and per-pair rows (entanglement.jsonl)
-and the loop calls, on every process:
-  after_step(ctx, rows)                     with the step's rows (write files, views)
-  evaluates(step) -> bool                   whether it asks for an evaluation at that step
-  on_evaluate(ctx) -> dict                  at evaluation steps, policy in eval mode: extra `eval/...` metrics
+  finish(policy, micro_batches, stepped)    after the optimiser step (`stepped` False on a skipped, non-finite
+                                            step) -> (Metrics, rows | None): metric sums, per-pair rows
+
+`LoopCallback`: the loop calls, on every process:
+  after_step(ctx, rows)                     after every step, with the step's per-pair rows (write files, views)
+  on_evaluate(ctx) -> dict                  at evaluation steps (`evaluates(step)`), policy in eval mode: extra
+                                            `eval/...` metrics
   on_fit_end(ctx)                           once, after the final weights are saved
-Hooks never branch on each other; the step loops over them.
+
+A class may be both (the entanglement probe measures inside steps and writes views after them). Hooks never
+branch on each other; the step and the loop loop over them.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ class HookContext:
 
 
 class StepHook:
-    """A no-op hook: subclasses override the call points they need."""
+    """Inside one optimisation step: a no-op hook; subclasses override the call points they need."""
 
     needs_rows = False   # True: while due, the step runs two rows per pair (no prefix sharing, no recompute)
 
@@ -66,18 +71,31 @@ class StepHook:
 
     def before_optimizer(self, accelerator, n_pairs: int) -> None: ...
 
-    def after_optimizer(self, policy, micro_batches) -> None: ...
-
-    def finish(self) -> tuple[Metrics, list[dict] | None]:
+    def finish(self, policy, micro_batches, stepped: bool) -> tuple[Metrics, list[dict] | None]:
         return Metrics(), None
+
+
+class LoopCallback:
+    """Between optimisation steps: a no-op callback; subclasses override what they need."""
 
     def after_step(self, ctx: HookContext, rows: list[dict]) -> None: ...
 
     def evaluates(self, step: int) -> bool:
-        """Whether the hook wants an evaluation at step `step` (0: before training, with train.eval_at_start)."""
+        """Whether the callback wants an evaluation at step `step` (0: before training, with train.eval_at_start)."""
         return False
 
     def on_evaluate(self, ctx: HookContext) -> dict:
         return {}
 
     def on_fit_end(self, ctx: HookContext) -> None: ...
+
+
+def split(hooks) -> tuple[list[StepHook], list[LoopCallback]]:
+    """The step hooks and the loop callbacks among `hooks` (an object may be both)."""
+    return [h for h in hooks if isinstance(h, StepHook)], [h for h in hooks if isinstance(h, LoopCallback)]
+
+
+def rows_needed(hooks, step: int) -> bool:
+    """Whether step `step` runs two rows per pair: some step hook due then reads per-row activations (decided here
+    only, for the step and for activation checkpointing)."""
+    return any(isinstance(h, StepHook) and h.needs_rows and h.due(step) for h in hooks)

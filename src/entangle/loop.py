@@ -24,6 +24,7 @@ from entangle.build import Run, build
 from entangle.checkpoint import (hf_model, list_checkpoints, load_checkpoint, load_extra, save_checkpoint,
                                  save_tensors, save_weights, write_json)
 from entangle.errors import TrainingError
+from entangle.hooks import rows_needed
 from entangle.metrics import Metrics
 from entangle.models import set_activation_checkpointing
 from entangle.rundir import JsonlLog
@@ -81,7 +82,7 @@ def fit(run: Run, callbacks: Sequence[Callable[[dict, StopFlag], None]] = ()) ->
         if threading.current_thread() is threading.main_thread() else {}
     name = os.path.join(*os.path.normpath(os.path.abspath(tc.output_dir)).split(os.sep)[-2:])
     progress = Progress(run.is_main and run.cfg.tracking.progress, start_step, run.total_steps, name)
-    if tc.eval_at_start and start_step == 0 and (run.eval_pairs or any(h.evaluates(0) for h in run.hooks)):
+    if tc.eval_at_start and start_step == 0 and (run.eval_pairs or any(h.evaluates(0) for h in run.loop_callbacks)):
         metrics_log.write({"step": 0, "epoch": 0.0, **evaluate(run, 0)})
     try:
         for step in range(start_step + 1, run.total_steps + 1):
@@ -90,20 +91,19 @@ def fit(run: Run, callbacks: Sequence[Callable[[dict, StopFlag], None]] = ()) ->
             idx, micro = step_batches(run, step)
             if tc.activation_checkpointing:  # hooks that read activations off the forward: no recompute
                 set_activation_checkpointing(hf_model(acc, run.policy),
-                                             not any(h.needs_rows and h.due(step) for h in run.hooks))
+                                             not rows_needed(run.hooks, step))
             # 2. One optimisation step; the hooks' per-pair rows and views.
             metrics, rows = train_step(parts, micro, step)
             if rows is not None:
                 pair_log.write_all([{"step": step, **r} for r in gather_object(rows)])
             ctx = run.context(step, [run.train_pairs[i] for i in idx])
-            for h in run.hooks:
-                if h.due(step):
-                    h.after_step(ctx, rows or [])
+            for h in run.loop_callbacks:
+                h.after_step(ctx, rows or [])
             # 3. One reduction over processes; evaluate, log, checkpoint.
             row = step_row(run, step, metrics, time.time() - t_step)
             nonfinite_run = nonfinite_run + 1 if row.get("skipped_nonfinite") else 0
             if (run.eval_pairs and (step == run.total_steps or (tc.eval_every and step % tc.eval_every == 0))) \
-                    or any(h.evaluates(step) for h in run.hooks):
+                    or any(h.evaluates(step) for h in run.loop_callbacks):
                 last_eval = evaluate(run, step)
                 row.update(last_eval)
             if step % tc.log_every == 0 or step == run.total_steps or row.get("skipped_nonfinite"):
@@ -170,7 +170,7 @@ def evaluate(run: Run, step: int) -> dict:
     acc, tc, pairs = run.accelerator, run.cfg.train, run.eval_pairs
     run.policy.eval()
     out = {}
-    for h in run.hooks:
+    for h in run.loop_callbacks:
         out.update(h.on_evaluate(run.context(step)))
     if not pairs:
         run.policy.train()
@@ -276,7 +276,7 @@ def _finish(run: Run, status: str, reason: str | None, last: dict, last_eval: di
             run.tokenizer.save_pretrained(os.path.join(run_dir, "final"))
             if ref_tensors:   # a moving reference's final state: `entangle eval` reports kl/reference with it
                 save_tensors(os.path.join(run_dir, FINAL_REFERENCE), ref_tensors, ref_state)
-        for h in run.hooks:
+        for h in run.loop_callbacks:
             h.on_fit_end(run.context(last.get("step", start_step)))
     summary = {"status": status, "stop_reason": reason, "steps": last.get("step", start_step),
                "total_steps": run.total_steps, "runtime_s": round(time.time() - t0, 2), **run.info,

@@ -465,23 +465,28 @@ def _study_section(study_dir: str, summary: dict) -> str:
     return "".join(parts)
 
 
+def _text(value) -> str:
+    """Text content escaped for HTML (quotes stay as they are: they are not inside an attribute)."""
+    return html.escape(str(value), quote=False)
+
+
 def _block(block: dict) -> str:
     """One block a study renders itself: a heading, then claims (held / did not hold), a table or a text."""
-    out = f"<h3>{html.escape(block['heading'])}</h3>" if block.get("heading") else ""
+    out = f"<h3>{_text(block['heading'])}</h3>" if block.get("heading") else ""
     if block.get("note"):
-        out += f"<p class=note>{html.escape(block['note'])}</p>"
+        out += f"<p class=note>{_text(block['note'])}</p>"
     state = lambda held: "" if held is None else (" class=held" if held else " class=failed")  # noqa: E731
     if "claims" in block:
-        items = "".join(f"<li{state(c.get('held'))}><b>{html.escape(c.get('label', ''))}</b>"
-                        f"{': ' if c.get('label') else ''}{html.escape(c['text'])}"
-                        + (f" <span class=m>({html.escape(c['measured'])})</span>" if c.get("measured") else "")
+        items = "".join(f"<li{state(c.get('held'))}><b>{_text(c.get('label', ''))}</b>"
+                        f"{': ' if c.get('label') else ''}{_text(c['text'])}"
+                        + (f" <span class=m>({_text(c['measured'])})</span>" if c.get("measured") else "")
                         + "</li>" for c in block["claims"])
         out += f"<ul class=preds>{items}</ul>"
     if "table" in block:
-        out += _table(block["table"]["columns"], [[_cell(v) if i else html.escape(str(v)) for i, v in enumerate(r)]
+        out += _table(block["table"]["columns"], [[_cell(v) if i else _text(str(v)) for i, v in enumerate(r)]
                                                   for r in block["table"]["rows"]])
     if "text" in block:
-        out += f"<p{state(block.get('held'))}>{html.escape(block['text'])}</p>"
+        out += f"<p{state(block.get('held'))}>{_text(block['text'])}</p>"
     return out
 
 

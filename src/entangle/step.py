@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from entangle.batching import Batch
-from entangle.hooks import StepHook
+from entangle.hooks import StepHook, rows_needed
 from entangle.logps import CompletionLogps, PairLogps, sequence_logps
 from entangle.losses import Loss, UnpairedLoss, coefficients
 from entangle.metrics import Metrics
@@ -250,7 +250,7 @@ def train_step(parts: StepParts, micro_batches: Sequence[Batch], step: int) -> t
 
     Returns this process's metric sums and the per-pair rows of the hooks that write them (None if none)."""
     acc, model, optimizer = parts.accelerator, parts.model, parts.optimizer
-    hooks = [h for h in parts.hooks if h.due(step)]
+    hooks = [h for h in parts.hooks if isinstance(h, StepHook) and h.due(step)]
     # 1. Learning rate for this step (the scheduler advanced after the previous step); what the step's
     #    whole batch decides first (KTO's reference point z0).
     lr = parts.scheduler.get_last_lr()[0]
@@ -259,7 +259,7 @@ def train_step(parts: StepParts, micro_batches: Sequence[Batch], step: int) -> t
     goal = parts.objective
     goal.begin_step(parts, micro_batches)
     n_pairs = sum(b.n_rows // 2 for b in micro_batches)
-    pack = not any(h.needs_rows for h in hooks)     # per-row hooks read two rows per pair
+    pack = not rows_needed(hooks, step)             # per-row hooks read two rows per pair
     # DeepSpeed's engine divides by its accumulation count itself, and steps inside the last backward.
     scale = len(micro_batches) if acc.distributed_type.name == "DEEPSPEED" else 1
     metrics = Metrics()
@@ -289,8 +289,6 @@ def train_step(parts: StepParts, micro_batches: Sequence[Batch], step: int) -> t
     parts.loss_fn.commit(lambda sums: acc.reduce(sums.to(acc.device), "sum") if finite else sums * math.nan)
     if finite:
         optimizer.step()
-        for h in hooks:
-            h.after_optimizer(parts.model, micro_batches)
         parts.reference.after_step(step, model)
         parts.scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -300,7 +298,7 @@ def train_step(parts: StepParts, micro_batches: Sequence[Batch], step: int) -> t
     # 8. What the hooks measured.
     rows = None
     for h in hooks:
-        hook_metrics, hook_rows = h.finish()
+        hook_metrics, hook_rows = h.finish(parts.model, micro_batches, finite)
         metrics.update(hook_metrics)
         rows = rows if hook_rows is None else (rows or []) + hook_rows
     return metrics, rows

@@ -15,12 +15,12 @@ from entangle.batching import Batch
 from entangle.diagnostics import brute_force_stats, classify, predicted_changes, with_cos
 from entangle.diagnostics.ghost import wide
 from entangle.diagnostics.recording import RowRecording
-from entangle.hooks import HookContext, StepHook
+from entangle.hooks import HookContext, LoopCallback, StepHook
 from entangle.logps import PairLogps, sequence_logps
 from entangle.metrics import Metrics
 
 
-class EntanglementProbe(StepHook):
+class EntanglementProbe(StepHook, LoopCallback):
     """Per-pair `<grad_w, grad_l>`, norms, cosine, d_w, d_l, case and predicted changes, every `every` steps."""
 
     needs_rows = True   # per-response gradients cannot come from a prefix-shared row
@@ -124,7 +124,7 @@ class EntanglementProbe(StepHook):
             self.before = {id(p): p.detach().clone() for p in self.recording.params.values()}
 
     @torch.no_grad()
-    def after_optimizer(self, policy, micro_batches) -> None:
+    def _after_update(self, micro_batches) -> None:
         """First-order changes along the update the optimiser actually made (AdamW, clipping, weight
         decay included): `step_dlogp_* = <grad log pi, theta_after - theta_before>` per pair; then, if
         asked, the realised changes of the (unmasked) log-probs, by re-evaluating the step's batches."""
@@ -149,8 +149,11 @@ class EntanglementProbe(StepHook):
                     row["real_dlogp_l"] = float(lp[i + B]) - row["_logp_l"]
                 k += B
 
-    def finish(self) -> tuple[Metrics, list[dict]]:
-        """Metric sums (per-pair means once reduced) and the per-pair rows."""
+    def finish(self, policy, micro_batches, stepped: bool) -> tuple[Metrics, list[dict]]:
+        """After the optimiser step (the update's first-order and realised changes; none on a skipped step): metric
+        sums (per-pair means once reduced) and the per-pair rows."""
+        if stepped:
+            self._after_update(micro_batches)
         batch = self._batch_mean_stats()
         self.kept, self.before, self.batch_sums = [], None, {}
         rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in self.pairs]
@@ -180,6 +183,8 @@ class EntanglementProbe(StepHook):
         """Views written beside the run on the main process: per-position splits, exact token views."""
         from entangle.diagnostics.views import save_position_views, save_token_views
 
+        if not self.due(ctx.step):
+            return
         if self.positions and ctx.is_main:
             save_position_views(ctx.run_dir, ctx.step, ctx.tokenizer, self.position_rows, self.pairs)
         if self.tokens and ctx.is_main:

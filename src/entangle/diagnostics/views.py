@@ -14,7 +14,7 @@ import torch
 from entangle.checkpoint import write_json
 from entangle.data import TokenizedPair
 from entangle.batching import collate
-from entangle.hooks import HookContext, StepHook
+from entangle.hooks import HookContext, LoopCallback
 from entangle.logps import Policy, sequence_logps
 
 
@@ -71,15 +71,12 @@ def save_position_views(run_dir: str, step: int, tokenizer, rows: list[dict], pa
     write_json(os.path.join(folder, f"step-{step}.json"), views)
 
 
-class TokenMaskViews(StepHook):
+class TokenMaskViews(LoopCallback):
     """`loss.token_mask`: the learned weights on a few held-out (else training) pairs once training ends;
     every process joins the forward, the main process writes `token_masks/final.json`."""
 
     def __init__(self, n_pairs: int):
         self.n_pairs = n_pairs
-
-    def due(self, step: int) -> bool:
-        return False   # nothing to do inside steps
 
     def on_fit_end(self, ctx: HookContext) -> None:
         pairs = (ctx.eval_pairs or ctx.train_pairs)[: self.n_pairs]

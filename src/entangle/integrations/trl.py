@@ -270,8 +270,7 @@ class EntanglementCallback(TrainerCallback):
             return
         from accelerate.utils import gather_object
 
-        self.probe.after_optimizer(self.trainer.model, [])
-        metrics, rows = self.probe.finish()
+        metrics, rows = self.probe.finish(self.trainer.model, [], True)
         metrics.add("n_pairs", float(self.n_pairs), "sum")
         acc = self.trainer.accelerator
         means = metrics.reduce(acc)
