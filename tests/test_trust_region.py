@@ -86,7 +86,7 @@ def test_bf16_reference_with_small_alpha_still_moves(tok):
 def tr_cfg(out, *extra):
     return config.load(None, ["model.name=tiny", "data.train=synthetic:sentiment?config=short&n=64",
                               "data.max_length=64", "optimizer.lr=3e-3", "train.batch_size=2", "train.max_steps=7",
-                              "tracking.progress=false", f"train.output_dir={out}", *extra])
+                              "tracking.progress=false", "train.eval_at_start=false", f"train.output_dir={out}", *extra])
 
 
 def rows(out):
@@ -165,7 +165,7 @@ def test_two_processes_hold_the_same_moving_reference(tmp_path, launcher, extra,
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            *LAUNCH[launcher], "-q", "train", "model.name=tiny", "data.train=synthetic:sentiment?config=short&n=64",
            "data.max_length=64", "optimizer.lr=3e-3", "train.batch_size=2", "tracking.progress=false",
-           f"train.output_dir={tmp_path / 'two'}", *common, *two_only]
+           "train.eval_at_start=false", f"train.output_dir={tmp_path / 'two'}", *common, *two_only]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     two = rows(tmp_path / "two")
@@ -199,7 +199,7 @@ def launch(launcher, out, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            *LAUNCH[launcher], "-q", "train", "model.name=tiny", "data.train=synthetic:sentiment?config=short&n=64",
            "data.max_length=64", "optimizer.lr=3e-3", "train.batch_size=2", "tracking.progress=false",
-           "train.device=cpu", f"train.output_dir={out}", *extra]
+           "train.eval_at_start=false",            "train.device=cpu", f"train.output_dir={out}", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
 
