@@ -49,7 +49,8 @@ def _precision_rule(command):
     def run(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        with models.compute(bound.arguments["dtype"], _device(bound.arguments["device"])):
+        given = {**bound.arguments.get("options", {}), **bound.arguments.get("settings", {}), **bound.arguments}
+        with models.compute(given.get("dtype", "auto"), _device(given.get("device", "auto"))):
             return command(*args, **kwargs)
     return run
 
@@ -207,69 +208,77 @@ def label(model: str, prompts: str | list, scorer: str = "vader", out: str | Non
 
 
 @_precision_rule
-def scan(model: str, data: str, out: str | None = None, loss: str = "dpo", loss_params: dict | None = None,
-         method: str = "fast", tokens: int = 3, batch_size: int = 1, max_length: int | None = 512,
-         max_prompt_length: int | None = None, limit: int | None = None, split: str = "train", lora_r: int = 0,
-         drop_case: tuple[int, ...] = (), max_cos: float | None = None, max_ches_quantile: float | None = None,
-         max_ches_norm_quantile: float | None = None, keep_path: str | None = None, device: str = "auto",
-         dtype: str = "auto", progress: bool = False, layers: int | None = None,
-         memory_gib: float | None = None) -> dict:
-    """`entangle scan`: every pair of `data` scored at `model` before training (`scanning.py`). With `out`:
-    `out/scan.jsonl`, `out/summary.json`, `out/report.html`; with any filter, the pairs that pass are written
-    in the input's format to `keep_path` (default `out/kept.<ext>`). `layers`: measure the gradient over the last
-    that many decoder layers only (a faster, partial scan). `batch_size` shrinks to fit `memory_gib` (default:
-    90 % of what is free), a one-line error before the scan when one pair does not fit; the token views stay
-    within a quarter of the budget (1 GiB at most). Returns {"rows", "summary", "kept", ...}."""
+def scan(model: str, data: str, out: str | None = None, **options) -> dict:
+    """`entangle scan`: every pair of `data` scored at `model` before training (`scanning.py`); `options` are the
+    fields of `scanning.ScanSettings` (their defaults and ranges live there). With `out`: `out/scan.jsonl`,
+    `out/summary.json`, `out/report.html`; with any filter, the pairs that pass are written in the input's format
+    to `keep_path` (default `out/kept.<ext>`). `batch_size` shrinks to fit `memory_gib`, a one-line error before the
+    scan when one pair does not fit; the token views stay within a quarter of the budget (1 GiB at most).
+    Returns {"rows", "summary", "kept", "report"}."""
     from entangle import losses, scanning
-    from entangle.data import missing_file, read_examples, tokenize_pairs
+    from entangle.data import tokenize_pairs
     from entangle.errors import ConfigError
 
-    _check_scan_options(method, batch_size, tokens, max_length, lora_r, layers, drop_case, max_cos,
-                        max_ches_quantile, max_ches_norm_quantile, limit)
-    memory.check_gib(memory_gib)
-    fn = losses.get(loss, **(loss_params or {}))
-    if not fn.paired:
-        raise ConfigError(f"--loss {loss}: the scan scores preference pairs; give a paired loss")
-    filtering = bool(drop_case) or any(v is not None for v in (max_cos, max_ches_quantile, max_ches_norm_quantile))
-    if (filtering or keep_path) and not (out or keep_path):
+    s = scanning.ScanSettings.of(options)
+    if not losses.get(s.loss, **s.loss_params).paired:
+        raise ConfigError(f"--loss {s.loss}: the scan scores preference pairs; give a paired loss")
+    if (s.filtering or s.keep_path) and not (out or s.keep_path):
         raise ConfigError("a filter writes the pairs that pass: give --out (or --keep PATH)")
+    examples = _scan_examples(data, s)
+    check_outputs(folders={"--out": out}, files={"--keep": s.keep_path}, inputs={"--data": data})
+    lm, tokenizer, measured = _scan_model(model, s.lora_r, s.layers, s.dtype, _device(s.device))
+    check_fits_context(lm, s.max_length, "--max-length")
+    pairs, stats = tokenize_pairs(examples, tokenizer, s.max_length, s.max_prompt_length)
+    if not pairs:
+        raise DataError(f"{data}: every pair was dropped by truncation; raise --max-length")
+    budget = memory.work_budget(lm, _device(s.device), s.memory_gib)
+    rows = scanning.scan(lm, tokenizer, pairs, s.loss, s.loss_params, s.method, _scan_batch(lm, pairs, s, budget),
+                         s.progress)
+    summary = {"model": model, "data": data, "loss": s.loss, "method": s.method, "max_length": s.max_length,
+               "gradient_over": measured, "pairs_read": len(examples), "pairs_dropped": stats.n_dropped,
+               **scanning.summarise(rows)}
+    result = {"rows": rows, "summary": summary, "kept": None}
+    if s.filtering or s.keep_path:
+        result["kept"] = _write_kept(rows, summary, data, out, s)
+    if out:
+        result["report"] = _write_scan(out, rows, summary, pairs, examples, lm, tokenizer, s.tokens,
+                                       f"entangle scan: {model} on {data}", max(budget // 4, 0))
+    return result
+
+
+def _scan_examples(data: str, s) -> list:
+    """The scan's records, every one checked before any model loads."""
+    from entangle.data import missing_file, read_examples
+
     if missing_file(data):
         raise DataError(f"--data {data}: no such file or folder")
-    check_outputs(folders={"--out": out}, files={"--keep": keep_path}, inputs={"--data": data})
     if data.startswith("synthetic:"):
         from entangle import synthetic
 
-        examples = synthetic.from_source(data)[:limit]
-    else:
-        examples, _ = read_examples(data, split=split, limit=limit)   # every record checked before any model loads
-    lm, tokenizer, measured = _scan_model(model, lora_r, layers, dtype, _device(device))
-    check_fits_context(lm, max_length, "--max-length")
-    pairs, stats = tokenize_pairs(examples, tokenizer, max_length, max_prompt_length)
-    if not pairs:
-        raise DataError(f"{data}: every pair was dropped by truncation; raise --max-length")
-    limit = memory.work_budget(lm, _device(device), memory_gib)
-    length = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
-    batch_size = memory.largest_batch(
-        lambda b: memory.trainable(lm) * (3 if method == "exact" else 1) + memory.forward(lm, 2 * b, length, grad=True),
-        limit, min(batch_size, len(pairs)), f"scan of {len(pairs)} pairs of up to {length} tokens", "--batch-size")
-    rows = scanning.scan(lm, tokenizer, pairs, loss, loss_params, method, batch_size, progress)
-    summary = {"model": model, "data": data, "loss": loss, "method": method, "max_length": max_length,
-               "gradient_over": measured,
-               "pairs_read": len(examples), "pairs_dropped": stats.n_dropped, **scanning.summarise(rows)}
-    result = {"rows": rows, "summary": summary, "kept": None}
-    if filtering or keep_path:
-        kept = scanning.keep(rows, drop_case, max_cos, max_ches_quantile, max_ches_norm_quantile)
-        target = keep_path or os.path.join(out, scanning.filtered_name(data))
-        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-        scanning.write_filtered(data, kept, target, split)
-        summary["filter"] = {"drop_case": list(drop_case), "max_cos": max_cos, "max_ches_quantile": max_ches_quantile,
-                             "max_ches_norm_quantile": max_ches_norm_quantile, "kept": len(kept), "file": target}
-        result["kept"] = kept
-    if out:
-        result["report"] = _write_scan(out, rows, summary, pairs, examples, lm, tokenizer, tokens,
-                                       f"entangle scan: {model} on {data}", max(limit // 4, 0))
-    return result
+        return synthetic.from_source(data)[: s.limit]
+    return read_examples(data, split=s.split, limit=s.limit)[0]
 
+
+def _scan_batch(lm, pairs, s, budget: int) -> int:
+    """The largest batch <= `s.batch_size` that fits the memory budget (`memory.largest_batch`)."""
+    length = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
+    grads = memory.trainable(lm) * (3 if s.method == "exact" else 1)   # exact: per-pair gradient copies
+    return memory.largest_batch(lambda b: grads + memory.forward(lm, 2 * b, length, grad=True), budget,
+                                min(s.batch_size, len(pairs)), f"scan of {len(pairs)} pairs of up to {length} tokens",
+                                "--batch-size")
+
+
+def _write_kept(rows: list[dict], summary: dict, data: str, out: str | None, s) -> list[dict]:
+    """The pairs that pass the filters, in the input's format, and what was kept in the summary."""
+    from entangle import scanning
+
+    kept = scanning.keep(rows, s.drop_case, s.max_cos, s.max_ches_quantile, s.max_ches_norm_quantile)
+    target = s.keep_path or os.path.join(out, scanning.filtered_name(data))
+    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    scanning.write_filtered(data, kept, target, s.split)
+    summary["filter"] = {"drop_case": list(s.drop_case), "max_cos": s.max_cos, "max_ches_quantile": s.max_ches_quantile,
+                         "max_ches_norm_quantile": s.max_ches_norm_quantile, "kept": len(kept), "file": target}
+    return kept
 
 
 def _scan_model(model: str, lora_r: int, layers: int | None, dtype: str, device: str):
@@ -285,27 +294,6 @@ def _scan_model(model: str, lora_r: int, layers: int | None, dtype: str, device:
         lm, tokenizer = loaded.model, loaded.tokenizer
     measured = "all trainable parameters" if not lora_r else f"fresh LoRA adapters of rank {lora_r}"
     return lm, tokenizer, scanning.last_layers_only(lm, layers) if layers else measured
-
-def _check_scan_options(method, batch_size, tokens, max_length, lora_r, layers, drop_case, max_cos,
-                        max_ches_quantile, max_ches_norm_quantile, limit=None) -> None:
-    """Every numeric option of `scan` in its range, one line each, before anything loads."""
-    from entangle.errors import ConfigError
-
-    checks = [(method in ("fast", "exact"), f"--method must be fast or exact (got {method!r})"),
-              (batch_size >= 1, f"--batch-size must be >= 1 (got {batch_size})"),
-              (limit is None or limit >= 1, f"--limit must be a whole number >= 1 (got {limit})"),
-              (tokens >= 0, f"--tokens must be >= 0 (got {tokens})"),
-              (max_length is None or max_length >= 2, f"--max-length must be >= 2 (got {max_length})"),
-              (lora_r >= 0, f"--lora-r must be >= 0 (got {lora_r})"),
-              (layers is None or layers >= 1, f"--layers must be >= 1 (got {layers})"),
-              (all(c in (0, 1, 2, 3) for c in drop_case), f"--drop-case takes cases 0-3 (got {list(drop_case)})"),
-              (max_cos is None or -1 <= max_cos <= 1, f"--max-cos must be in [-1, 1] (got {max_cos})")]
-    for q, name in ((max_ches_quantile, "--max-ches-quantile"), (max_ches_norm_quantile, "--max-ches-norm-quantile")):
-        checks.append((q is None or 0 < q <= 1, f"{name} must be in (0, 1] (got {q})"))
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-
 
 def _write_scan(out: str, rows: list[dict], summary: dict, pairs, examples, lm, tokenizer, tokens: int,
                 title: str, view_bytes: int) -> str:

@@ -149,21 +149,16 @@ def _label(args) -> int:
 def _scan(args) -> int:
     from entangle.api import scan
 
-    params = {}
-    for item in args.param:
-        key, sep, value = item.partition("=")
-        try:
-            params[key] = float(value) if sep else None
-        except ValueError:
-            params[key] = None
-        if params[key] is None:
-            raise ConfigError(f"--param {item!r}: give KEY=NUMBER, e.g. --param beta=0.1")
-    result = scan(args.model, args.data, out=args.out, loss=args.loss, loss_params=params, method=args.method,
-                  tokens=args.tokens, batch_size=args.batch_size, max_length=args.max_length,
-                  max_prompt_length=args.max_prompt_length, limit=args.limit, split=args.split, lora_r=args.lora_r,
-                  drop_case=tuple(args.drop_case), max_cos=args.max_cos, max_ches_quantile=args.max_ches_quantile,
-                  max_ches_norm_quantile=args.max_ches_norm_quantile, keep_path=args.keep, device=args.device,
-                  dtype=args.dtype, progress=not args.quiet, layers=args.layers, memory_gib=args.memory_gib)
+    from entangle.scanning import ScanSettings
+
+    options = {k: v for k, v in vars(args).items() if k in ScanSettings.__dataclass_fields__}
+    if "param" in vars(args):
+        options["loss_params"] = _loss_params(args.param)
+    if "keep" in vars(args):
+        options["keep_path"] = args.keep
+    if "drop_case" in options:
+        options["drop_case"] = tuple(options["drop_case"])
+    result = scan(args.model, args.data, out=args.out, progress=not args.quiet, **options)
     s = result["summary"]
     cases = s["cases"]
     print(f"{s['pairs']} pairs: case 1 {cases['1']:.1%}, case 2 {cases['2']:.1%}, case 3 {cases['3']:.1%}; "
@@ -174,35 +169,58 @@ def _scan(args) -> int:
     return 0
 
 
+def _loss_params(items: list[str]) -> dict:
+    """`--param beta=0.1` (repeatable) as a dict of numbers."""
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            params[key] = float(value) if sep else None
+        except ValueError:
+            params[key] = None
+        if params[key] is None:
+            raise ConfigError(f"--param {item!r}: give KEY=NUMBER, e.g. --param beta=0.1")
+    return params
+
+
 def _scan_parser(sub) -> None:
-    sc = sub.add_parser("scan", help="score every pair for entanglement (and CHES) at the initial model, before "
+    from entangle.scanning import ScanSettings
+
+    # Defaults live in scanning.ScanSettings only: an option not given is not passed.
+    sc = sub.add_parser("scan", argument_default=argparse.SUPPRESS,
+                        help="score every pair for entanglement (and CHES) at the initial model, before "
                         "training; optionally write the pairs that pass filters")
     sc.add_argument("model", metavar="MODEL_OR_RUN", help="any model.name (tiny, smollm2-135m, a folder, a hub id), "
                     "a run directory or a checkpoint folder")
     sc.add_argument("--data", required=True, help="preference pairs (any format `entangle train` reads)")
     sc.add_argument("--out", required=True, help="folder for scan.jsonl, summary.json, report.html")
-    sc.add_argument("--loss", default="dpo", help="the loss whose d_w / d_l and predicted case are reported")
-    sc.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a loss hyper-parameter")
-    sc.add_argument("--method", default="fast", help="fast (one backward per batch) | exact (per pair)")
-    sc.add_argument("--tokens", type=int, default=3, help="token views of the N most entangled pairs (0: none)")
-    sc.add_argument("--batch-size", type=int, default=1, help="pairs per forward/backward (default 1: on SmolLM2 at 512 "
-                    "tokens, batch 1 peaks at 3.2 GiB and runs faster than batch 4 at 7.9 GiB)")
-    sc.add_argument("--max-length", type=int, default=512)
+    sc.add_argument("--loss", help="the loss whose d_w / d_l and predicted case are reported")
+    sc.add_argument("--param", action="append", metavar="KEY=VALUE", help="a loss hyper-parameter")
+    sc.add_argument("--method", help="fast (one backward per batch) | exact (per pair)")
+    sc.add_argument("--tokens", type=int, help="token views of the N most entangled pairs (0: none)")
+    sc.add_argument("--batch-size", type=int, help="pairs per forward/backward (on SmolLM2 at 512 tokens, batch 1 "
+                    "peaks at 3.2 GiB and runs faster than batch 4 at 7.9 GiB)")
+    sc.add_argument("--max-length", type=int, help="prompt + longest response, in tokens")
     sc.add_argument("--max-prompt-length", type=int)
     sc.add_argument("--limit", type=int, help="first N pairs")
-    sc.add_argument("--split", default="train", help="split for datasets folders and hub ids")
-    sc.add_argument("--lora-r", type=int, default=0, help="scan the gradients of fresh LoRA adapters of rank R")
+    sc.add_argument("--split", help="split for datasets folders and hub ids")
+    sc.add_argument("--lora-r", type=int, help="scan the gradients of fresh LoRA adapters of rank R")
     sc.add_argument("--layers", type=int, help="measure the gradient over the last K decoder layers only (faster: "
                     "the backward stops there)")
-    sc.add_argument("--drop-case", type=int, nargs="+", default=[], metavar="CASE",
+    sc.add_argument("--drop-case", type=int, nargs="+", metavar="CASE",
                     help="filter: drop pairs whose predicted case is one of these (2: both down)")
     sc.add_argument("--max-cos", type=float, help="filter: drop pairs whose gradient cosine is above this")
     sc.add_argument("--max-ches-quantile", type=float, help="filter: drop pairs with CHES above this quantile")
     sc.add_argument("--max-ches-norm-quantile", type=float, help="filter: the same for length-normalised CHES")
     sc.add_argument("--keep", help="where the pairs that pass go (default OUT/kept.<the input's extension>)")
-    sc.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    sc.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    sc.add_argument("--device", help="auto | cpu | cuda")
+    sc.add_argument("--dtype", help=DTYPE_HELP)
     sc.add_argument("--memory-gib", type=float, help=MEMORY_HELP)
+    for action in sc._actions:   # each option's default, from ScanSettings (the one place it is written)
+        name = {"keep": "keep_path", "param": "loss_params"}.get(action.dest, action.dest)
+        if name in ScanSettings.__dataclass_fields__ and action.help:
+            default = ScanSettings.__dataclass_fields__[name].default
+            action.help += "" if default is None or not isinstance(default, (int, str, float)) else f" (default {default})"
     sc.set_defaults(func=_scan)
 
 

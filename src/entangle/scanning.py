@@ -17,6 +17,7 @@ import json
 import logging
 import os
 from collections import Counter
+from dataclasses import dataclass, field, fields
 from typing import Sequence
 
 import torch
@@ -30,6 +31,75 @@ from entangle.errors import DataError
 from entangle.logps import head_layout, scored_head, sequence_logps, split_model, upcast
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScanSettings:
+    """Every option of `entangle scan` and `entangle.scan(model, data, out, **options)`: the one place of their
+    defaults and valid ranges (`validate`, one line each, before anything loads)."""
+
+    loss: str = "dpo"                       # the loss whose d_w / d_l and predicted case are reported
+    loss_params: dict = field(default_factory=dict)
+    method: str = "fast"                    # fast (one backward per batch) | exact (per pair)
+    tokens: int = 3                         # token views of the N most entangled pairs (0: none)
+    batch_size: int = 1                     # pairs per forward/backward (shrinks to fit memory_gib)
+    max_length: int | None = 512
+    max_prompt_length: int | None = None
+    limit: int | None = None                # the first N pairs
+    split: str = "train"                    # split for datasets folders and hub ids
+    lora_r: int = 0                         # scan the gradients of fresh LoRA adapters of rank R
+    layers: int | None = None               # the gradient over the last K decoder layers only
+    drop_case: tuple = ()                   # filter: drop pairs whose predicted case is one of these
+    max_cos: float | None = None            # filter: drop pairs whose gradient cosine is above this
+    max_ches_quantile: float | None = None  # filter: drop pairs with CHES above this quantile
+    max_ches_norm_quantile: float | None = None
+    keep_path: str | None = None            # where the pairs that pass go (default OUT/kept.<ext>)
+    device: str = "auto"
+    dtype: str = "auto"
+    memory_gib: float | None = None         # memory budget (default: 90 % of what is free)
+    progress: bool = False
+
+    @classmethod
+    def of(cls, options: dict) -> "ScanSettings":
+        """Settings from keyword options; an unknown option is one line naming the valid ones."""
+        from entangle.errors import ConfigError
+
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise ConfigError(f"scan: unknown option {unknown[0]!r}; valid: {', '.join(names)}")
+        return cls(**options).validate()
+
+    @property
+    def filtering(self) -> bool:
+        return bool(self.drop_case) or any(v is not None for v in (self.max_cos, self.max_ches_quantile,
+                                                                   self.max_ches_norm_quantile))
+
+    def validate(self) -> "ScanSettings":
+        from entangle import memory
+        from entangle.errors import ConfigError
+
+        whole = lambda v, low: isinstance(v, int) and not isinstance(v, bool) and v >= low   # noqa: E731
+        checks = [(self.method in ("fast", "exact"), f"--method must be fast or exact (got {self.method!r})"),
+                  (whole(self.batch_size, 1), f"--batch-size must be >= 1 (got {self.batch_size})"),
+                  (self.limit is None or whole(self.limit, 1), f"--limit must be a whole number >= 1 (got {self.limit})"),
+                  (whole(self.tokens, 0), f"--tokens must be >= 0 (got {self.tokens})"),
+                  (self.max_length is None or whole(self.max_length, 2), f"--max-length must be >= 2 (got {self.max_length})"),
+                  (self.max_prompt_length is None or whole(self.max_prompt_length, 1),
+                   f"--max-prompt-length must be >= 1 (got {self.max_prompt_length})"),
+                  (whole(self.lora_r, 0), f"--lora-r must be >= 0 (got {self.lora_r})"),
+                  (self.layers is None or whole(self.layers, 1), f"--layers must be >= 1 (got {self.layers})"),
+                  (all(c in (0, 1, 2, 3) for c in self.drop_case),
+                   f"--drop-case takes cases 0-3 (got {list(self.drop_case)})"),
+                  (self.max_cos is None or -1 <= self.max_cos <= 1, f"--max-cos must be in [-1, 1] (got {self.max_cos})")]
+        for q, name in ((self.max_ches_quantile, "--max-ches-quantile"),
+                        (self.max_ches_norm_quantile, "--max-ches-norm-quantile")):
+            checks.append((q is None or 0 < q <= 1, f"{name} must be in (0, 1] (got {q})"))
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        memory.check_gib(self.memory_gib)
+        return self
 
 
 @torch.no_grad()
