@@ -100,9 +100,11 @@ def _study_compare(args) -> int:
 
 
 def _gen_settings(args) -> dict:
-    return {"n": args.n, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-            "top_p": args.top_p, "seed": args.seed, "batch_size": args.batch_size,
-            "max_prompt_length": args.max_prompt_length, "progress": not args.quiet, "memory_gib": args.memory_gib}
+    """The sampling options the user gave (the rest keep `generation.SamplingSettings`'s defaults)."""
+    from entangle.generation import SamplingSettings
+
+    given = {k: v for k, v in vars(args).items() if k in SamplingSettings.__dataclass_fields__}
+    return {**given, "progress": not args.quiet}
 
 
 def _generate(args) -> int:
@@ -136,7 +138,7 @@ def _eval(args) -> int:
 def _label(args) -> int:
     from entangle.api import label
 
-    if args.n != 1:   # an option either acts or is refused
+    if "n" in vars(args):   # an option either acts or is refused
         raise ConfigError("label: --n does not apply (labelling draws exactly two samples per prompt)")
     settings = _gen_settings(args)
     rows = label(args.model, args.prompts, args.scorer, out=args.out, noise=args.noise, limit=args.limit,
@@ -186,9 +188,7 @@ def _loss_params(items: list[str]) -> dict:
 def _scan_parser(sub) -> None:
     from entangle.scanning import ScanSettings
 
-    # Defaults live in scanning.ScanSettings only: an option not given is not passed.
-    sc = sub.add_parser("scan", argument_default=argparse.SUPPRESS,
-                        help="score every pair for entanglement (and CHES) at the initial model, before "
+    sc = sub.add_parser("scan", help="score every pair for entanglement (and CHES) at the initial model, before "
                         "training; optionally write the pairs that pass filters")
     sc.add_argument("model", metavar="MODEL_OR_RUN", help="any model.name (tiny, smollm2-135m, a folder, a hub id), "
                     "a run directory or a checkpoint folder")
@@ -216,11 +216,7 @@ def _scan_parser(sub) -> None:
     sc.add_argument("--device", help="auto | cpu | cuda")
     sc.add_argument("--dtype", help=DTYPE_HELP)
     sc.add_argument("--memory-gib", type=float, help=MEMORY_HELP)
-    for action in sc._actions:   # each option's default, from ScanSettings (the one place it is written)
-        name = {"keep": "keep_path", "param": "loss_params"}.get(action.dest, action.dest)
-        if name in ScanSettings.__dataclass_fields__ and action.help:
-            default = ScanSettings.__dataclass_fields__[name].default
-            action.help += "" if default is None or not isinstance(default, (int, str, float)) else f" (default {default})"
+    _defaults_from(sc, ScanSettings, {"keep": "keep_path", "param": "loss_params"})
     sc.set_defaults(func=_scan)
 
 
@@ -232,16 +228,32 @@ def _sampling_args(p, prompts_required: bool = True) -> None:
                                                                      " (not with --samples)"))
     p.add_argument("--split", default="train", help="split for datasets folders and hub ids")
     p.add_argument("--limit", type=int, help="first N prompts")
-    p.add_argument("--n", type=int, default=1, help="samples per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--max-prompt-length", type=int, default=512, help="longer prompts keep their last tokens")
-    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--n", type=int, help="samples per prompt")
+    p.add_argument("--max-new-tokens", type=int, help="tokens sampled at most per completion")
+    p.add_argument("--max-prompt-length", type=int, help="longer prompts keep their last tokens")
+    p.add_argument("--temperature", type=float, help="0: greedy")
+    p.add_argument("--top-p", type=float, help="nucleus sampling")
+    p.add_argument("--seed", type=int, help="the same seed and batch size give the same samples")
+    p.add_argument("--batch-size", type=int, help="sequences per forward (shrinks to fit the memory budget)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--memory-gib", type=float, help=MEMORY_HELP)
+    from entangle.generation import SamplingSettings
+
+    _defaults_from(p, SamplingSettings)
+
+
+def _defaults_from(parser, settings, names: dict | None = None) -> None:
+    """Options whose defaults live in a settings dataclass (the one place they are written): not passed unless
+    given, and their help shows the dataclass's default. `names`: option dest -> field name where they differ."""
+    fields = settings.__dataclass_fields__
+    for action in parser._actions:
+        name = (names or {}).get(action.dest, action.dest)
+        if name in fields:
+            action.default = argparse.SUPPRESS
+            default = fields[name].default
+            if isinstance(default, (int, float, str)) and not isinstance(default, bool) and action.help:
+                action.help += f" (default {default})"
 
 
 def _study_overoptimization(args) -> int:

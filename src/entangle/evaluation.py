@@ -299,7 +299,10 @@ def evaluate(policy: LoadedPolicy, prompts: Sequence, scorer: Scorer, initial: L
     `reference`: a run's moved trust-region reference (`generation.load_moving_reference`): adds `kl/reference`.
     `gen`: n, max_new_tokens, temperature, top_p, seed, batch_size, max_prompt_length, progress, memory_gib."""
     pad = policy.tokenizer.pad_token_id
-    scoring = {"batch_size": gen.get("batch_size", 8), "memory_gib": gen.get("memory_gib")}
+    from entangle.generation import SamplingSettings
+
+    sampling = SamplingSettings.of(gen)
+    scoring = {"batch_size": sampling.batch_size, "memory_gib": sampling.memory_gib}
     if samples is None:
         samples = generate(policy.model, policy.tokenizer, prompts, **gen)
     initial = initial or policy

@@ -142,44 +142,58 @@ def _cut(tokens: list[int], eos: int | None, pad: int) -> tuple[list[int], bool]
     return [t for t in tokens if t != pad] if pad != eos else tokens, False
 
 
-@torch.no_grad()
-def check_sampling(limit: int | None = None, **settings) -> None:
-    """The sampling options of generate / eval / label in their ranges, one line each, before anything loads:
-    n, max_new_tokens, batch_size, max_prompt_length and limit >= 1 (None: no limit), temperature finite >= 0
-    (0: greedy), 0 < top_p <= 1, seed >= 0."""
-    import math
+@dataclass
+class SamplingSettings:
+    """The sampling options of `generate`, `eval` and `label` (CLI and Python): the one place of their defaults
+    and valid ranges."""
 
-    whole = {"--n": settings.get("n"), "--max-new-tokens": settings.get("max_new_tokens"),
-             "--batch-size": settings.get("batch_size"), "--max-prompt-length": settings.get("max_prompt_length"),
-             "--limit": limit}
-    for name, v in whole.items():
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ModelError(f"{name} must be a whole number >= 1 (got {v!r})")
-    t, top_p, seed = settings.get("temperature", 1.0), settings.get("top_p", 1.0), settings.get("seed", 0)
-    if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
-        raise ModelError(f"--temperature must be a finite number >= 0 (0: greedy; got {t!r})")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ModelError(f"--top-p must be in (0, 1] (got {top_p!r})")
-    if not (isinstance(seed, int) and seed >= 0):
-        raise ModelError(f"--seed must be a whole number >= 0 (got {seed!r})")
-    memory.check_gib(settings.get("memory_gib"))
+    n: int = 1                           # samples per prompt
+    max_new_tokens: int = 64
+    temperature: float = 1.0             # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 16                 # sequences per forward (shrinks to fit memory_gib)
+    max_prompt_length: int | None = 512  # longer prompts keep their last tokens
+    memory_gib: float | None = None      # memory budget (default: 90 % of what is free)
+    progress: bool = False
+
+    @classmethod
+    def of(cls, options: dict) -> "SamplingSettings":
+        """Settings from keyword options, checked; an unknown option is one line naming the valid ones."""
+        names = list(cls.__dataclass_fields__)
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise ModelError(f"sampling: unknown option {unknown[0]!r}; valid: {', '.join(names)}")
+        return cls(**options).validate()
+
+    def validate(self) -> "SamplingSettings":
+        """Each option in its range, one line each, before anything loads."""
+        whole = {"--n": self.n, "--max-new-tokens": self.max_new_tokens, "--batch-size": self.batch_size,
+                 "--max-prompt-length": self.max_prompt_length}
+        for name, v in whole.items():
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ModelError(f"{name} must be a whole number >= 1 (got {v!r})")
+        t, top_p, seed = self.temperature, self.top_p, self.seed
+        if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
+            raise ModelError(f"--temperature must be a finite number >= 0 (0: greedy; got {t!r})")
+        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise ModelError(f"--top-p must be in (0, 1] (got {top_p!r})")
+        if not (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
+            raise ModelError(f"--seed must be a whole number >= 0 (got {seed!r})")
+        memory.check_gib(self.memory_gib)
+        return self
 
 
-def generate(model, tokenizer, prompts: Sequence[Text], n: int = 1, max_new_tokens: int = 64,
-             temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
-             max_prompt_length: int | None = 512, progress: bool = False, logps: bool = True,
-             memory_gib: float | None = None) -> list[dict]:
-    """`n` samples per prompt, returned in prompt-major order, stopping at EOS. Prompts run in batches of
-    similar length (longest first: little padding in the prefill), each batch seeded, so the same seed and
-    batch size give the same samples. Prompts longer than `max_prompt_length` keep their last tokens.
-    `temperature` 0 is greedy. `logp` comes from the raw logits of the sampling forward (no extra pass).
-    `batch_size` is lowered (one warning) to the largest that fits the memory budget (`memory_gib`, default
-    90 % of what is free); a one-line error before any sampling when one sequence does not fit."""
-    if temperature < 0 or not 0 < top_p <= 1 or n < 1 or max_new_tokens < 1 or batch_size < 1:
-        raise ModelError(f"generation needs temperature >= 0, 0 < top_p <= 1, n, max_new_tokens and batch_size "
-                         f">= 1 (got {temperature}, {top_p}, {n}, {max_new_tokens}, {batch_size})")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    keep = prompt_room(model, max_new_tokens, max_prompt_length)
+def check_sampling(limit: int | None = None, **options) -> SamplingSettings:
+    """`--limit` (None: no limit) and the sampling options (`SamplingSettings`), before anything loads."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ModelError(f"--limit must be a whole number >= 1 (got {limit!r})")
+    return SamplingSettings.of(options)
+
+
+def _encode_prompts(model, tokenizer, prompts: Sequence[Text], s: SamplingSettings) -> list[list[int]]:
+    """Each prompt's ids, cut from the left to fit (`prompt_room`); one log line counts the cut ones."""
+    keep = prompt_room(model, s.max_new_tokens, s.max_prompt_length)
     encoded, cut = [], 0
     for i, p in enumerate(prompts):
         ids = encode_prompt(tokenizer, p, f"prompt {i + 1}")
@@ -188,18 +202,38 @@ def generate(model, tokenizer, prompts: Sequence[Text], n: int = 1, max_new_toke
     if cut:
         log.info("generate: %d of %d prompts keep their last %d tokens (--max-prompt-length, or the model's context "
                  "less --max-new-tokens)", cut, len(prompts), keep)
-    jobs = sorted(((i, s) for i in range(len(prompts)) for s in range(n)), key=lambda j: -len(encoded[j[0]]))
-    device = next(model.parameters()).device
-    length = max((len(e) for e in encoded), default=1) + max_new_tokens
-    vocab_bytes = memory.shape(model)["vocab"] * 4 * max_new_tokens if logps else 0
-    batch_size = memory.largest_batch(
+    return encoded
+
+
+def _sampling_batch(model, encoded, jobs: int, s: SamplingSettings, logps: bool) -> int:
+    """The largest batch <= `s.batch_size` whose prefill, KV cache and kept logits fit the budget."""
+    length = max((len(e) for e in encoded), default=1) + s.max_new_tokens
+    vocab_bytes = memory.shape(model)["vocab"] * 4 * s.max_new_tokens if logps else 0
+    device = str(next(model.parameters()).device)
+    return memory.largest_batch(
         lambda b: memory.forward(model, b, length, grad=False, logits_rows=1) + memory.kv_cache(model, b, length)
-        + b * vocab_bytes, memory.work_budget(model, str(device), memory_gib), min(batch_size, max(len(jobs), 1)),
-        f"sampling {len(jobs)} completions of up to {length} tokens", "--batch-size")
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 \
+        + b * vocab_bytes, memory.work_budget(model, device, s.memory_gib), min(s.batch_size, max(jobs, 1)),
+        f"sampling {jobs} completions of up to {length} tokens", "--batch-size")
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[Text], logps: bool = True, **options) -> list[dict]:
+    """`n` samples per prompt (`options`: `SamplingSettings`), returned in prompt-major order, stopping at EOS.
+    Prompts run in batches of similar length (longest first: little padding in the prefill), each batch seeded,
+    so the same seed and batch size give the same samples. Prompts longer than `max_prompt_length` keep their last
+    tokens. `temperature` 0 is greedy. `logp` comes from the raw logits of the sampling forward (no extra pass).
+    `batch_size` is lowered (one warning) to the largest that fits the memory budget; a one-line error before
+    any sampling when one sequence does not fit."""
+    s = SamplingSettings.of(options)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = _encode_prompts(model, tokenizer, prompts, s)
+    jobs = sorted(((i, k) for i in range(len(prompts)) for k in range(s.n)), key=lambda j: -len(encoded[j[0]]))
+    device = next(model.parameters()).device
+    batch_size = _sampling_batch(model, encoded, len(jobs), s, logps)
+    sampling = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": 0} if s.temperature > 0 \
         else {"do_sample": False}
     bar = None
-    if progress:
+    if s.progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(jobs), desc="generate", unit="sample", dynamic_ncols=True)
@@ -207,24 +241,24 @@ def generate(model, tokenizer, prompts: Sequence[Text], n: int = 1, max_new_toke
     for b in range(0, len(jobs), batch_size):
         chunk = jobs[b : b + batch_size]
         ids, attn = _left_pad([encoded[i] for i, _ in chunk], pad)
-        torch.manual_seed(seed * 1_000_003 + b // batch_size)
-        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new_tokens,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, output_logits=logps,
-                             return_dict_in_generate=True, **sampling)
+        torch.manual_seed(s.seed * 1_000_003 + b // batch_size)
+        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                             max_new_tokens=s.max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                             output_logits=logps, return_dict_in_generate=True, **sampling)
         new = out.sequences[:, ids.shape[1]:]                                                       # [b, steps]
         token_logps = _token_logps(out.logits, new) if logps else None                              # [b, steps]
-        for r, ((i, s), toks) in enumerate(zip(chunk, new.tolist())):
+        for r, ((i, k), toks) in enumerate(zip(chunk, new.tolist())):
             completion, finished = _cut(toks, tokenizer.eos_token_id, pad)
-            rows[i, s] = {"prompt": prompts[i], "completion": tokenizer.decode(completion, skip_special_tokens=True),
-                          "sample": s, "prompt_index": i, "tokens": len(completion), "finished": finished,
+            rows[i, k] = {"prompt": prompts[i], "completion": tokenizer.decode(completion, skip_special_tokens=True),
+                          "sample": k, "prompt_index": i, "tokens": len(completion), "finished": finished,
                           "prompt_ids": encoded[i], "completion_ids": completion}
             if logps:
-                rows[i, s]["logp"] = float(token_logps[r, : len(completion)].sum())
+                rows[i, k]["logp"] = float(token_logps[r, : len(completion)].sum())
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
-    return [rows[i, s] for i in range(len(prompts)) for s in range(n)]
+    return [rows[i, k] for i in range(len(prompts)) for k in range(s.n)]
 
 
 def prompt_room(model, max_new_tokens: int, max_prompt_length: int | None) -> int | None:
