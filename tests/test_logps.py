@@ -115,3 +115,41 @@ def test_unknown_architectures_fall_back_to_the_concatenated_batch_and_say_so(to
         sequence_logps(model, batch)
     torch.testing.assert_close(out.logps, naive_logps(model, batch), rtol=1e-10, atol=1e-10)
     assert caplog.text.count("prefix sharing is not available for an-unknown-architecture") == 1
+
+
+def test_one_function_computes_response_logps_for_every_caller(tok):
+    """`logps.response_logps` is the only place that turns logits into response log-probs: the scan's states,
+    the token views, TRL's forward and the packed path all give its numbers, and no other module in src computes
+    a log-softmax or cross-entropy of model logits (generation's sampled-token log-probs and TRL's detached
+    entropy read logits that exist already)."""
+    import pathlib
+    import re
+
+    from entangle.diagnostics.tokens import _token_grads
+    from entangle.logps import response_logps
+    from entangle.scanning import response_states
+
+    model, _ = models.load_model("tiny", dtype="float64", tokenizer=tok)
+    batch = batch_of(tok, TEXTS)
+    one = response_logps(model, batch.input_ids, batch.attention_mask, batch.response_mask, features=True)
+    torch.testing.assert_close(one.logps, naive_logps(model, batch), rtol=1e-10, atol=1e-10)
+    logps, sums, lengths = response_states(model, batch)
+    torch.testing.assert_close(logps, one.logps)
+    torch.testing.assert_close(sums, torch.zeros_like(sums).index_add(0, one.rows, one.features.double()))
+    packed = batching.collate([p for p in data.tokenize_pairs([data.PreferenceExample(*t) for t in TEXTS], tok)[0]],
+                              tok.pad_token_id, pack=True)
+    torch.testing.assert_close(sequence_logps(model, packed).logps, one.logps, rtol=1e-9, atol=1e-9)
+    # a token view's first gradient is the gradient of response_logps' first scored token
+    p = data.tokenize_pairs([data.PreferenceExample(*TEXTS[0])], tok)[0][0]
+    first = next(_token_grads(model, p.prompt_ids, p.chosen_ids, torch.float64))
+    ids = torch.tensor([p.prompt_ids + p.chosen_ids])
+    resp = torch.zeros_like(ids, dtype=torch.bool)
+    resp[0, len(p.prompt_ids):] = True
+    params = [q for q in model.parameters() if q.requires_grad]
+    g = torch.autograd.grad(response_logps(model, ids, torch.ones_like(ids), resp).tokens[0], params)
+    torch.testing.assert_close(first, torch.cat([x.reshape(-1) for x in g]))
+    src = pathlib.Path(__file__).parent.parent / "src" / "entangle"
+    allowed = {"logps.py", "generation.py", "trl.py"}
+    offenders = [f.name for f in src.rglob("*.py") if f.name not in allowed
+                 and re.search(r"cross_entropy\(|log_softmax\(", f.read_text())]
+    assert offenders == [], offenders

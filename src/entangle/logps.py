@@ -111,11 +111,18 @@ class CompletionLogps:
 
 @dataclass
 class LogpsOut:
+    """What `response_logps` computes for N rows; K is the number of scored response tokens (row-major order of
+    `response_mask[:, 1:]`, position t predicting token t+1)."""
+
     logps: torch.Tensor                # [N] summed response log-probs (float32 or wider)
     lengths: torch.Tensor              # [N] response token counts
     token_logps: torch.Tensor | None   # [N, T] log-prob of the token at each position (0 off-response)
     weights: torch.Tensor | None = None   # [N, T] learned token weights m_t (token_mask only; 0 off-response)
     masked: torch.Tensor | None = None    # [N] sum_t m_t log pi_t: what a masked margin uses
+    tokens: torch.Tensor | None = None    # [K] each scored token's log-prob (with the graph)
+    rows: torch.Tensor | None = None      # [K] the row of each scored token
+    features: torch.Tensor | None = None  # [K, d] the hidden states that predict them (the LM head's input)
+    logits: torch.Tensor | None = None    # [K, V] float32 logits at those positions
 
     @property
     def scored(self) -> torch.Tensor:
@@ -160,9 +167,8 @@ class Policy(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, response_mask, token_level: bool = False, packed=None):
         # A plain tuple, not a LogpsOut: DDP/FSDP/DeepSpeed wrappers find output tensors in tuples.
-        if packed is not None and self.token_mask is None:
-            return (*_packed_logps(self.model, packed, input_ids.shape[0]), None, None, None)
-        out = _logps(self.model, input_ids, attention_mask, response_mask, token_level, self.token_mask)
+        out = response_logps(self.model, input_ids, attention_mask, response_mask, token_level, self.token_mask,
+                             packed)
         return out.logps, out.lengths, out.token_logps, out.weights, out.masked
 
 
@@ -179,9 +185,8 @@ def sequence_logps(model, batch: Batch, token_level: bool = False, pack: bool = 
         packed = None
     if isinstance(inner, Policy):
         return LogpsOut(*model(batch.input_ids, batch.attention_mask, batch.response_mask, token_level, packed))
-    if packed is not None:
-        return LogpsOut(*_packed_logps(model, packed, batch.n_rows), None)
-    return _logps(model, batch.input_ids, batch.attention_mask, batch.response_mask, token_level)
+    return response_logps(model, batch.input_ids, batch.attention_mask, batch.response_mask, token_level,
+                          packed=packed)
 
 
 # Architectures whose attention takes a custom 4-D mask with explicit position ids, checked against the
@@ -202,8 +207,8 @@ def can_pack(model) -> bool:
     return ok
 
 
-def _packed_logps(model, packed, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs [2B] and lengths [2B] from the prefix-shared rows (see `PackedPairs`)."""
+def _packed_logps(model, packed, n_rows: int) -> LogpsOut:
+    """`response_logps` on the prefix-shared rows (see `PackedPairs`): summed log-probs [2B] and lengths [2B]."""
     decoder, head, cfg = split_model(model)
     dtype = decoder.get_input_embeddings().weight.dtype
     dtype = dtype if dtype.is_floating_point else torch.float32
@@ -214,7 +219,7 @@ def _packed_logps(model, packed, n_rows: int) -> tuple[torch.Tensor, torch.Tenso
     logits = response_logits(head, cfg, hidden[packed.src_row, packed.src_pos])                 # [K, V]
     tok = -F.cross_entropy(logits, packed.targets, reduction="none")                            # [K]
     logps = torch.zeros(n_rows, dtype=tok.dtype, device=tok.device).index_add(0, packed.out_row, tok)
-    return logps, packed.lengths
+    return LogpsOut(logps, packed.lengths, None, tokens=tok, rows=packed.out_row)
 
 
 def scored_head(parts, ids, attn, resp, **decoder_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,31 +241,44 @@ def scored_head(parts, ids, attn, resp, **decoder_kwargs) -> tuple[torch.Tensor,
         setattr(head, LAYOUT, None)
 
 
-def _logps(model, ids, attn, resp, token_level: bool, token_mask=None) -> LogpsOut:
+def response_logps(model, ids, attn, resp, token_level: bool = False, token_mask=None, packed=None,
+                   features: bool = False, logits: bool = False, **decoder_kwargs) -> LogpsOut:
+    """The one computation of response log-probs in entangle: the decoder once over `ids` [N, T], the LM head and
+    log-softmax only on the K positions that predict response tokens (`resp` [N, T]). Everything that needs
+    response log-probs calls it (training, references, evaluation, the scan, the token views, TRL's forward).
+
+    `packed`: the prefix-shared layout of pairs (`batching.PackedPairs`): one row `[prompt, chosen, rejected]`
+    per pair. `token_level`: also [N, T] per-position log-probs. `token_mask`: learned token weights on the head's
+    input (`mitigations.TokenMask`). `features` / `logits`: also return the head's input [K, d] / logits [K, V].
+    A model whose decoder/head layout is unknown computes full logits (said once per model)."""
+    if packed is not None and token_mask is None and not (token_level or features or logits):
+        return _packed_logps(model, packed, ids.shape[0])
     N, T = ids.shape
     target = resp[:, 1:]                      # [N, T-1] position t predicts token t+1
     rows = torch.arange(N, device=ids.device)[:, None].expand(N, T - 1)[target]   # [K]
     targets = ids[:, 1:][target]              # [K]
     parts = split_model(model)
+    hidden = None
     if parts is not None:
-        features, logits = scored_head(parts, ids, attn, resp)
+        hidden, head_logits = scored_head(parts, ids, attn, resp, **decoder_kwargs)
     else:
         if token_mask is not None:
             raise ModelError(f"{type(model).__name__}: {MASK_NEEDS_LAYOUT}")
         _tell_once(model, "layout", logging.WARNING, "%s: unknown decoder/head layout; computing full logits "
                    "(more memory)", type(model).__name__)
-        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1][target]
-        logits = upcast(logits)
-    tok = -F.cross_entropy(logits, targets, reduction="none")                                   # [K]
+        out = model(input_ids=ids, attention_mask=attn, use_cache=False, output_hidden_states=features)
+        head_logits = upcast(out.logits[:, :-1][target])
+        hidden = out.hidden_states[-1][:, :-1][target] if features else None
+    tok = -F.cross_entropy(head_logits, targets, reduction="none")                              # [K]
     logps = torch.zeros(N, dtype=tok.dtype, device=ids.device).index_add(0, rows, tok)
-    lengths = target.sum(1)
     token_logps = weights = masked = None
     if token_level:
         token_logps = torch.zeros(N, T, dtype=tok.dtype, device=ids.device)
         token_logps[:, 1:][target] = tok
     if token_mask is not None:
-        m = token_mask(features).to(tok.dtype)                                                   # [K]
+        m = token_mask(hidden).to(tok.dtype)                                                     # [K]
         masked = torch.zeros(N, dtype=tok.dtype, device=ids.device).index_add(0, rows, m * tok)
         weights = torch.zeros(N, T, dtype=tok.dtype, device=ids.device)
         weights[:, 1:][target] = m
-    return LogpsOut(logps, lengths, token_logps, weights, masked)
+    return LogpsOut(logps, target.sum(1), token_logps, weights, masked, tok, rows,
+                    hidden if features else None, head_logits if logits else None)

@@ -28,7 +28,7 @@ from entangle.data import TokenizedPair, iter_records
 from entangle.diagnostics import classify, entanglement_stats, predicted_changes, with_cos
 from entangle.diagnostics.ghost import GradientRecorder, Unsupported, row_layout
 from entangle.errors import DataError
-from entangle.logps import head_layout, scored_head, sequence_logps, split_model, upcast
+from entangle.logps import response_logps, split_model
 
 log = logging.getLogger(__name__)
 
@@ -106,41 +106,22 @@ class ScanSettings:
 def response_states(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward without gradient -> (log-prob sums [N], sums of the last-layer hidden states that predict
     each row's response tokens [N, d], response lengths [N]). The hidden states are the LM head's input."""
-    ids, attn, resp = batch.input_ids, batch.attention_mask, batch.response_mask
-    N, T = ids.shape
-    target = resp[:, 1:]                                                        # [N, T-1]
-    rows = torch.arange(N, device=ids.device)[:, None].expand(N, T - 1)[target]  # [K]
-    parts = split_model(model)
-    if parts is not None:
-        features, logits = scored_head(parts, ids, attn, resp)                 # [K, d], [K, V]
-    else:
-        out = model(input_ids=ids, attention_mask=attn, use_cache=False, output_hidden_states=True)
-        features = out.hidden_states[-1][:, :-1][target]
-        logits = upcast(out.logits[:, :-1][target])
-    tok = -torch.nn.functional.cross_entropy(logits, ids[:, 1:][target], reduction="none")   # [K]
-    logps = torch.zeros(N, dtype=tok.dtype, device=ids.device).index_add(0, rows, tok)
-    sums = torch.zeros(N, features.shape[1], dtype=torch.float64, device=ids.device)
-    sums.index_add_(0, rows, features.double())
-    return logps, sums, target.sum(1)
+    out = response_logps(model, batch.input_ids, batch.attention_mask, batch.response_mask, features=True)
+    sums = torch.zeros(batch.n_rows, out.features.shape[1], dtype=torch.float64, device=out.features.device)
+    sums.index_add_(0, out.rows, out.features.double())
+    return out.logps, sums, out.lengths
 
 
 def recorded_pass(model, batch: Batch):
     """The fast path in one forward and one backward: (gradient statistics, log-prob sums [N], hidden-state sums
     [N, d], lengths [N]), the hidden states read off the LM head's input; None where the recorder cannot apply."""
-    parts = split_model(model)
-    if parts is None:
+    if split_model(model) is None:
         return None
-    seen = {}
-
-    def grab(module, args):
-        seen["x"], seen["rows"] = args[0].detach(), head_layout(module).rows
-
-    handle = parts[1].register_forward_pre_hook(grab)
     rec = GradientRecorder(model)
     try:
         model.zero_grad(set_to_none=True)
         rec.start(batch.n_rows, *row_layout(batch))
-        out = sequence_logps(model, batch, pack=False)
+        out = response_logps(model, batch.input_ids, batch.attention_mask, batch.response_mask, features=True)
         rec.stop()
         out.logps.sum().backward()   # coefficient 1 per row: the output gradients are d log pi_r / d out
         stats = with_cos(rec.result(torch.ones(batch.n_rows)))
@@ -149,10 +130,9 @@ def recorded_pass(model, batch: Batch):
         return None
     finally:
         rec.close()
-        handle.remove()
         model.zero_grad(set_to_none=True)
-    x = seen["x"]
-    sums = torch.zeros(batch.n_rows, x.shape[1], dtype=torch.float64, device=x.device).index_add(0, seen["rows"],
+    x = out.features.detach()
+    sums = torch.zeros(batch.n_rows, x.shape[1], dtype=torch.float64, device=x.device).index_add(0, out.rows,
                                                                                                 x.double())
     return stats, out.logps.detach(), sums, out.lengths
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from entangle.logps import response_logps
+
 
 def _token_grads(model, prompt_ids: list[int], response_ids: list[int], dtype=torch.float64, reduce=None):
     """Yield the gradient of each response token's log-prob, one at a time: flattened ([n_trainable]), or
@@ -20,10 +22,9 @@ def _token_grads(model, prompt_ids: list[int], response_ids: list[int], dtype=to
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
     ids = torch.tensor([list(prompt_ids) + list(response_ids)], device=device)
-    n = len(prompt_ids)
-    logits = model(input_ids=ids).logits[0, n - 1 : -1]                       # [R, V]
-    lp = torch.log_softmax(logits.float() if logits.dtype not in (torch.float32, torch.float64) else logits, -1)
-    tok = lp.gather(1, ids[0, n:, None])[:, 0]                                  # [R]
+    resp = torch.zeros_like(ids, dtype=torch.bool)
+    resp[0, len(prompt_ids):] = True
+    tok = response_logps(model, ids, torch.ones_like(ids), resp).tokens         # [R], with the graph
     for k in range(len(response_ids)):
         g = torch.autograd.grad(tok[k], params, retain_graph=k < len(response_ids) - 1, allow_unused=True)
         g = [torch.zeros_like(p) if x is None else x for x, p in zip(g, params)]

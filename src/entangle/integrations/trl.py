@@ -31,7 +31,7 @@ from entangle import losses
 from entangle.batching import Batch
 from entangle.diagnostics.probe import EntanglementProbe
 from entangle.errors import ConfigError
-from entangle.logps import PairLogps, scored_head, split_model
+from entangle.logps import PairLogps, response_logps, split_model
 from entangle.models import is_peft, set_activation_checkpointing
 
 # TRL loss_type -> (entangle loss, the trainer attributes its hyper-parameters come from)
@@ -127,10 +127,9 @@ def scored_forward(lm, input_ids, attention_mask=None, labels=None, **kwargs) ->
     The LM head runs as a module on the K scored positions, so a gradient recorder sees it."""
     target = (labels != -100)[:, 1:]                                                    # [N, T-1]
     kwargs.pop("use_cache", None)
-    _, logits = scored_head(split_model(lm), input_ids, attention_mask, labels != -100, **kwargs)   # [K, V]
-    targets = input_ids[:, 1:][target]
-    logp = torch.log_softmax(logits, -1)
-    tok = logp.gather(1, targets[:, None])[:, 0]                                        # [K]
+    out = response_logps(lm, input_ids, attention_mask, labels != -100, logits=True, **kwargs)
+    logits, tok, targets = out.logits, out.tokens, input_ids[:, 1:][target]             # [K, V], [K], [K]
+    logp = torch.log_softmax(logits.detach(), -1)
 
     def spread(x):
         return x.new_zeros(target.shape).masked_scatter(target, x)
