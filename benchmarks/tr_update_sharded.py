@@ -58,7 +58,7 @@ def main() -> None:
     for lora in (False, True):
         for mode in modes:
             torch.manual_seed(0)
-            settings = models.LoraSettings(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]) \
+            settings = models.LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]) \
                 if lora else None
             policy, _ = models.load_model(args.model, dtype="float32", lora=settings)
             ref = reference.TrustRegionReference(policy, alpha=0.5, tau=1)

@@ -100,7 +100,7 @@ def shard(model, mode):
 
 def check(mode: str, lora: bool, name: str = "tiny"):
     tok = models.byte_tokenizer()
-    settings = models.LoraSettings(r=2, alpha=4, target_modules=["q_proj", "v_proj"]) if lora else None
+    settings = models.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"]) if lora else None
     torch.manual_seed(0)  # the LoRA A init draws from the global generator: the same on every rank
     policy, _ = models.load_model(name, dtype="float32", tokenizer=tok, lora=settings)
     ref = reference.TrustRegionReference(policy, alpha=ALPHA, tau=1)

@@ -46,7 +46,7 @@ CASES = [("tiny", None), ("tiny-gpt2", None), ("tiny", ["q_proj", "v_proj"]), ("
 @pytest.mark.parametrize("dtype, tol", [("float64", 1e-6), ("float32", 1e-3)])
 @pytest.mark.parametrize("arch, lora", CASES, ids=["llama", "gpt2-tied", "llama-lora", "gpt2-lora"])
 def test_fast_path_matches_brute_force(tok, arch, lora, dtype, tol, caplog):
-    settings = models.LoraSettings(r=4, target_modules=lora) if lora else None
+    settings = models.LoraConfig(r=4, target_modules=lora) if lora else None
     model, _ = models.load_model(arch, dtype=dtype, tokenizer=tok, lora=settings)
     if lora:
         with torch.no_grad():
@@ -323,7 +323,7 @@ def test_position_split_equals_independent_per_position_deposits(tmp_path, extra
 
     from accelerate.utils import set_seed
 
-    lora = models.LoraSettings(r=4) if "model.lora.r=4" in extra else None
+    lora = models.LoraConfig(r=4) if "model.lora.r=4" in extra else None
     set_seed(0)  # as the loop does before loading: the same LoRA initialisation
     model, tok = models.load_model(arch, dtype="float64", lora=lora)
     by_index = {p.index: p for p in load_pairs(cfg.data.train, tok, cfg.data, "train", None)[0]}

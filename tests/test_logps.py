@@ -24,7 +24,7 @@ TEXTS = [("Statement: it rained.\nSentiment:", " Negative.", " Positive sentimen
 @pytest.mark.parametrize("arch", ["tiny", "tiny-gpt2"])
 @pytest.mark.parametrize("lora", [False, True])
 def test_response_only_equals_naive(tok, arch, lora):
-    lora_cfg = models.LoraSettings(r=4, target_modules=["q_proj", "v_proj"] if arch == "tiny" else ["c_attn"]) \
+    lora_cfg = models.LoraConfig(r=4, target_modules=["q_proj", "v_proj"] if arch == "tiny" else ["c_attn"]) \
         if lora else None
     model, _ = models.load_model(arch, dtype="float64", lora=lora_cfg, tokenizer=tok)
     if lora:  # make the adapters non-trivial
@@ -79,7 +79,7 @@ def test_prefix_shared_rows_equal_the_concatenated_batch(tok, arch, lora, dtype,
     """[prompt, chosen, rejected] in one row with a 4-D mask and restarted positions gives the same
     log-probs (and gradients) as two rows; padding, prompt lengths and response lengths all vary.
     (Attention softmax runs in float32 inside transformers, so float64 gradients agree to ~1e-8.)"""
-    lora_cfg = models.LoraSettings(r=4, target_modules=["q_proj", "v_proj"] if arch == "tiny" else ["c_attn"]) \
+    lora_cfg = models.LoraConfig(r=4, target_modules=["q_proj", "v_proj"] if arch == "tiny" else ["c_attn"]) \
         if lora else None
     model, _ = models.load_model(arch, dtype=dtype, lora=lora_cfg, tokenizer=tok)
     exs = [data.PreferenceExample(p, c, r) for p, c, r in TEXTS]

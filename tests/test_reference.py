@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 from entangle import batching, data, models, reference
@@ -25,7 +26,7 @@ def test_frozen_reference_does_not_move_with_the_policy(tok):
 
 
 def test_lora_reference_is_the_base_model_without_a_copy(tok):
-    model, _ = models.load_model("tiny", tokenizer=tok, lora=models.LoraSettings(r=4))
+    model, _ = models.load_model("tiny", tokenizer=tok, lora=models.LoraConfig(r=4))
     ref = reference.make_reference("frozen", model)
     assert ref.model is model  # no second copy in memory
     batch = batching.collate(pairs_for(tok), tok.pad_token_id)
@@ -59,3 +60,23 @@ def test_precomputed_cache_is_reused_and_invalidated_by_tokenisation(tok, monkey
     other, _ = models.load_model("tiny", tokenizer=tok, seed=1)
     r4 = reference.precompute_reference(other, pairs, tok.pad_token_id)
     assert r4.path not in (r1.path, r3.path)                # changed weights: new key
+
+
+@pytest.mark.parametrize("alpha,tau,message", [(1.5, 1, "alpha must be in [0, 1]"), (float("nan"), 1, "alpha"),
+                                               (0.5, 0, "tau must be a whole number at least 1"),
+                                               (0.5, 2.5, "tau must be a whole number")])
+def test_one_check_of_a_moving_references_settings_everywhere(alpha, tau, message):
+    from entangle import config, models
+    from entangle.errors import ConfigError
+    from entangle.reference import TrustRegionReference
+
+    with pytest.raises(ConfigError, match=r"reference\." + message.replace("[", r"\[").replace("]", r"\]")):
+        config.check_trust_region(alpha, tau)
+    model, _ = models.load_model("tiny")
+    with pytest.raises(ConfigError, match="trust-region reference: " + message.split(" must")[0]):
+        TrustRegionReference(model, alpha, tau)
+    trl = pytest.importorskip("trl")   # noqa: F841
+    from entangle.integrations.trl import TrustRegionCallback
+
+    with pytest.raises(ConfigError, match="TrustRegionCallback: " + message.split(" must")[0]):
+        TrustRegionCallback(alpha, tau)

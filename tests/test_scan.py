@@ -25,7 +25,7 @@ def tokenize(tok, examples):
                          ids=["llama", "gpt2-tied", "llama-lora", "gpt2-lora"])
 def test_rows_equal_the_exact_per_pair_api(name, lora):
     targets = ["q_proj", "v_proj"] if name == "tiny" else ["c_attn", "c_proj"]
-    model, tok = models.load_model(name, lora=models.LoraSettings(r=lora, target_modules=targets) if lora else None)
+    model, tok = models.load_model(name, lora=models.LoraConfig(r=lora, target_modules=targets) if lora else None)
     if lora:   # fresh adapters have B = 0; move them so that every adapter matrix has a gradient
         with torch.no_grad():
             for n, p in model.named_parameters():

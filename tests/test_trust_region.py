@@ -44,7 +44,7 @@ def test_lora_reference_is_base_plus_dense_blended_delta(tok):
     model whose adapted weights are W0 + Delta_ref."""
     a = 0.5
     model, _ = models.load_model("tiny", dtype="float64", tokenizer=tok,
-                                 lora=models.LoraSettings(r=2, alpha=4, target_modules=["q_proj", "v_proj"]))
+                                 lora=models.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"]))
     ref = reference.TrustRegionReference(model, alpha=a, tau=1)
     deltas = []
     for i in range(3):

@@ -285,10 +285,10 @@ def _scan_model(model: str, lora_r: int, layers: int | None, dtype: str, device:
     """(model, tokenizer, what the gradient is over) for the scan: fresh LoRA adapters on a plain model when
     `lora_r`, else the model or run as it is; `layers` keeps only the last K decoder layers trainable."""
     from entangle import scanning
-    from entangle.models import LoraSettings, load_model
+    from entangle.models import LoraConfig, load_model
 
     if lora_r and resolve(model)[0] == "model":
-        lm, tokenizer = load_model(model, dtype, device, LoraSettings(r=lora_r))
+        lm, tokenizer = load_model(model, dtype, device, LoraConfig(r=lora_r))
     else:
         loaded = load_policy(model, dtype, device)
         lm, tokenizer = loaded.model, loaded.tokenizer

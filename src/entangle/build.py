@@ -31,7 +31,7 @@ from entangle.errors import DataError, TrainingError
 from entangle.hooks import HookContext, LoopCallback, StepHook, split
 from entangle.logps import Policy
 from entangle.mitigations import PairwiseNormalizer, make_token_mask
-from entangle.models import LoraSettings, check_fits_context, count_parameters, is_peft, load_model
+from entangle.models import LoraConfig, check_fits_context, count_parameters, is_peft, load_model
 from entangle.reference import Reference, make_reference, precompute_reference
 from entangle.rundir import check_output_dir, git_sha, is_run, prepare_run_dir
 from entangle.step import Objective, StepParts, objective
@@ -353,7 +353,7 @@ def _assemble(cfg: DictConfig, acc, resume_from: str | None, hooks: Sequence, tr
     tc, mc = cfg.train, cfg.model
     acc.wait_for_everyone()
     set_seed(tc.seed)
-    lora = LoraSettings(**OmegaConf.to_container(mc.lora))
+    lora = LoraConfig(**OmegaConf.to_container(mc.lora))
     dtype = precision(mc.dtype, acc.device.type == "cuda")[0]
     model, tokenizer = load_model(mc.name, dtype, str(acc.device), lora, mc.trust_remote_code, seed=tc.seed)
     check_fits_context(model, cfg.data.max_length, "data.max_length")

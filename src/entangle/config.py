@@ -379,8 +379,7 @@ def validate(cfg: DictConfig) -> None:
         if alpha is None or tau is None:
             raise ConfigError("reference.type=trust_region needs reference.alpha and reference.tau "
                               "(or use the presets soft / hard)")
-        if not 0 <= alpha <= 1 or tau < 1:
-            raise ConfigError(f"reference.alpha must be in [0, 1] and reference.tau >= 1 (got {alpha}, {tau})")
+        check_trust_region(alpha, tau)
     elif cfg.reference.alpha is not None or cfg.reference.tau is not None:
         raise ConfigError("reference.alpha and reference.tau apply only to reference.type=trust_region, "
                           "soft or hard; a precomputed or frozen reference never moves")
@@ -408,6 +407,18 @@ def _validate_generation(g, eval_data) -> None:
 
 
 TR_PRESETS = {"trust_region": (None, None), "soft": (0.6, 1), "hard": (1.0, 512)}
+
+
+def check_trust_region(alpha, tau, where: str = "reference.") -> None:
+    """The one check of a moving reference's settings (config, `TrustRegionReference`, TRL's callback): alpha in
+    `RANGES["reference.alpha"]`, tau a whole number in `RANGES["reference.tau"]`."""
+    import math
+
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or \
+            alpha not in RANGES["reference.alpha"]:
+        raise ConfigError(f"{where}alpha must be {RANGES['reference.alpha']} (got {alpha!r})")
+    if isinstance(tau, bool) or not isinstance(tau, int) or tau not in RANGES["reference.tau"]:
+        raise ConfigError(f"{where}tau must be a whole number {RANGES['reference.tau']} (got {tau!r})")
 
 
 def trust_region(cfg: DictConfig) -> tuple[float | None, int | None]:

@@ -28,7 +28,7 @@ from entangle.data import Text, encode_prompt, missing_file, read_prompts
 from entangle.batching import Batch, pad_sequences
 from entangle.errors import DataError, ModelError
 from entangle.logps import sequence_logps
-from entangle.models import LoraSettings, load_model
+from entangle.models import LoraConfig, load_model
 from entangle.reference import Reference, TrustRegionReference
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def load_policy(spec: str, dtype: str = "auto", device: str = "cpu", trust_remot
         # a run folder is data from elsewhere: it cannot turn on code execution by itself
         raise ModelError(f"{os.path.join(run_dir, 'config.yaml')} asks for model.trust_remote_code; a run folder "
                          "cannot turn remote code on: pass trust_remote_code=True yourself, only for a model you trust")
-    lora = LoraSettings(**OmegaConf.to_container(mc.lora))
+    lora = LoraConfig(**OmegaConf.to_container(mc.lora))
     model, tok = load_model(mc.name, dtype, device, lora, trust_remote_code, seed=cfg.train.seed)
     load_weights(model, folder)
     return LoadedPolicy(model.eval(), tok, spec, mc.name, cfg.train.seed, lora.r > 0)

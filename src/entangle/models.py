@@ -1,7 +1,7 @@
 """Load a policy and its tokenizer: built-in offline names, local folders, hub ids, LoRA.
 
     model, tokenizer = load_model("tiny")                      # random-init Llama, byte tokenizer
-    model, tokenizer = load_model("smollm2-135m", lora=LoraSettings(r=8))
+    model, tokenizer = load_model("smollm2-135m", lora=LoraConfig(r=8))
     model, tokenizer = load_model("/path/or/hub-id", dtype="bfloat16")
 
 Built-in names: `tiny` (Llama, untied), `tiny-gpt2` (GPT-2, tied embeddings), `smollm2-135m`
@@ -17,10 +17,10 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 
 import torch
 
+from entangle.config import LoraConfig
 from entangle.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -32,13 +32,6 @@ CHATML_TEMPLATE = (
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
-
-@dataclass
-class LoraSettings:
-    r: int = 0  # 0 disables LoRA
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 def cache_dir() -> str:
@@ -270,7 +263,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(name: str, dtype: str = "auto", device: str = "cpu", lora: LoraSettings | None = None,
+def load_model(name: str, dtype: str = "auto", device: str = "cpu", lora: LoraConfig | None = None,
                trust_remote_code: bool = False, seed: int = 0, tokenizer=None):
     """Return `(model, tokenizer)`; the model is on `device` in train mode, LoRA-wrapped if asked."""
     tokenizer = tokenizer or load_tokenizer(name, trust_remote_code)
@@ -299,15 +292,16 @@ def load_model(name: str, dtype: str = "auto", device: str = "cpu", lora: LoraSe
     return model, tokenizer
 
 
-def apply_lora(model, lora: LoraSettings):
-    from peft import LoraConfig, get_peft_model
+def apply_lora(model, lora: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
 
     present = {n.split(".")[-1] for n, _ in model.named_modules()}
     missing = [m for m in lora.target_modules if m not in present]
     if missing:
         raise ModelError(f"model.lora.target_modules {missing} not found in the model; it has e.g. "
                          f"{', '.join(sorted(m for m in present if m.endswith('proj') or m.startswith('c_'))[:8])}")
-    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+    cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                      target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(model, cfg)
 

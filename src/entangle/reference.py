@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from entangle.data import TokenizedPair
 from entangle.batching import Batch, collate
+from entangle.config import check_trust_region
 from entangle.errors import ConfigError
 from entangle.logps import Policy, sequence_logps
 from entangle.models import cache_dir, is_peft
@@ -224,8 +225,7 @@ class TrustRegionReference(_ModelReference):
     kind = "trust_region"
 
     def __init__(self, policy, alpha: float, tau: int):
-        if not 0.0 <= alpha <= 1.0 or tau < 1:
-            raise ValueError(f"trust-region reference needs 0 <= alpha <= 1 and tau >= 1 (got {alpha}, {tau})")
+        check_trust_region(alpha, tau, "trust-region reference: ")
         self.alpha, self.tau, self.updates = float(alpha), int(tau), 0
         self.lora = self.shared = is_peft(policy)
         if self.lora:

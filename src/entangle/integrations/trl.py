@@ -30,6 +30,7 @@ from transformers import TrainerCallback
 from entangle import losses
 from entangle.batching import Batch
 from entangle.diagnostics.probe import EntanglementProbe
+from entangle.config import check_trust_region
 from entangle.errors import ConfigError
 from entangle.logps import PairLogps, response_logps, split_model
 from entangle.models import is_peft, set_activation_checkpointing
@@ -316,10 +317,7 @@ class TrustRegionCallback(TrainerCallback):
     log-probs reach the loss as TRL's precomputed reference log-probs."""
 
     def __init__(self, alpha: float = 0.6, tau: int = 1, trainer=None):
-        if not 0.0 <= alpha <= 1.0:
-            raise ConfigError(f"TrustRegionCallback: alpha must be in [0, 1] (got {alpha!r})")
-        if not isinstance(tau, int) or tau < 1:
-            raise ConfigError(f"TrustRegionCallback: tau must be an integer >= 1 (got {tau!r})")
+        check_trust_region(alpha, tau, "TrustRegionCallback: ")
         self.alpha, self.tau, self.trainer = alpha, tau, trainer
         self.reference = None
 
