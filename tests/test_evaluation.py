@@ -9,7 +9,7 @@ import torch
 
 from entangle import config, models
 from entangle.errors import ConfigError, ModelError
-from entangle.evaluation import Judge, checked_scores, distinct_2, get_scorer, score_samples, summarise
+from entangle.evaluation import Judge, checked_scores, distinct_2, get_scorer, sample_figures, score_samples
 from entangle.loop import train
 from conftest import write_jsonl
 
@@ -29,7 +29,7 @@ def test_summary_figures_by_hand():
     samples = [{"score": 1.0, "logp": -1.0, "logp_initial": -2.0, "win": 1.0, "tokens": 4, "completion": "a b a b"},
                {"score": 0.0, "logp": -1.0, "logp_initial": -4.0, "win": 0.5, "tokens": 2, "completion": "a b"},
                {"score": 0.5, "logp": -2.0, "logp_initial": -4.0, "win": 0.0, "tokens": 3, "completion": ""}]
-    f = summarise(samples)
+    f = sample_figures(samples)
     assert f["gold/mean"] == pytest.approx(0.5) and f["gold/mean_se"] == pytest.approx(0.5 / 3 ** 0.5)
     assert f["kl/initial"] == pytest.approx(2.0) and f["kl/initial_n"] == 3
     assert f["win_rate"] == pytest.approx(0.5) and f["length/mean"] == pytest.approx(3.0)
@@ -255,7 +255,7 @@ def test_kl_of_a_bf16_model_against_a_separate_copy_of_itself_is_zero():
     """bfloat16 on CPU: the policy and the initial policy are two loads of the same weights. Both sides are
     scored by the same teacher-forced forward in the same batches, so the KL estimate is 0 (the sampling
     forward's own log-probs differ from a full forward's by ~1e-2 per token in bf16: a biased KL)."""
-    from entangle.evaluation import evaluate
+    from entangle.evaluation import evaluate_policy as evaluate
     from entangle.generation import load_policy, load_prompts
 
     policy, initial = load_policy("tiny", dtype="bfloat16"), load_policy("tiny", dtype="bfloat16")

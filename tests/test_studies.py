@@ -79,7 +79,7 @@ def test_summarise_uses_the_second_half_and_held_out_rows():
                      "entanglement/pred_dlogp_l": -0.2, "entanglement/real_dlogp_l": -0.3})
     rows[-1].update({"eval/logps/chosen": -1.5, "eval/logps/rejected": -4.0, "eval/rewards/margins": 0.2,
                      "eval/rewards/accuracies": 0.75})
-    s = sentiment.summarise(rows)
+    s = sentiment.config_result(rows)
     assert s["cos_last_half"] == pytest.approx(0.3) and s["inner_last_half"] == pytest.approx(0.6)
     assert s["heldout_logps_chosen"] == [-1.0, -1.5] and s["heldout_logps_rejected"] == [-2.0, -4.0]
     assert s["case_fractions"]["case1"] == pytest.approx(0.75)

@@ -22,7 +22,7 @@ from entangle import memory
 from entangle.errors import DataError
 from entangle.evaluation import check_scorer_source, check_scorer_spec, get_scorer, write_evaluation
 from entangle.models import check_fits_context, check_source
-from entangle.evaluation import evaluate as evaluate_policy
+from entangle.evaluation import evaluate_policy
 from entangle.generation import generate as generate_rows
 from entangle.generation import (check_sampling, load_initial, load_moving_reference, load_policy, load_prompts,
                                  resolve, write_samples)
@@ -236,7 +236,7 @@ def scan(model: str, data: str, out: str | None = None, **options) -> dict:
                          s.progress)
     summary = {"model": model, "data": data, "loss": s.loss, "method": s.method, "max_length": s.max_length,
                "gradient_over": measured, "pairs_read": len(examples), "pairs_dropped": stats.n_dropped,
-               **scanning.summarise(rows)}
+               **scanning.scan_summary(rows)}
     result = {"rows": rows, "summary": summary, "kept": None}
     if s.filtering or s.keep_path:
         result["kept"] = _write_kept(rows, summary, data, out, s)

@@ -1,7 +1,7 @@
 """Judging a policy on its own samples: gold scorers, KL from the initial policy, win rate, length, diversity.
 
     scorer = get_scorer("vader")                     # vader | rm:PATH | python:module:function | judge:PATH
-    figures, samples = evaluate(policy, prompts, scorer, initial=initial, n=1, max_new_tokens=64)
+    figures, samples = evaluate_policy(policy, prompts, scorer, initial=initial, n=1, max_new_tokens=64)
     figures["gold/mean"], figures["kl/initial"], figures["win_rate"]     # each with _se and _n
 
 KL(pi || pi_init) is estimated from the policy's own samples y ~ pi(.|x) as the mean over samples of
@@ -224,7 +224,7 @@ def _figure(out: dict, name: str, values: Sequence[float]) -> None:
     out[f"{name}_n"] = len(values)
 
 
-def summarise(samples: Sequence[dict]) -> dict:
+def sample_figures(samples: Sequence[dict]) -> dict:
     """The evaluation figures of scored samples (`score`, `logp`, `logp_initial`, `win`, `tokens`, `completion`)."""
     out: dict = {}
     if samples and "score" in samples[0]:
@@ -290,7 +290,7 @@ def baseline_samples(model, tokenizer, prompts: Sequence, gen: dict) -> list[dic
     return rows
 
 
-def evaluate(policy: LoadedPolicy, prompts: Sequence, scorer: Scorer, initial: LoadedPolicy | None = None,
+def evaluate_policy(policy: LoadedPolicy, prompts: Sequence, scorer: Scorer, initial: LoadedPolicy | None = None,
              baseline: LoadedPolicy | None = None, samples: list[dict] | None = None, reference=None,
              **gen) -> tuple[dict, list[dict]]:
     """Sample (or reuse `samples`), score, and compare with the initial policy -> (figures, samples).
@@ -326,7 +326,7 @@ def evaluate(policy: LoadedPolicy, prompts: Sequence, scorer: Scorer, initial: L
         base_rows = baseline_samples(baseline.model, baseline.tokenizer,
                                      [s["prompt"] for s in samples if s["sample"] == 0], {**gen, "n": n})
     score_samples(samples, scorer, base_rows)
-    return summarise(samples), samples
+    return sample_figures(samples), samples
 
 
 def write_evaluation(out: str, figures: dict, samples: list[dict], meta: dict) -> str:
@@ -380,4 +380,4 @@ class GenerationEval(LoopCallback):
         rows = gather_object(rows) if acc.num_processes > 1 else rows
         if ctx.is_main:
             write_samples(os.path.join(ctx.run_dir, "samples", f"step-{ctx.step}.jsonl"), rows)
-        return {f"eval/{k}": v for k, v in summarise(rows).items()}
+        return {f"eval/{k}": v for k, v in sample_figures(rows).items()}

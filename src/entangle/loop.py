@@ -83,7 +83,7 @@ def fit(run: Run, callbacks: Sequence[Callable[[dict, StopFlag], None]] = ()) ->
     name = os.path.join(*os.path.normpath(os.path.abspath(tc.output_dir)).split(os.sep)[-2:])
     progress = Progress(run.is_main and run.cfg.tracking.progress, start_step, run.total_steps, name)
     if tc.eval_at_start and start_step == 0 and (run.eval_pairs or any(h.evaluates(0) for h in run.loop_callbacks)):
-        metrics_log.write({"step": 0, "epoch": 0.0, **evaluate(run, 0)})
+        metrics_log.write({"step": 0, "epoch": 0.0, **evaluate_heldout(run, 0)})
     try:
         for step in range(start_step + 1, run.total_steps + 1):
             t_step = time.time()
@@ -104,7 +104,7 @@ def fit(run: Run, callbacks: Sequence[Callable[[dict, StopFlag], None]] = ()) ->
             nonfinite_run = nonfinite_run + 1 if row.get("skipped_nonfinite") else 0
             if (run.eval_pairs and (step == run.total_steps or (tc.eval_every and step % tc.eval_every == 0))) \
                     or any(h.evaluates(step) for h in run.loop_callbacks):
-                last_eval = evaluate(run, step)
+                last_eval = evaluate_heldout(run, step)
                 row.update(last_eval)
             if step % tc.log_every == 0 or step == run.total_steps or row.get("skipped_nonfinite"):
                 log_row(run, metrics_log, row, step)
@@ -165,7 +165,7 @@ def step_row(run: Run, step: int, metrics: Metrics, seconds: float) -> dict:
     return row
 
 
-def evaluate(run: Run, step: int) -> dict:
+def evaluate_heldout(run: Run, step: int) -> dict:
     """Held-out pair metrics (`eval/...`), every process over its share, plus what hooks add."""
     acc, tc, pairs = run.accelerator, run.cfg.train, run.eval_pairs
     run.policy.eval()
@@ -311,4 +311,4 @@ class Progress:
             self.bar.close()
 
 
-__all__ = ["train", "fit", "build", "RunResult", "StopFlag", "evaluate"]
+__all__ = ["train", "fit", "build", "RunResult", "StopFlag", "evaluate_heldout"]

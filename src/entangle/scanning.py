@@ -279,7 +279,7 @@ def filtered_name(source: str) -> str:
     return "kept.jsonl"
 
 
-def summarise(rows: Sequence[dict]) -> dict:
+def scan_summary(rows: Sequence[dict]) -> dict:
     """Counts, case shares and quantiles of the main statistics."""
     n = len(rows)
     out = {"pairs": n, "cases": {str(c): sum(r["case"] == c for r in rows) / max(n, 1) for c in (0, 1, 2, 3)}}

@@ -177,7 +177,7 @@ class Objective:
         return pair_forward(parts.model, parts.loss_fn, parts.reference, batch, parts.initial, hooks, parts.mask_l1,
                             pack)
 
-    def evaluate(self, model, loss_fn, reference, batch, initial, mask_l1) -> Metrics:
+    def heldout_metrics(self, model, loss_fn, reference, batch, initial, mask_l1) -> Metrics:
         return pair_forward(model, loss_fn, reference, batch, initial, mask_l1=mask_l1, train=False)[1]
 
     def complete(self, row: dict) -> dict:
@@ -207,7 +207,7 @@ class Unpaired(Objective):
         return unpaired_forward(parts.model, parts.loss_fn, parts.reference, batch, self.z0,
                                 self.reference_logps.pop(id(batch)), parts.initial, hooks)
 
-    def evaluate(self, model, loss_fn, reference, batch, initial, mask_l1) -> Metrics:
+    def heldout_metrics(self, model, loss_fn, reference, batch, initial, mask_l1) -> Metrics:
         return unpaired_forward(model, loss_fn, reference, batch, initial=initial)[1]
 
     def complete(self, row: dict) -> dict:
@@ -308,4 +308,4 @@ def train_step(parts: StepParts, micro_batches: Sequence[Batch], step: int) -> t
 def eval_batch(model, loss_fn: Loss, reference: Reference, batch: Batch, initial: Reference | None = None,
                mask_l1: float = 0.0) -> Metrics:
     """Metric sums of one held-out batch (never updates loss state)."""
-    return objective(loss_fn).evaluate(model, loss_fn, reference, batch, initial, mask_l1)
+    return objective(loss_fn).heldout_metrics(model, loss_fn, reference, batch, initial, mask_l1)

@@ -108,7 +108,7 @@ def run(out: str = "runs/compare", losses: tuple[str, ...] = DEFAULT_LOSSES, qui
     for name, own in runs:
         log.info("compare: %s (%d steps)", name, steps)
         rows = run_once([*base, *own, *extra], os.path.join(out, name))
-        results[name] = summarise(rows, _pair_rows(os.path.join(out, name)))
+        results[name] = loss_result(rows, _pair_rows(os.path.join(out, name)))
     summary = {"study": "compare", "model": label, "steps": steps, "lr": lr, "seed": seed,
                "data": {"train": train_src, "eval": eval_src}, "params": per_loss,
                "runs": {n: n for n in results}, "results": results,
@@ -125,7 +125,7 @@ def _pair_rows(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def summarise(rows: list[dict], pairs: list[dict]) -> dict:
+def loss_result(rows: list[dict], pairs: list[dict]) -> dict:
     """Held-out log-prob changes and accuracy vs the initial policy; case fractions; mean d_w/d_l;
     how often a pair's chosen log-prob actually rose in a step."""
     evals = [r for r in rows if "eval/logps/chosen" in r]

@@ -172,7 +172,7 @@ def run(s: Settings | None = None, report: bool = True) -> dict:
                     auroc[a].append(auc([sign * r[key] for r in rows], [realised[r["index"]] < 0 for r in rows]))
     summary = analyse(change, wrong, drops, auroc, start, s)
     summary.update({"study": "scan-filter", "model": s.model, "policy": policy, "settings": asdict(s),
-                    "scan": scanning.summarise(rows), "runs": {arm: os.path.join("seed-0", arm) for arm in ARMS}})
+                    "scan": scanning.scan_summary(rows), "runs": {arm: os.path.join("seed-0", arm) for arm in ARMS}})
     summary["verdict"] = headline(summary)
     return write_summary(s.out, summary, report, f"Scan filters against likelihood displacement: {s.model}")
 

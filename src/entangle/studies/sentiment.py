@@ -110,14 +110,14 @@ def run(out: str = "runs/sentiment", model: str = "tiny", configs: tuple[str, ..
                "diagnostics.entanglement.realised=true", *data, *extra]
         start, test = os.path.join(sft_dir, "final"), source(c, "test", s["n_test"], seed)
         adamw_rows = run_once(dpo, dpo_dir)
-        results[c] = summarise(adamw_rows)
+        results[c] = config_result(adamw_rows)
         start_view = heldout_token_logps(start, *heldout_key(dpo_dir))   # the SFT model's view, made once
         results[c]["heldout_token_changes"] = token_changes(start_view, dpo_dir)
         if "sgd" in optimizers:
             sgd_lrs[c] = sgd_lr(adamw_rows, CALIBRATION_STEPS)
             log.info("sentiment study, %s: DPO with SGD at lr %.4g (matched to AdamW's margin movement)", c, sgd_lrs[c])
             sgd_dir = os.path.join(out, f"{c}-sgd")
-            sgd[f"{c}-sgd"] = summarise(run_once([*dpo, "optimizer.name=sgd", f"optimizer.lr={sgd_lrs[c]:.6g}",
+            sgd[f"{c}-sgd"] = config_result(run_once([*dpo, "optimizer.name=sgd", f"optimizer.lr={sgd_lrs[c]:.6g}",
                                                   "optimizer.momentum=0", "optimizer.weight_decay=0",
                                                   "train.max_grad_norm=null"], sgd_dir))
             sgd[f"{c}-sgd"]["heldout_token_changes"] = token_changes(start_view, sgd_dir)
@@ -126,7 +126,7 @@ def run(out: str = "runs/sentiment", model: str = "tiny", configs: tuple[str, ..
             for m in mitigations:
                 log.info("sentiment study, long suffix with the %s mitigation", m)
                 m_dir = os.path.join(out, f"long-{m}")
-                mitigated[f"long-{m}"] = summarise(run_once([*dpo, *MITIGATION_OVERRIDES[m]], m_dir))
+                mitigated[f"long-{m}"] = config_result(run_once([*dpo, *MITIGATION_OVERRIDES[m]], m_dir))
                 mitigated[f"long-{m}"]["heldout_token_changes"] = token_changes(start_view, m_dir)
     summary = {"study": "sentiment", "model": model, "seed": seed, "settings": s,
                "responses": {c: list(synthetic.RESPONSES[c]) for c in configs},
@@ -157,7 +157,7 @@ def sgd_lr(adamw_rows: list[dict], steps: int = 5) -> float:
     return moved / per_lr
 
 
-def summarise(rows: list[dict]) -> dict:
+def config_result(rows: list[dict]) -> dict:
     """Held-out log-probs at the start and end, the last half's mean cosine, the case fractions."""
     evals = [r for r in rows if "eval/logps/chosen" in r]
     diag = [r for r in rows if "entanglement/cos" in r]
