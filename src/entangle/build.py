@@ -21,7 +21,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from entangle import losses, synthetic
-from entangle.checkpoint import hf_model, is_sharded, resolve_resume
+from entangle.checkpoint import hf_model, resolve_resume
+from entangle.engine import is_deepspeed, is_sharded
+from entangle.engine import kind as engine_kind
 from entangle.config import reference_type, trust_region, validate
 from entangle.data import (check_labels, missing_file, parse_kto, parse_pair, read_examples, tokenize_pairs,
                            tokenize_unpaired)
@@ -212,7 +214,7 @@ def make_accelerator(cfg: DictConfig):
             raise TrainingError(f"tracking.report_to={t} needs the {t} package: pip install {t}")
     acc = Accelerator(cpu=cpu, log_with=trackers or None, project_dir=cfg.train.output_dir,
                       mixed_precision=precision(cfg.model.dtype, not cpu)[1])
-    if acc.distributed_type.name == "DEEPSPEED":
+    if is_deepspeed(acc):
         _deepspeed_settings(acc, cfg.train)
     return acc
 
@@ -294,7 +296,7 @@ def make_generation_eval(cfg: DictConfig, model, tokenizer, total_steps: int, ac
 
     g = cfg.eval.generate
     if is_sharded(acc):
-        raise TrainingError(f"eval.generate samples from the whole model, which {acc.distributed_type.name} shards; "
+        raise TrainingError(f"eval.generate samples from the whole model, which {engine_kind(acc)} shards; "
                             "run it with DDP or one process, or evaluate final/ with entangle eval")
     prompts = load_prompts(g.prompts or cfg.data.eval, cfg.data.eval_split, g.n_prompts, dict(cfg.data.columns))
     if is_peft(model):
@@ -382,7 +384,7 @@ def _assemble(cfg: DictConfig, acc, resume_from: str | None, hooks: Sequence, tr
     token_mask = make_token_mask(model, cfg.loss, acc.device)
     optimizer, scheduler = make_optimizer(cfg, model, token_mask, total_steps)
     policy, optimizer = acc.prepare(Policy(model, token_mask), optimizer)
-    sharded = acc.distributed_type.name if is_sharded(acc) else None
+    sharded = engine_kind(acc) if is_sharded(acc) else None
     if sharded:  # a LoRA reference is the policy itself: it runs the way the prepared policy runs
         for ref in refs:
             if ref is not None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from entangle.engine import is_sharded
 from entangle.errors import TrainingError
 from entangle.models import is_peft
 
@@ -46,11 +47,6 @@ MASK_FILE = "token_mask.safetensors"
 
 
 SHARDED_STATE = "sharded_state"   # FSDP/DeepSpeed checkpoints: Accelerate's per-process state folder
-
-
-def is_sharded(accelerator) -> bool:
-    """FSDP or DeepSpeed: weights and optimiser state live in shards across processes."""
-    return accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
 
 
 def hf_model(accelerator, policy):

@@ -12,7 +12,6 @@ means are exact under gradient accumulation and several processes (accuracies ne
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -20,6 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from entangle.batching import Batch
+from entangle import engine
 from entangle.hooks import StepHook, rows_needed
 from entangle.logps import CompletionLogps, PairLogps, sequence_logps
 from entangle.losses import Loss, UnpairedLoss, coefficients
@@ -229,22 +229,6 @@ def _lengths(logps: PairLogps) -> torch.Tensor:
     return torch.cat([logps.chosen_lengths, logps.rejected_lengths])
 
 
-@contextlib.contextmanager
-def _accumulating(acc, model, last: bool):
-    """Gradients synchronise (DeepSpeed: the engine steps) only on a step's last micro-batch."""
-    if last:
-        yield
-    elif acc.distributed_type.name == "DEEPSPEED":   # ZeRO-2/3 engines have no no_sync; Accelerate's flag does it
-        acc.gradient_state._set_sync_gradients(False)
-        try:
-            yield
-        finally:
-            acc.gradient_state._set_sync_gradients(True)
-    else:
-        with acc.no_sync(model):
-            yield
-
-
 def train_step(parts: StepParts, micro_batches: Sequence[Batch], step: int) -> tuple[Metrics, list[dict] | None]:
     """Forward/backward over the micro-batches, clip, step, move the reference (`step` is 1-based).
 
@@ -260,12 +244,11 @@ def train_step(parts: StepParts, micro_batches: Sequence[Batch], step: int) -> t
     goal.begin_step(parts, micro_batches)
     n_pairs = sum(b.n_rows // 2 for b in micro_batches)
     pack = not rows_needed(hooks, step)             # per-row hooks read two rows per pair
-    # DeepSpeed's engine divides by its accumulation count itself, and steps inside the last backward.
-    scale = len(micro_batches) if acc.distributed_type.name == "DEEPSPEED" else 1
+    scale = engine.loss_scale(acc, len(micro_batches))
     metrics = Metrics()
     for i, batch in enumerate(micro_batches):
         # 2. Gradients synchronise across processes only on the last micro-batch.
-        with _accumulating(acc, model, last=i == len(micro_batches) - 1):
+        with engine.accumulating(acc, model, last=i == len(micro_batches) - 1):
             # 3. Policy forward, reference log-probs if the loss has one, per-pair (per-example) loss.
             for h in hooks:
                 h.before_forward(batch)
