@@ -142,3 +142,22 @@ def test_a_resumed_tr_dpo_run_continues_the_reference(tiny_folder, tmp_path, pef
     a, b = whole.reference.state()[1], resumed.reference.state()[1]
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_the_private_trainer_hooks_are_in_one_place_and_checked():
+    """The TRL these tests run against is a tested release (add it to TESTED_TRL when upgrading), and a trainer
+    without the private parts entangle uses is refused in one line."""
+    import re
+
+    from entangle.integrations import trl as integration
+
+    assert ".".join(trl.__version__.split(".")[:2]) in integration.TESTED_TRL
+
+    class NotATrainer:
+        _metrics = {}
+
+    with pytest.raises(ConfigError, match=r"has no trainer\._compute_loss; entangle's callbacks were tested"):
+        integration.TrainerHooks(NotATrainer(), "EntanglementCallback")
+    source = open(integration.__file__).read()
+    outside = source[source.index("class EntanglementCallback"):]
+    assert not re.search(r"trainer\._compute_loss\s*=|_metrics\[", outside)   # only TrainerHooks touches them

@@ -18,7 +18,6 @@ exactly), and feeds its log-probs to the trainer as precomputed reference log-pr
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -52,15 +51,55 @@ LOSS_TYPES = {
 log = logging.getLogger(__name__)
 
 
-def find_trainer():
-    """The `transformers.Trainer` whose callback is running (found on the call stack)."""
-    from transformers import Trainer
+TESTED_TRL = ("1.16",)   # the TRL releases tests/test_trl.py runs against (the private hooks below are theirs)
 
-    for frame in inspect.stack()[1:]:
-        candidate = frame.frame.f_locals.get("self")
-        if isinstance(candidate, Trainer):
-            return candidate
-    raise ConfigError("entangle's TRL callbacks run inside a Trainer; pass trainer=... when calling them by hand")
+
+class TrainerHooks:
+    """The one place entangle reaches into a TRL trainer's private parts: its `_compute_loss` (to see each
+    micro-batch and feed a moving reference's log-probs), its `_metrics` (to put `entanglement/*` into TRL's own
+    logs), and finding the trainer when a callback was not given one. Public callback arguments cover the rest.
+    Checked once: a TRL without these parts is one line; a TRL release that was not tested is said once."""
+
+    def __init__(self, trainer, who: str):
+        import trl
+
+        missing = [a for a in ("_compute_loss", "_metrics") if not hasattr(trainer, a)]
+        if missing:
+            raise ConfigError(f"{who}: this TRL ({trl.__version__}) has no trainer.{missing[0]}; entangle's callbacks "
+                              f"were tested with TRL {', '.join(TESTED_TRL)}")
+        if ".".join(trl.__version__.split(".")[:2]) not in TESTED_TRL:
+            log.warning("%s: TRL %s is not a tested release (tested: %s); if the trainer's private parts changed, "
+                        "the callback says so in one line", who, trl.__version__, ", ".join(TESTED_TRL))
+        self.trainer, self.original = trainer, trainer._compute_loss
+
+    @staticmethod
+    def find(trainer, who: str):
+        """`trainer` when given, else the `transformers.Trainer` whose callback is running (from the call stack:
+        TRL passes callbacks the model, never the trainer)."""
+        if trainer is not None:
+            return trainer
+        import inspect
+
+        from transformers import Trainer
+
+        for frame in inspect.stack()[2:]:
+            candidate = frame.frame.f_locals.get("self")
+            if isinstance(candidate, Trainer):
+                return candidate
+        raise ConfigError(f"{who} runs inside a Trainer; pass trainer=... when calling it by hand")
+
+    def wrap_compute_loss(self, wrapper) -> None:
+        """`trainer._compute_loss(model, inputs, return_outputs)` becomes `wrapper(original, model, inputs, ...)`."""
+        original = self.trainer._compute_loss
+        self.trainer._compute_loss = lambda model, inputs, return_outputs=False: wrapper(original, model, inputs,
+                                                                                         return_outputs)
+
+    def log(self, key: str, value: float) -> None:
+        """A number in TRL's own training logs (averaged over its logging steps, as TRL's own metrics)."""
+        self.trainer._metrics["train"][key].append(value)
+
+    def restore(self) -> None:
+        self.trainer._compute_loss = self.original
 
 
 def trainer_loss(trainer) -> losses.Loss:
@@ -166,7 +205,7 @@ class EntanglementCallback(TrainerCallback):
 
     # -- set-up
     def on_train_begin(self, args, state, control, **kwargs):
-        trainer = self.trainer = self.trainer or find_trainer()
+        trainer = self.trainer = TrainerHooks.find(self.trainer, type(self).__name__)
         import trl.trainer.utils as trl_utils
 
         if not hasattr(trl_utils, "add_fused_lm_head"):
@@ -187,8 +226,8 @@ class EntanglementCallback(TrainerCallback):
         if getattr(trainer, "ref_model", None) is not None:
             ref = trainer.accelerator.unwrap_model(trainer.ref_model)
             self._patch(ref, policy=False)
-        self._compute_loss = trainer._compute_loss
-        trainer._compute_loss = self._wrapped_compute_loss
+        self.hooks = TrainerHooks(trainer, "EntanglementCallback")
+        self.hooks.wrap_compute_loss(self._wrapped_compute_loss)
         if trainer.accelerator.is_main_process:
             os.makedirs(self.output_dir, exist_ok=True)
             for name in ("entanglement.jsonl", "metrics.jsonl"):
@@ -219,14 +258,14 @@ class EntanglementCallback(TrainerCallback):
         module.forward = forward
         self._restore = getattr(self, "_restore", []) + [(module, fused)]
 
-    def _wrapped_compute_loss(self, model, inputs, return_outputs=False):
+    def _wrapped_compute_loss(self, compute_loss, model, inputs, return_outputs=False):
         if self.active and model.training:
             self.batch = pair_batch(inputs)
             self.reference_sums = self.policy_sums = None
             if "ref_chosen_logps" in inputs:
                 self.reference_sums = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).detach()
             self.probe.before_forward(self.batch)
-        return self._compute_loss(model, inputs, return_outputs)
+        return compute_loss(model, inputs, return_outputs)
 
     # -- each step
     def on_step_begin(self, args, state, control, **kwargs):
@@ -277,7 +316,7 @@ class EntanglementCallback(TrainerCallback):
         step = state.global_step + 1
         for key, value in means.items():
             if key.startswith("entanglement/"):
-                self.trainer._metrics["train"][key].append(value)
+                self.hooks.log(key, value)
         rows = gather_object([{"step": step, "process": acc.process_index, **r} for r in rows])
         if acc.is_main_process:
             with open(os.path.join(self.output_dir, "entanglement.jsonl"), "a") as f:
@@ -304,8 +343,8 @@ class EntanglementCallback(TrainerCallback):
         for module, fused in getattr(self, "_restore", []):
             module.forward = fused
         self._restore = []
-        if self.trainer is not None and getattr(self, "_compute_loss", None) is not None:
-            self.trainer._compute_loss = self._compute_loss
+        if getattr(self, "hooks", None) is not None:
+            self.hooks.restore()
 
 
 REFERENCE_FILE = "entangle_reference.safetensors"
@@ -324,29 +363,29 @@ class TrustRegionCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         from entangle.reference import TrustRegionReference
 
-        trainer = self.trainer = self.trainer or find_trainer()
+        trainer = self.trainer = TrainerHooks.find(self.trainer, type(self).__name__)
         if getattr(args, "sync_ref_model", False):
             raise ConfigError("TrustRegionCallback replaces TRL's sync_ref_model; set sync_ref_model=False")
         lm = trainer.accelerator.unwrap_model(trainer.model)
         self.reference = TrustRegionReference(lm, self.alpha, self.tau)
         if state.global_step > 0:   # resumed: the reference where the checkpoint left it
             self._load(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
-        self._compute_loss = trainer._compute_loss
+        self.hooks = TrainerHooks(trainer, "TrustRegionCallback")
         self._precompute = trainer.precompute_ref_logps
         trainer.precompute_ref_logps = True          # the loss reads the reference from the inputs we fill
-        trainer._compute_loss = self._wrapped_compute_loss
+        self.hooks.wrap_compute_loss(self._wrapped_compute_loss)
 
-    def _wrapped_compute_loss(self, model, inputs, return_outputs=False):
+    def _wrapped_compute_loss(self, compute_loss, model, inputs, return_outputs=False):
         with torch.no_grad():
             ref = self.reference.logps(pair_batch(inputs)).detach()
         chosen, rejected = ref.chunk(2)
-        return self._compute_loss(model, {**inputs, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected},
-                                  return_outputs)
+        return compute_loss(model, {**inputs, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected},
+                            return_outputs)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.reference.after_step(state.global_step, self.trainer.accelerator.unwrap_model(self.trainer.model))
         for key, value in self.reference.metrics().items():
-            self.trainer._metrics["train"][key].append(value)
+            self.hooks.log(key, value)
 
     def on_save(self, args, state, control, **kwargs):
         """The reference beside TRL's checkpoint (`checkpoint-N/entangle_reference.safetensors`), so a resumed run
@@ -372,12 +411,12 @@ class TrustRegionCallback(TrainerCallback):
         self.reference.load_state({"ref_updates": updates}, tensors)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.trainer is not None:
-            self.trainer._compute_loss = self._compute_loss
+        if getattr(self, "hooks", None) is not None:
+            self.hooks.restore()
             self.trainer.precompute_ref_logps = self._precompute
 
 
-__all__ = ["EntanglementCallback", "TrustRegionCallback", "LOSS_TYPES"]
+__all__ = ["EntanglementCallback", "TrustRegionCallback", "LOSS_TYPES", "TESTED_TRL"]
 
 
 def _set_aside(path: str) -> str:
