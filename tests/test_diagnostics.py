@@ -378,3 +378,33 @@ def test_entanglement_stats_takes_text_records_with_a_tokenizer():
         torch.testing.assert_close(from_text[key], from_ids[key])
     with pytest.raises(DataError, match="pair 1: give prompt_ids/chosen_ids/rejected_ids, or a prompt/chosen/"):
         entanglement_stats(model, records)
+
+
+def test_position_split_makes_each_modules_per_row_gradients_once_not_per_pair(monkeypatch):
+    """Modules without a per-position form (norms) give per-row gradients once for the whole batch: the number of
+    such computations does not grow with the number of pairs."""
+    from entangle import batching, data
+    from entangle.diagnostics.ghost import GradientRecorder, row_layout
+    from entangle.logps import sequence_logps
+
+    model, tok = models.load_model("tiny", dtype="float64")
+    calls = []
+    original = GradientRecorder._dense
+    monkeypatch.setattr(GradientRecorder, "_dense", lambda self, u, p: calls.append(1) or original(self, u, p))
+
+    def split_calls(n_pairs):
+        exs = [data.PreferenceExample(f"Q{i}: the film", " was lovely", " was awful") for i in range(n_pairs)]
+        batch = batching.collate(data.tokenize_pairs(exs, tok)[0], tok.pad_token_id)
+        rec = GradientRecorder(model)
+        rec.start(batch.n_rows, *row_layout(batch))
+        sequence_logps(model, batch, pack=False).logps.sum().backward()
+        rec.stop()
+        calls.clear()
+        parts = rec.position_split(torch.ones(batch.n_rows))
+        rec.close()
+        model.zero_grad(set_to_none=True)
+        return len(calls), len(parts)
+
+    few, many = split_calls(2), split_calls(6)
+    assert few[1] == 2 and many[1] == 6 and few[0] > 0
+    assert few[0] == many[0]

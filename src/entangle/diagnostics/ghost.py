@@ -337,13 +337,21 @@ class GradientRecorder:
         `<grad log pi_w, grad log pi_l>` (position t: the parameter-gradient terms its activations deposit,
         `G_t A_t^T` per linear layer; for the LM head, the prediction of token t+1), and `other`, the part
         of modules without a per-position form (norms). `sum(chosen) + other == inner == sum(rejected) + other`.
-        Call after `result()`; costs about one more set of the ghost products."""
+        Call after `result()`; costs about one more set of the ghost products (each module without a per-position
+        form gives its per-row gradients once for all pairs)."""
         usages = self.usages if usages is None else usages
         B = coef.numel() // 2
         T = max(u.g.shape[1] if u.g.dim() == 3 else int(u.pos.max()) + 1 if u.pos is not None else 0
                 for uses in usages.values() for u in uses)
         c = coef.double().cpu()
-        out = []
+        out, dense = [], {}   # per-row gradients of the modules without a per-position form: made once, not per pair
+
+        def rows_of(u: _Usage, p) -> torch.Tensor:
+            key = (id(u), id(p))
+            if key not in dense:
+                dense[key] = self._dense(u, p)
+            return dense[key]
+
         for i in range(B):
             w, l = i, B + i
             cw = torch.zeros(T, dtype=torch.float64)
@@ -355,8 +363,7 @@ class GradientRecorder:
                     for v in uses:
                         got = self._split(u, v, p, w, l)
                         if got is None:
-                            du, dv = self._dense(u, p), self._dense(v, p)
-                            other += float((du[w] * dv[l]).sum())
+                            other += float((rows_of(u, p)[w] * rows_of(v, p)[l]).sum())
                         else:
                             pw, pl = got
                             cw[pw[0]] += pw[1].double().cpu()
