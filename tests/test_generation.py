@@ -73,7 +73,7 @@ def test_a_run_generates_from_its_final_weights(tmp_path, lora):
     extra = ["model.lora.r=4"] if lora else []
     train(cfg(tmp_path / "run", *extra))
     policy = load_policy(str(tmp_path / "run"))
-    assert policy.lora == lora and policy.initial == "tiny"
+    assert policy.lora == lora and policy.started_from == "tiny"
     if lora:
         from peft import PeftModel
 

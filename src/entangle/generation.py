@@ -39,7 +39,7 @@ class LoadedPolicy:
     model: object
     tokenizer: object
     source: str            # what was asked for
-    initial: str | None    # how to load the policy it started from (a run's model.name), None for a plain model
+    started_from: str | None   # how to load the policy it started from (a run's model.name), None for a plain model
     seed: int = 0          # the run's train.seed (tiny models are built from it)
     lora: bool = False
 
@@ -109,10 +109,10 @@ def load_moving_reference(spec: str, policy: "LoadedPolicy"):
 
 def load_initial(policy: LoadedPolicy, dtype: str = "auto", device: str = "cpu") -> LoadedPolicy:
     """The policy a run started from (its config's model, no adapter); a plain model is its own initial policy."""
-    if policy.initial is None:
+    if policy.started_from is None:
         return policy
-    model, tok = load_model(policy.initial, dtype, device, None, seed=policy.seed)
-    return LoadedPolicy(model.eval(), tok, policy.initial, None)
+    model, tok = load_model(policy.started_from, dtype, device, None, seed=policy.seed)
+    return LoadedPolicy(model.eval(), tok, policy.started_from, None)
 
 
 def load_prompts(source: str, split: str = "train", limit: int | None = None, columns=None) -> list[Text]:

@@ -237,7 +237,7 @@ class TrustRegionReference(_ModelReference):
             self.model = copy.deepcopy(policy).eval().requires_grad_(False)
             self.master = {n: p.detach().float().clone() if p.dtype in (torch.bfloat16, torch.float16) else None
                            for n, p in self.model.named_parameters()}
-        self.initial = self.state_tensors()
+        self.initial_state = self.state_tensors()
         self._drift = 0.0
 
     # -- forward
@@ -254,7 +254,7 @@ class TrustRegionReference(_ModelReference):
 
     def initial_logps(self, batch: Batch) -> torch.Tensor:
         """LoRA only: log-probs under the initial policy (W0 + the initial deltas), at no memory cost."""
-        return self._forward(batch, context=self._context(self.initial))
+        return self._forward(batch, context=self._context(self.initial_state))
 
     def initial_policy(self, policy, pairs, pad_id: int, batch_size: int, is_main: bool = True,
                        barrier=lambda: None, without_reference: bool = False) -> Reference:
@@ -344,7 +344,7 @@ class TrustRegionReference(_ModelReference):
         now = self.state_tensors()
         total = 0.0
         for k, v in sorted(now.items()):   # a fixed order: resumed state loads in another
-            start = self.initial.get(k)
+            start = self.initial_state.get(k)
             total += float(((v - start) if start is not None else v).double().pow(2).sum())
         return total ** 0.5
 
