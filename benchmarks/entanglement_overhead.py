@@ -27,7 +27,7 @@ HH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hh-r
 
 def build_parts(model_name: str, lora: bool, data: str, batch: int, max_length: int):
     """The run entangle's own assembly makes (`entangle.build`), with the probe variants to swap in."""
-    from entangle.build import build
+    from entangle.assembly import build
 
     lora_keys = ["model.lora.r=16", "model.lora.alpha=32"] if lora else []
     cfg = config.load(None, [f"model.name={model_name}", f"data.train={data}", f"data.max_length={max_length}",

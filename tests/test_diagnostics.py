@@ -239,7 +239,7 @@ def test_batch_mean_gradient_quantities_equal_brute_force(tmp_path):
     norms and their cosine, against the sum of independent per-sequence gradients."""
     cfg = run_cfg(tmp_path / "run", "train.max_steps=1")
     train(cfg)
-    from entangle.build import load_pairs
+    from entangle.assembly import load_pairs
 
     model, tok = models.load_model("tiny", dtype="float64")
     by_index = {p.index: p for p in load_pairs(cfg.data.train, tok, cfg.data, "train", None)[0]}
@@ -319,7 +319,7 @@ def test_position_split_equals_independent_per_position_deposits(tmp_path, extra
     positions plus `other` sum to the pair's inner product."""
     cfg = run_cfg(tmp_path / "run", "train.max_steps=1", "diagnostics.entanglement.positions=true", *extra)
     train(cfg)
-    from entangle.build import load_pairs
+    from entangle.assembly import load_pairs
 
     from accelerate.utils import set_seed
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from entangle import config
-from entangle.build import build
+from entangle.assembly import build
 from entangle.hooks import StepHook
 from entangle.loop import fit, train
 from entangle.metrics import Metrics
@@ -125,7 +125,7 @@ def test_stateful_loss_learns_from_training_batches_only(tmp_path):
 def test_auto_precision_is_mixed_on_cuda_and_float32_on_cpu():
     """Pure bf16 loses small updates (no float32 master copy): `auto` trains float32 weights under bf16 autocast
     on CUDA; an explicit dtype is taken as asked."""
-    from entangle.build import precision
+    from entangle.assembly import precision
 
     assert precision("auto", cuda=True) == ("float32", "bf16")
     assert precision("auto", cuda=False) == ("float32", "no")

@@ -12,7 +12,7 @@ import torch
 
 from conftest import write_jsonl
 from entangle import batching, config, data, losses
-from entangle.build import build
+from entangle.assembly import build
 from entangle.cli import main
 from entangle.errors import ConfigError
 from conftest import naive_logps

@@ -48,7 +48,7 @@ def test_dtype_auto_is_one_rule_for_training_and_every_other_command(monkeypatch
     import torch
 
     from entangle import api
-    from entangle.build import precision as training_precision
+    from entangle.assembly import precision as training_precision
 
     assert models.precision("auto", "cuda:0") == (torch.float32, torch.bfloat16)
     assert models.precision("auto", "cpu") == (torch.float32, None)

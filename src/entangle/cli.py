@@ -276,9 +276,10 @@ def _study_scan_filter(args) -> int:
 
 def _report(args) -> int:
     from entangle.report import write_report
+    from entangle.studies import report_blocks
 
     out = args.out or (os.path.join(args.run_dirs[0], "report") if len(args.run_dirs) == 1 else "report")
-    print(f"report: {write_report(args.run_dirs, out, args.title)}")
+    print(f"report: {write_report(args.run_dirs, out, args.title, study_blocks=report_blocks)}")
     return 0
 
 

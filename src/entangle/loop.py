@@ -1,4 +1,4 @@
-"""The training loop: iterate, evaluate, checkpoint, log. Assembly is `build.py`, the maths `step.py`.
+"""The training loop: iterate, evaluate, checkpoint, log. Assembly is `assembly.py`, the maths `step.py`.
 
     result = fit(build(config.load("configs/tiny-dpo.yaml")))     # -> RunResult(run_dir, summary, status)
     result = train(cfg)                                            # the same, in one call
@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from entangle import batching
-from entangle.build import Run, build
+from entangle.assembly import Run, build
 from entangle.checkpoint import (hf_model, list_checkpoints, load_checkpoint, load_extra, save_checkpoint,
                                  save_tensors, save_weights, write_json)
 from entangle.errors import TrainingError

@@ -147,8 +147,10 @@ def discover(paths: list[str]) -> tuple[dict[str, str], list[tuple[str, dict]]]:
     return runs, studies
 
 
-def write_report(paths: list[str], out: str, title: str | None = None) -> str:
-    """Write `out/report.html` (self-contained) and `out/*.png`; return the HTML path."""
+def write_report(paths: list[str], out: str, title: str | None = None, study_blocks=None) -> str:
+    """Write `out/report.html` (self-contained) and `out/*.png`; return the HTML path. `study_blocks(summary)`
+    gives what a study renders itself (`studies.report_blocks`; the command line passes it): report.py draws runs
+    and plain blocks, and knows no study."""
     run_dirs, studies = discover(paths)
     metrics = {name: load_metrics(d) for name, d in run_dirs.items()}
     check_writable_folder(out)
@@ -158,7 +160,7 @@ def write_report(paths: list[str], out: str, title: str | None = None) -> str:
         raise DataError(f"--out {out}: cannot create it ({e.strerror})") from None
     sections = []
     for study_dir, summary in studies:
-        sections.append(_study_section(study_dir, summary))
+        sections.append(_study_section(study_dir, summary, study_blocks(summary) if study_blocks else []))
     if run_dirs:
         sections.append(_headlines(run_dirs, metrics))
         sections.append(_runs_table(run_dirs, metrics))
@@ -440,11 +442,8 @@ def _runs_table(run_dirs: dict[str, str], metrics: dict[str, list[dict]]) -> str
             + _table(["run", "status", "steps", *keys, "cases (last diagnostic step)"], rows, "runs") + "</section>")
 
 
-def _study_section(study_dir: str, summary: dict) -> str:
-    """A study's headline (`verdict`), its own figures, what it renders itself (`studies.report_blocks`),
-    and its results table."""
-    from entangle.studies import report_blocks
-
+def _study_section(study_dir: str, summary: dict, blocks: list[dict]) -> str:
+    """A study's headline (`verdict`), its own figures, the blocks it renders itself, and its results table."""
     parts = [f"<section><h2>Study: {html.escape(str(summary.get('study', '')))} "
              f"({html.escape(str(summary.get('model', '')))})</h2>"]
     if summary.get("verdict"):      # a study's own headline: what it found, first
@@ -452,7 +451,7 @@ def _study_section(study_dir: str, summary: dict) -> str:
         parts.append(f"<div class=headline><b>Finding</b><ul>{items}</ul></div>")
     for png in summary.get("figures") or []:      # figures the study drew itself, relative to its folder
         parts.append(_img(os.path.join(study_dir, png)))
-    for block in report_blocks(summary):
+    for block in blocks:
         parts.append(_block(block))
     # scalars, [start, end] pairs and case fractions; any other mapping or list is a table or a series of its own
     # (the study's blocks and figures show those)

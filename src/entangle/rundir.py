@@ -105,7 +105,10 @@ def check_outputs(folders: dict[str, str | None] = {}, files: dict[str, str | No
         if path:
             if os.path.isdir(path):
                 raise DataError(f"{option} {path} is a folder; give a file path")
-            check_writable_folder(os.path.dirname(os.path.abspath(path)), option)
+            parent = os.path.dirname(os.path.abspath(path))
+            if os.path.isfile(parent):
+                raise DataError(f"{option} {path}: {parent} is a file, not a folder; give another path")
+            check_writable_folder(parent, option)
 
 
 def refuse_overwriting_inputs(outputs: dict[str, str | None], inputs: dict[str, str | None]) -> None:

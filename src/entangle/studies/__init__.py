@@ -96,7 +96,8 @@ def write_summary(out: str, summary: dict, report: bool, title: str) -> dict:
     if report:
         from entangle.report import write_report
 
-        summary["report"] = os.path.relpath(write_report([out], os.path.join(out, "report"), title=title), out)
+        page = write_report([out], os.path.join(out, "report"), title=title, study_blocks=report_blocks)
+        summary["report"] = os.path.relpath(page, out)
         write_json(os.path.join(out, "summary.json"), summary)
     return summary
 

@@ -113,7 +113,7 @@ def outcomes(model_path: str, src: str, split: str) -> dict[str, np.ndarray]:
 
     from entangle import config
     from entangle.batching import collate
-    from entangle.build import load_pairs
+    from entangle.assembly import load_pairs
     from entangle.logps import sequence_logps
     from entangle.models import load_model
 

@@ -247,7 +247,7 @@ def token_views(run_dir: str, start_model: str, eval_source: str) -> None:
     """Exact per-token views of a few held-out pairs, before DPO (the SFT model) and after it."""
     from entangle import config
     from entangle.diagnostics.views import save_token_views
-    from entangle.build import load_pairs
+    from entangle.assembly import load_pairs
     from entangle.models import load_model
 
     data_cfg = config.load(None, ["data.max_length=96"]).data
@@ -288,7 +288,7 @@ def heldout_token_logps(model_path: str, source: str, split: str, limit, max_len
     from entangle import config
     from entangle.batching import collate
     from entangle.logps import sequence_logps
-    from entangle.build import load_pairs
+    from entangle.assembly import load_pairs
     from entangle.models import load_model
 
     model, tok = load_model(model_path, dtype="float32")
