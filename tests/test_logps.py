@@ -153,3 +153,32 @@ def test_one_function_computes_response_logps_for_every_caller(tok):
     offenders = [f.name for f in src.rglob("*.py") if f.name not in allowed
                  and re.search(r"cross_entropy\(|log_softmax\(", f.read_text())]
     assert offenders == [], offenders
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_the_chunked_head_gives_the_same_log_probs_and_gradients(tok, monkeypatch, pack):
+    """A long batch never holds [K, V] logits at once: the head runs in chunks recomputed in the backward, with
+    exactly the numbers and gradients of the whole head (float64)."""
+    from entangle import logps
+
+    model, _ = models.load_model("tiny", dtype="float64", tokenizer=tok)
+    batch = batching.collate(data.tokenize_pairs([data.PreferenceExample(*t) for t in TEXTS], tok)[0],
+                             tok.pad_token_id, pack=pack)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = sequence_logps(model, batch, pack=pack).logps
+        out.sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    whole, whole_grads = run()
+    calls = []
+    original = logps.response_logits
+    monkeypatch.setattr(logps, "HEAD_CHUNK_BYTES", 4 * model.config.vocab_size * 5)       # 5 rows a chunk
+    monkeypatch.setattr(logps, "response_logits", lambda head, cfg, h: calls.append(h.shape[0]) or
+                        original(head, cfg, h))
+    chunked, chunked_grads = run()
+    assert max(calls) <= 5 and len(calls) > 2                                           # chunks, and recomputed
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+    for a, b in zip(chunked_grads, whole_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -167,7 +167,7 @@ def test_output_dir_that_is_a_file_or_read_only_fails_before_loading(tmp_path):
 
 
 def test_a_missing_data_file_fails_before_the_model_loads(tmp_path, monkeypatch):
-    from entangle import build
+    from entangle import assembly as build
 
     monkeypatch.setattr(build, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
     with pytest.raises(TrainingError, match="data.train=.*nope.jsonl: no such file"):

@@ -30,7 +30,7 @@ LAYOUT, LISTENERS, TOLD = "entangle_head_layout", "entangle_layout_listeners", "
 @dataclass
 class HeadLayout:
     """The row layout of the response-only LM head input `[K, d]`: the batch row [K] and the sequence position
-    [K] of each head input. Set on the head module by the forward that makes it (`scored_head`), while a gradient
+    [K] of each head input. Set on the head module by the forward that makes it (`response_logps`), while a gradient
     recorder listens (`listen`); read with `head_layout(head)`."""
 
     rows: torch.Tensor
@@ -216,29 +216,47 @@ def _packed_logps(model, packed, n_rows: int) -> LogpsOut:
     mask = mask.masked_fill(~packed.allowed, torch.finfo(dtype).min)[:, None]                  # [B, 1, T, T]
     hidden = decoder(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
                      use_cache=False).last_hidden_state                                           # [B, T, d]
-    logits = response_logits(head, cfg, hidden[packed.src_row, packed.src_pos])                 # [K, V]
-    tok = -F.cross_entropy(logits, packed.targets, reduction="none")                            # [K]
+    features = hidden[packed.src_row, packed.src_pos]                                           # [K, d]
+    tok = _chunked_token_logps(head, cfg, features, packed.targets, head_chunk_rows(head))       # [K]
     logps = torch.zeros(n_rows, dtype=tok.dtype, device=tok.device).index_add(0, packed.out_row, tok)
     return LogpsOut(logps, packed.lengths, None, tokens=tok, rows=packed.out_row)
 
 
-def scored_head(parts, ids, attn, resp, **decoder_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decoder over the batch, then the LM head on the K hidden states that predict response tokens only:
-    (features [K, d], float32 logits [K, V]), K in row-major order of `resp[:, 1:]` (position t predicts token
-    t+1). `parts` is `split_model(model)`. While a gradient recorder listens, the head carries its input's row
-    layout (`head_layout(head)`) for the duration of its call."""
-    decoder, head, cfg = parts
-    N, T = ids.shape
-    target = resp[:, 1:]                                                                        # [N, T-1]
-    hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False, **decoder_kwargs).last_hidden_state
+HEAD_CHUNK_BYTES = 256 * 2**20   # float32 logits the LM head holds at once; beyond, it runs in chunks
+
+
+def _head(head, cfg, features: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Float32 logits [K, V] of the head on `features` [K, d]; while a gradient recorder listens, the head carries
+    its input's row layout (`head_layout(head)`) for the duration of its call."""
     if getattr(head, LISTENERS, 0):       # lets a gradient recorder split the [K, d] head input by row
-        setattr(head, LAYOUT, HeadLayout(torch.arange(N, device=ids.device)[:, None].expand(N, T - 1)[target],
-                                         torch.arange(T - 1, device=ids.device)[None].expand(N, T - 1)[target]))
+        setattr(head, LAYOUT, HeadLayout(rows, positions))
     try:
-        features = hidden[:, :-1][target]                                                       # [K, d]
-        return features, response_logits(head, cfg, features)                                   # [K, V]
+        return response_logits(head, cfg, features)
     finally:
         setattr(head, LAYOUT, None)
+
+
+def head_chunk_rows(head) -> int:
+    """Rows of float32 logits within `HEAD_CHUNK_BYTES` for this head's vocabulary."""
+    return max(1, HEAD_CHUNK_BYTES // (4 * head.weight.shape[0]))
+
+
+def _chunked_token_logps(head, cfg, features: torch.Tensor, targets: torch.Tensor, rows_per_chunk: int):
+    """Each scored token's log-prob [K] with never more than `rows_per_chunk` rows of logits alive: each chunk's
+    head and cross-entropy are recomputed in the backward (activation checkpointing), so the numbers and
+    gradients are exactly those of the whole head at once."""
+    from torch.utils.checkpoint import checkpoint
+
+    def piece(h, t):
+        return -F.cross_entropy(response_logits(head, cfg, h), t, reduction="none")
+
+    if features.shape[0] <= rows_per_chunk:   # fits at once: no recompute
+        return piece(features, targets)
+    outs = []
+    for a in range(0, features.shape[0], rows_per_chunk):
+        h, t = features[a : a + rows_per_chunk], targets[a : a + rows_per_chunk]
+        outs.append(checkpoint(piece, h, t, use_reentrant=False) if torch.is_grad_enabled() else piece(h, t))
+    return torch.cat(outs)
 
 
 def response_logps(model, ids, attn, resp, token_level: bool = False, token_mask=None, packed=None,
@@ -258,9 +276,17 @@ def response_logps(model, ids, attn, resp, token_level: bool = False, token_mask
     rows = torch.arange(N, device=ids.device)[:, None].expand(N, T - 1)[target]   # [K]
     targets = ids[:, 1:][target]              # [K]
     parts = split_model(model)
-    hidden = None
+    hidden = head_logits = None
     if parts is not None:
-        hidden, head_logits = scored_head(parts, ids, attn, resp, **decoder_kwargs)
+        decoder, head, cfg = parts
+        hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False,
+                         **decoder_kwargs).last_hidden_state[:, :-1][target]                       # [K, d]
+        rows_per_chunk = head_chunk_rows(head)
+        if logits or getattr(head, LISTENERS, 0) or hidden.shape[0] <= rows_per_chunk:
+            positions = torch.arange(T - 1, device=ids.device)[None].expand(N, T - 1)[target]
+            head_logits = _head(head, cfg, hidden, rows, positions)                               # [K, V]
+        else:   # a long batch: never [K, V] logits at once (exact: each chunk is recomputed in the backward)
+            tok = _chunked_token_logps(head, cfg, hidden, targets, rows_per_chunk)
     else:
         if token_mask is not None:
             raise ModelError(f"{type(model).__name__}: {MASK_NEEDS_LAYOUT}")
@@ -269,7 +295,8 @@ def response_logps(model, ids, attn, resp, token_level: bool = False, token_mask
         out = model(input_ids=ids, attention_mask=attn, use_cache=False, output_hidden_states=features)
         head_logits = upcast(out.logits[:, :-1][target])
         hidden = out.hidden_states[-1][:, :-1][target] if features else None
-    tok = -F.cross_entropy(head_logits, targets, reduction="none")                              # [K]
+    if head_logits is not None:
+        tok = -F.cross_entropy(head_logits, targets, reduction="none")                          # [K]
     logps = torch.zeros(N, dtype=tok.dtype, device=ids.device).index_add(0, rows, tok)
     token_logps = weights = masked = None
     if token_level:
