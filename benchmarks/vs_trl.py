@@ -1,11 +1,12 @@
 """entangle vs TRL's DPOTrainer: the same pairs, model, dtype, batch, max length, beta, learning rate,
-optimiser and static frozen reference, in one process, alternating blocks of steps.
+optimiser and static frozen reference, each side in its own process (a fresh interpreter per run: no state one
+trainer leaves behind can flatter the other).
 
     pip install -e ".[bench]"          # TRL and psutil
     python benchmarks/vs_trl.py                                   # SmolLM2-135M, HH, 256/512 x batch 2/4, tiny
     python benchmarks/vs_trl.py --model tiny --lengths 128 --batches 2 --steps 3 --rounds 1
 
-Prints per setting: median step time, pairs/s, tokens/s, peak RSS during the block, the step-1 loss
+Prints per setting: median step time, pairs/s, tokens/s, the child process's peak RSS (`os.wait4`), the step-1 loss
 and log-probs of each (they must agree), model FLOPs utilisation against a measured float32 matmul
 peak, and the ratio. Pairs are HH helpful-base pairs whose longer sequence fits `max_length` and
 exceeds half of it (no truncation on either side, so both see the same tokens).
@@ -15,7 +16,6 @@ Not a test: run it by hand; numbers depend on the machine.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
@@ -165,22 +165,63 @@ def _f(v, digits: int = 4) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def child(a) -> None:
+    """One side of one setting, in this (fresh) process: prints its result as one JSON line."""
+    pairs = json.load(open(a.pairs_file))
+    torch.set_num_threads(os.cpu_count() or 1)
+    result = run_entangle(a.folder, pairs, a) if a.side == "entangle" else run_trl(a.folder, pairs, a)
+    if torch.cuda.is_available():
+        result["cuda_peak"] = torch.cuda.max_memory_allocated()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def in_child(side: str, folder: str, pairs: list[dict], a) -> dict:
+    """Run one side in its own process; its result and its peak RSS (the child's own, from wait4)."""
+    import subprocess
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(pairs, f)
+    cmd = [sys.executable, __file__, "--side", side, "--folder", folder, "--pairs-file", f.name,
+           "--max-length", str(a.max_length), "--batch", str(a.batch), "--steps", str(a.steps), "--lr", str(a.lr),
+           "--beta", str(a.beta)] + ([] if a.prefix_sharing else ["--no-prefix-sharing"]) + \
+        (["--checkpointing"] if a.checkpointing else [])
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        out = proc.stdout.read()
+        _, _, usage = os.wait4(proc.pid, 0)          # this child's own resources (peak RSS in KiB on Linux)
+        proc.returncode = 0
+        err.seek(0)
+        message = err.read()[-1500:]
+    os.unlink(f.name)
+    line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        sys.exit(f"{side} failed: {message}")
+    result = json.loads(line[len("RESULT "):])
+    result["rss"] = max(result["rss"], usage.ru_maxrss * 1024)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m | tiny")
     ap.add_argument("--data", default=HH)
     ap.add_argument("--lengths", default="256,512")
     ap.add_argument("--batches", default="2,4")
-    ap.add_argument("--steps", type=int, default=3, help="optimiser steps per block (with 3 or more, the first is "
-                    "not timed)")
-    ap.add_argument("--rounds", type=int, default=1, help="TRL/entangle blocks per setting, alternating")
+    ap.add_argument("--steps", type=int, default=4, help="optimiser steps per run (the first is not timed)")
+    ap.add_argument("--rounds", type=int, default=1, help="runs of each side per setting, alternating")
     ap.add_argument("--lr", type=float, default=5e-6)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--no-prefix-sharing", dest="prefix_sharing", action="store_false")
     ap.add_argument("--checkpointing", action="store_true",
                     help="activation checkpointing in both trainers (TRL's default; off by default here)")
+    ap.add_argument("--side", help=argparse.SUPPRESS)            # the child processes
+    ap.add_argument("--folder", help=argparse.SUPPRESS)
+    ap.add_argument("--pairs-file", help=argparse.SUPPRESS)
+    ap.add_argument("--max-length", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    if a.side:
+        return child(a)
     from entangle import models
 
     if a.model == "smollm2-135m":
@@ -196,45 +237,46 @@ def main() -> None:
     n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(folder).parameters())
     peak = matmul_peak()
     print(f"# {time.strftime('%Y-%m-%d')} | {a.model} ({n_params / 1e6:.1f}M parameters) float32 | "
-          f"activation checkpointing {'on' if a.checkpointing else 'off'} | "
+          f"activation checkpointing {'on' if a.checkpointing else 'off'} | each side in its own process | "
           f"{os.cpu_count()} CPU threads | float32 matmul peak {peak / 1e9:.1f} GFLOP/s | torch {torch.__version__}")
     print("| max_length | batch | trainer | median step s | pairs/s | tokens/s | peak RSS GiB | step-1 loss | "
-          "step-1 logp chosen / rejected | step-2 loss | MFU | speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "step-1 logp chosen / rejected | step-2 loss | MFU | speed-up | memory vs TRL |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for L in (int(x) for x in a.lengths.split(",")):
         for B in (int(x) for x in a.batches.split(",")):
             a.max_length, a.batch = L, B
-            pairs = select_pairs(tok, a.data, L, B * a.steps)
-            tokens_per_step = statistics.mean(p["tokens"] for p in pairs) * B          # both responses with the prompt
-            packed_per_step = statistics.mean(p["packed_tokens"] for p in pairs) * B   # the prompt once
-            res: dict[str, list[dict]] = {"TRL": [], "entangle": []}
-            for _ in range(a.rounds):
-                # entangle first: after TRL's trainer has run in a process, a frozen reference and the
-                # policy no longer give bit-identical log-probs there (a global setting TRL leaves behind).
-                for name, fn in (("entangle", lambda: run_entangle(folder, pairs, a)),
-                                 ("TRL", lambda: run_trl(folder, pairs, a))):
-                    gc.collect()
-                    res[name].append(fn())
-            med = {}
-            for name, runs in res.items():
-                times = [t for r in runs for t in (r["times"][1:] if a.steps >= 3 else r["times"])]
-                med[name] = statistics.median(times)
-            for name, runs in res.items():
-                r, m = runs[0], med[name]
-                # model FLOPs: policy forward+backward (6N) and reference forward (2N) per token the
-                # trainer runs through the model (entangle with prefix sharing runs the prompt once)
-                ran = packed_per_step if name == "entangle" and a.prefix_sharing else tokens_per_step
-                mfu = 8 * n_params * ran / m / peak
-                up = f"{med['TRL'] / m:.2f}x" if name == "entangle" else ""
-                print(f"| {L} | {B} | {name} | {m:.2f} | {B / m:.3f} | {tokens_per_step / m:.0f} | "
-                      f"{max(x['rss'] for x in runs) / 2**30:.2f} | {r['loss1']:.6f} | "
-                      f"{_f(r['chosen1'])} / {_f(r['rejected1'])} | {_f(r['loss2'], 6)} | {mfu:.1%} | {up} |",
-                      flush=True)
-            t, e = res["TRL"][0], res["entangle"][0]
-            agree = abs(t["loss1"] - e["loss1"]) < 1e-4 and None not in (t["chosen1"], e["chosen1"]) and \
-                abs(t["chosen1"] - e["chosen1"]) < 1e-3 * abs(t["chosen1"])
-            if not agree:
-                print(f"WARNING: step-1 numbers differ at max_length {L}, batch {B}", flush=True)
+            report_setting(folder, tok, n_params, peak, a)
+
+
+def report_setting(folder: str, tok, n_params: int, peak: float, a) -> None:
+    """Both sides of one (max_length, batch) setting, each in its own process; one table row each."""
+    L, B = a.max_length, a.batch
+    pairs = select_pairs(tok, a.data, L, B * a.steps)
+    tokens_per_step = statistics.mean(p["tokens"] for p in pairs) * B          # both responses with the prompt
+    packed_per_step = statistics.mean(p["packed_tokens"] for p in pairs) * B   # the prompt once
+    res: dict[str, list[dict]] = {"TRL": [], "entangle": []}
+    for _ in range(a.rounds):
+        for name in ("entangle", "TRL"):
+            res[name].append(in_child(name.lower() if name == "TRL" else name, folder, pairs, a))
+    med = {name: statistics.median(t for r in runs for t in (r["times"][1:] if a.steps >= 3 else r["times"]))
+           for name, runs in res.items()}
+    rss = {name: max(x["rss"] for x in runs) for name, runs in res.items()}
+    for name, runs in res.items():
+        r, m = runs[0], med[name]
+        # model FLOPs: policy forward+backward (6N) and reference forward (2N) per token the trainer runs
+        # through the model (entangle with prefix sharing runs the prompt once)
+        ran = packed_per_step if name == "entangle" and a.prefix_sharing else tokens_per_step
+        mfu = 8 * n_params * ran / m / peak
+        up = f"{med['TRL'] / m:.2f}x" if name == "entangle" else ""
+        mem = f"{rss[name] / rss['TRL']:.2f}x" if name == "entangle" else ""
+        print(f"| {L} | {B} | {name} | {m:.2f} | {B / m:.3f} | {tokens_per_step / m:.0f} | "
+              f"{rss[name] / 2**30:.2f} | {r['loss1']:.6f} | {_f(r['chosen1'])} / {_f(r['rejected1'])} | "
+              f"{_f(r['loss2'], 6)} | {mfu:.1%} | {up} | {mem} |", flush=True)
+    t, e = res["TRL"][0], res["entangle"][0]
+    agree = abs(t["loss1"] - e["loss1"]) < 1e-4 and None not in (t["chosen1"], e["chosen1"]) and \
+        abs(t["chosen1"] - e["chosen1"]) < 1e-3 * abs(t["chosen1"])
+    if not agree:
+        print(f"WARNING: step-1 numbers differ at max_length {L}, batch {B}", flush=True)
 
 
 if __name__ == "__main__":
