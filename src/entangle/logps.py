@@ -217,7 +217,7 @@ def _packed_logps(model, packed, n_rows: int) -> LogpsOut:
     hidden = decoder(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
                      use_cache=False).last_hidden_state                                           # [B, T, d]
     features = hidden[packed.src_row, packed.src_pos]                                           # [K, d]
-    tok = _chunked_token_logps(head, cfg, features, packed.targets, head_chunk_rows(head))       # [K]
+    tok = _chunked_token_logps(head, cfg, features, packed.targets, head_chunk_rows(cfg))       # [K]
     logps = torch.zeros(n_rows, dtype=tok.dtype, device=tok.device).index_add(0, packed.out_row, tok)
     return LogpsOut(logps, packed.lengths, None, tokens=tok, rows=packed.out_row)
 
@@ -236,9 +236,11 @@ def _head(head, cfg, features: torch.Tensor, rows: torch.Tensor, positions: torc
         setattr(head, LAYOUT, None)
 
 
-def head_chunk_rows(head) -> int:
-    """Rows of float32 logits within `HEAD_CHUNK_BYTES` for this head's vocabulary."""
-    return max(1, HEAD_CHUNK_BYTES // (4 * head.weight.shape[0]))
+def head_chunk_rows(cfg) -> int:
+    """Rows of float32 logits within `HEAD_CHUNK_BYTES` for the model's vocabulary (from its config: a sharded
+    head's weight has no full shape)."""
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return max(1, HEAD_CHUNK_BYTES // (4 * max(int(text.vocab_size), 1)))
 
 
 def _chunked_token_logps(head, cfg, features: torch.Tensor, targets: torch.Tensor, rows_per_chunk: int):
@@ -281,7 +283,7 @@ def response_logps(model, ids, attn, resp, token_level: bool = False, token_mask
         decoder, head, cfg = parts
         hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False,
                          **decoder_kwargs).last_hidden_state[:, :-1][target]                       # [K, d]
-        rows_per_chunk = head_chunk_rows(head)
+        rows_per_chunk = head_chunk_rows(cfg)
         if logits or getattr(head, LISTENERS, 0) or hidden.shape[0] <= rows_per_chunk:
             positions = torch.arange(T - 1, device=ids.device)[None].expand(N, T - 1)[target]
             head_logits = _head(head, cfg, hidden, rows, positions)                               # [K, V]
