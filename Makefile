@@ -35,9 +35,10 @@ browser:
 	      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
 	  echo "no Chromium here: the browser test fails; install chromium, or set ENTANGLE_NO_BROWSER=1"
 
-# everything but multi-process launches, whole studies and the real model: the tier to run on each change
+# everything but multi-process launches, whole studies and the real model: the tier to run on each change,
+# one pytest worker per core with one torch thread each (two workers of two threads each run 4x slower here)
 test-fast: setup lint
-	$(PY) -m pytest -q -m "not slow and not distributed and not study"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $$(nproc) -m "not slow and not distributed and not study"
 
 lint: setup
 	$(PY) -m ruff check --select F src tests benchmarks examples
