@@ -34,6 +34,25 @@ def test_the_packed_layout_gives_the_two_row_log_probs(tok):
     torch.testing.assert_close(packed, two_rows, rtol=1e-9, atol=1e-9)
 
 
+def test_the_packed_layout_maps_back_to_the_concatenated_rows(tok):
+    """`unpack` takes every real position of a concatenated row from the packed row of its pair (padding -1), and
+    each scored token sits at `out_pos` of row `out_row` there, predicting the next token of that row."""
+    ps = pairs(tok)
+    b = batching.collate(ps, tok.pad_token_id, pack=True)
+    packed = b.extra["packed"]
+    B, T = packed.input_ids.shape
+    assert packed.unpack.shape == b.input_ids.shape
+    real = b.attention_mask.bool()
+    assert torch.equal(packed.unpack >= 0, real)
+    flat = packed.input_ids.reshape(-1)
+    assert torch.equal(flat[packed.unpack[real]], b.input_ids[real])
+    rows = packed.unpack[real] // T
+    assert torch.equal(rows, torch.arange(2 * B).remainder(B)[:, None].expand_as(real)[real])   # pair i's row
+    assert torch.equal(b.input_ids[packed.out_row, packed.out_pos + 1], packed.targets)
+    assert torch.equal(b.response_mask[packed.out_row, packed.out_pos + 1], torch.ones_like(packed.targets).bool())
+    assert int(packed.lengths.sum()) == packed.targets.numel() == int(b.response_mask[:, 1:].sum())
+
+
 def test_step_indices_are_a_seeded_permutation_per_epoch_and_processes_split_them():
     n, global_batch = 12, 4
     epoch0 = [i for s in range(3) for i in batching.batch_indices(n, s, global_batch, seed=7)]

@@ -29,7 +29,7 @@ def test_losses_lists_the_registry():
     (["train", "train.batchsize=3"], "did you mean 'train.batch_size'"),
     (["train", "configs/nope.yaml"], "no such config file"),
     (["config", "loss.name=nope"], "unknown loss 'nope'"),
-    (["study", "sentiment", "--configs", "single,huge"], "--configs 'single,huge': valid: single, short, long"),
+    (["study", "sentiment", "--configs", "single,huge"], "configs = ('single', 'huge'): valid: single, short, long"),
     (["report", "no/such/run"], "no/such/run: no such directory"),
 ])
 def test_config_errors_are_one_line(args, message):

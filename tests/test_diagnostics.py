@@ -43,9 +43,28 @@ def brute(model, pairs):
 CASES = [("tiny", None), ("tiny-gpt2", None), ("tiny", ["q_proj", "v_proj"]), ("tiny-gpt2", ["c_attn"])]
 
 
+def spy_on_unpacking(monkeypatch) -> list[int]:
+    """How many recorded modules each prefix-shared forward unpacked into two rows per pair (one entry per forward)."""
+    from entangle.diagnostics.ghost import GradientRecorder
+
+    seen, side_pass = [], GradientRecorder.side_pass
+
+    def spy(self, scored):
+        seen.append(len(self.packed_uses))
+        return side_pass(self, scored)
+
+    monkeypatch.setattr(GradientRecorder, "side_pass", spy)
+    return seen
+
+
+@pytest.mark.parametrize("pack", [True, False], ids=["prefix-shared", "two-rows"])
 @pytest.mark.parametrize("dtype, tol", [("float64", 1e-6), ("float32", 1e-3)])
 @pytest.mark.parametrize("arch, lora", CASES, ids=["llama", "gpt2-tied", "llama-lora", "gpt2-lora"])
-def test_fast_path_matches_brute_force(tok, arch, lora, dtype, tol, caplog):
+def test_fast_path_matches_brute_force(tok, arch, lora, dtype, tol, pack, caplog, monkeypatch):
+    """Llama's RMSNorm computes in float32 even in a float64 model; on prefix-shared rows the rejected side's prompt
+    gradients are the training gradient minus the chosen side's, which exposes that rounding (up to 4e-7 relative
+    measured), still well inside the float64 tolerance."""
+    unpacked = spy_on_unpacking(monkeypatch)
     settings = models.LoraConfig(r=4, target_modules=lora) if lora else None
     model, _ = models.load_model(arch, dtype=dtype, tokenizer=tok, lora=settings)
     if lora:
@@ -54,8 +73,9 @@ def test_fast_path_matches_brute_force(tok, arch, lora, dtype, tol, caplog):
                 if "lora_B" in n:
                     p.normal_(0, 0.2)
     pairs = pairs_of(tok)
-    stats = entanglement_stats(model, pairs, pad_id=tok.pad_token_id)
+    stats = entanglement_stats(model, pairs, pad_id=tok.pad_token_id, pack=pack)
     assert "exact slow path" not in caplog.text  # the fast path applied
+    assert (len(unpacked) == 1 and unpacked[0] > 0) if pack else unpacked in ([], [0])
     ref = brute(model, pairs)
     for k in ("inner", "norm_w2", "norm_l2"):
         rel = ((stats[k].double() - ref[k]).abs() / ref[k].abs()).max()
@@ -147,6 +167,36 @@ def test_in_training_statistics_equal_the_exact_path(tmp_path, extra):
     assert m["entanglement/exact_fallback"] == 0
     assert m["entanglement/case1"] + m["entanglement/case2"] + m["entanglement/case3"] <= 1 + 1e-9
     assert m["entanglement/inner"] == pytest.approx(sum(r["inner"] for r in fast[:4]) / 4, rel=1e-5)
+
+
+def test_diagnostic_steps_read_the_prefix_shared_rows_and_agree_with_two_rows(tmp_path, monkeypatch):
+    """The step keeps one row [prompt, chosen, rejected] per pair while the probe measures (every micro-batch's
+    modules are unpacked), and every per-pair quantity equals the run on two rows per pair."""
+    unpacked = spy_on_unpacking(monkeypatch)
+    extra = ["diagnostics.entanglement.positions=true"]
+    train(run_cfg(tmp_path / "packed", *extra))
+    assert len(unpacked) == 4 and min(unpacked) > 10          # 2 steps x 2 micro-batches, all prefix-shared
+    train(run_cfg(tmp_path / "rows", "train.prefix_sharing=false", *extra))
+    assert len(unpacked) == 8 and unpacked[4:] == [0] * 4
+    packed, rows = pair_rows(tmp_path / "packed"), pair_rows(tmp_path / "rows")
+    assert len(packed) == len(rows) == 8
+    for a, b in zip(packed, rows):
+        assert a["pair"] == b["pair"] and a["case"] == b["case"]
+        for k in ("inner", "norm_w2", "norm_l2", "pred_dlogp_w"):
+            assert a[k] == pytest.approx(b[k], rel=1e-6), k
+        for k in ("step_dlogp_w", "step_dlogp_l"):   # along AdamW's update, which the layouts' rounding moves (3e-6)
+            assert a[k] == pytest.approx(b[k], rel=1e-4), k
+    views = [json.loads((tmp_path / run / "entanglement_positions" / "step-2.json").read_text())
+             for run in ("packed", "rows")]
+    for a, b in zip(*views):
+        torch.testing.assert_close(torch.tensor(a["chosen"]), torch.tensor(b["chosen"]), rtol=1e-5,
+                                   atol=1e-7 * abs(a["inner"]))
+        torch.testing.assert_close(torch.tensor(a["rejected"]), torch.tensor(b["rejected"]), rtol=1e-5,
+                                   atol=1e-7 * abs(a["inner"]))
+    first = [json.loads(x) for x in open(tmp_path / "packed" / "metrics.jsonl")][0]
+    again = [json.loads(x) for x in open(tmp_path / "rows" / "metrics.jsonl")][0]
+    for k in ("entanglement/batch_inner", "entanglement/batch_cos", "loss"):
+        assert first[k] == pytest.approx(again[k], rel=1e-6), k
 
 
 def test_zero_coefficient_falls_back_to_the_exact_path_and_says_so(tmp_path, caplog):

@@ -90,7 +90,7 @@ def test_summarise_uses_the_second_half_and_held_out_rows():
 def test_sentiment_study_on_tiny_writes_summary_token_views_and_report(tmp_path):
     out = tmp_path / "sent"
     kw = dict(steps=3, sft_steps=3, n_train=64, batch=8, extra=["data.max_eval_examples=8"])
-    summary = sentiment.run(str(out), model="tiny", configs=("short", "long"), **kw)
+    summary = sentiment.run(sentiment.Settings(out=str(out), model="tiny", configs=("short", "long"), **kw))
     saved = json.loads((out / "summary.json").read_text())
     runs = ["short", "long", "long-pairwise", "long-sparse"]
     assert saved["runs"] == {r: r for r in runs} and set(saved["results"]) == set(runs)
@@ -123,7 +123,7 @@ def test_sentiment_study_on_tiny_writes_summary_token_views_and_report(tmp_path)
     assert page.count("data:image/png;base64,") >= 6
     # a second run with the same settings reuses every finished run
     before = (out / "long" / "metrics.jsonl").stat().st_mtime_ns
-    sentiment.run(str(out), model="tiny", configs=("long",), report=False, **kw)
+    sentiment.run(sentiment.Settings(out=str(out), model="tiny", configs=("long",), **kw), report=False)
     assert (out / "long" / "metrics.jsonl").stat().st_mtime_ns == before
     assert "held-out chosen logp" in sentiment.format_table(saved)
 
@@ -162,8 +162,8 @@ def test_compare_quick_on_tiny(tmp_path):
     from entangle.studies import compare
 
     out = tmp_path / "cmp"
-    summary = compare.run(str(out), losses=("dpo", "cpo", "simpo"), quick=True, steps=3,
-                          params=["cpo.lam=2.0"])
+    summary = compare.run(compare.Settings(out=str(out), losses=("dpo", "cpo", "simpo"), quick=True, steps=3,
+                                           params=["cpo.lam=2.0"]))
     saved = json.loads((out / "summary.json").read_text())
     assert set(saved["results"]) == {"dpo", "cpo", "simpo", "dpo-pairwise", "dpo-sparse"}
     assert saved["runs"]["cpo"] == "cpo" and "dpo-pairwise" not in saved["theory"]["balanced"]
@@ -232,8 +232,9 @@ def test_sentiment_study_with_sgd_matches_adamws_first_step_exactly(tmp_path, mo
     the SGD run's first-order margin move along its own update equals AdamW's at step 1."""
     monkeypatch.setattr(sentiment, "CALIBRATION_STEPS", 1)
     out = tmp_path / "sent"
-    summary = sentiment.run(str(out), model="tiny", configs=("single",), steps=2, sft_steps=3, n_train=64, batch=8,
-                            extra=["data.max_eval_examples=8"], mitigations=(), optimizers=("adamw", "sgd"))
+    summary = sentiment.run(sentiment.Settings(out=str(out), model="tiny", configs=("single",), steps=2, sft_steps=3,
+                                               n_train=64, batch=8, extra=["data.max_eval_examples=8"],
+                                               mitigations=(), optimizers=("adamw", "sgd")))
     assert set(summary["runs"]) == {"single", "single-sgd"} and len(summary["predictions_sgd"]) == 2
     cfg = (out / "single-sgd" / "config.yaml").read_text()
     assert "name: sgd" in cfg and "max_grad_norm: null" in cfg and "momentum: 0" in cfg

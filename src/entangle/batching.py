@@ -88,7 +88,9 @@ class PackedPairs:
     ids restart after the prompt, so every response token has exactly the context (and position) it
     has in its own row of the concatenated batch. Scored tokens are listed explicitly:
     `hidden[src_row, src_pos]` predicts `targets`, which belongs to row `out_row` of the
-    concatenated layout (chosen 0..B-1, rejected B..2B-1)."""
+    concatenated layout (chosen 0..B-1, rejected B..2B-1), at position `out_pos` there.
+    `unpack` maps the concatenated layout back: position t of concatenated row r is position
+    `unpack[r, t] % T` of packed row `unpack[r, t] // T` (-1 at padding)."""
 
     input_ids: torch.Tensor      # [B, T]
     allowed: torch.Tensor        # [B, T, T] bool: query t may attend to key s
@@ -98,6 +100,8 @@ class PackedPairs:
     targets: torch.Tensor        # [K]
     out_row: torch.Tensor        # [K]
     lengths: torch.Tensor        # [2B] scored tokens per concatenated row
+    out_pos: torch.Tensor        # [K]
+    unpack: torch.Tensor         # [2B, Tc] index into the flattened packed rows [B * T]; Tc as in `collate`
 
     def to(self, device) -> "PackedPairs":
         return PackedPairs(*(getattr(self, f.name).to(device) for f in fields(self)))
@@ -109,8 +113,10 @@ def pack_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> PackedPairs:
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     pos = torch.zeros((B, T), dtype=torch.long)
     allowed = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1)   # padding queries see themselves only
-    src_row, src_pos, targets, out_row = [], [], [], []
+    src_row, src_pos, targets, out_row, out_pos = [], [], [], [], []
     lengths = torch.zeros(2 * B, dtype=torch.long)
+    Tc = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
+    unpack = torch.full((2 * B, Tc), -1, dtype=torch.long)
     for i, p in enumerate(pairs):
         P, C, R = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
         n = P + C + R
@@ -123,12 +129,15 @@ def pack_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> PackedPairs:
         first = 0 if P > 0 else 1
         for k in range(first, C):
             src_row.append(i), src_pos.append(P + k - 1), targets.append(p.chosen_ids[k]), out_row.append(i)
+            out_pos.append(P + k - 1)
         for k in range(first, R):
             src_row.append(i), src_pos.append(P - 1 if k == 0 else P + C + k - 1)
-            targets.append(p.rejected_ids[k]), out_row.append(B + i)
+            targets.append(p.rejected_ids[k]), out_row.append(B + i), out_pos.append(P + k - 1)
         lengths[i], lengths[B + i] = C - first, R - first
+        unpack[i, : P + C] = i * T + torch.arange(P + C)
+        unpack[B + i, : P + R] = i * T + torch.cat([torch.arange(P), torch.arange(P + C, n)])
     t = (lambda x: torch.tensor(x, dtype=torch.long))
-    return PackedPairs(ids, allowed, pos, t(src_row), t(src_pos), t(targets), t(out_row), lengths)
+    return PackedPairs(ids, allowed, pos, t(src_row), t(src_pos), t(targets), t(out_row), lengths, t(out_pos), unpack)
 
 
 # ------------------------------------------------------------------------------------ sampling

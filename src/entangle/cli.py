@@ -72,30 +72,20 @@ def _study_trust_region(args) -> int:
 def _study_sentiment(args) -> int:
     from entangle.studies import sentiment
 
-    configs = tuple(c.strip() for c in args.configs.split(",") if c.strip())
-    bad = [c for c in configs if c not in sentiment.CONFIGS]
-    if bad or not configs:
-        raise ConfigError(f"--configs {args.configs!r}: valid: {', '.join(sentiment.CONFIGS)} (comma-separated)")
-    summary = sentiment.run(args.out, model=args.model, configs=configs, seed=args.seed, extra=args.overrides,
-                            steps=args.steps, sft_steps=args.sft_steps, lr=args.lr, sft_lr=args.sft_lr,
-                            beta=args.beta, batch=args.batch_size, n_train=args.n_train,
-                            mitigations=() if args.no_mitigations else sentiment.MITIGATIONS,
-                            optimizers=("adamw", "sgd") if args.optimizer == "sgd" else ("adamw",))
+    s = sentiment.settings_from_args(args)
+    summary = sentiment.run(s)
     print(sentiment.format_table(summary))
-    print(f"study: {args.out}/summary.json\nreport: {os.path.join(args.out, summary['report'])}")
+    print(f"study: {s.out}/summary.json\nreport: {os.path.join(s.out, summary['report'])}")
     return 0
 
 
 def _study_compare(args) -> int:
     from entangle.studies import compare
 
-    names = tuple(n.strip() for n in args.losses.split(",") if n.strip())
-    summary = compare.run(args.out, losses=names, quick=args.quick, model=args.model, data=args.data,
-                          eval_data=args.eval_data, steps=args.steps, lr=args.lr, seed=args.seed,
-                          params=args.set or [], extra=args.overrides,
-                          mitigate=tuple(n.strip() for n in args.mitigate.split(",") if n.strip()))
+    s = compare.settings_from_args(args)
+    summary = compare.run(s)
     print(compare.format_table(summary))
-    print(f"study: {args.out}/summary.json\nreport: {os.path.join(args.out, summary['report'])}")
+    print(f"study: {s.out}/summary.json\nreport: {os.path.join(s.out, summary['report'])}")
     return 0
 
 
@@ -369,18 +359,19 @@ def _sentiment_parser(st) -> None:
     """`entangle study sentiment`."""
     se = st.add_parser("sentiment", help="the GE paper's sentiment experiment: single token vs short vs long "
                        "suffix (SFT warm-up, then DPO with entanglement diagnostics every step)")
-    se.add_argument("--model", default="tiny", help="tiny (default, ~1 minute) | smollm2-135m | a folder or hub id")
-    se.add_argument("--out", default="runs/sentiment")
-    se.add_argument("--configs", default=",".join(("single", "short", "long")),
-                    help="response formats to run (default: all three)")
-    se.add_argument("--steps", type=int, help="DPO steps per configuration")
-    se.add_argument("--sft-steps", type=int, help="SFT warm-up steps per configuration")
-    se.add_argument("--lr", type=float, help="DPO learning rate")
-    se.add_argument("--sft-lr", type=float, help="SFT learning rate")
-    se.add_argument("--beta", type=float, help="DPO beta (default 0.1)")
-    se.add_argument("--batch-size", type=int, help="pairs per step")
-    se.add_argument("--n-train", type=int, help="generated training statements")
-    se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--model", help="tiny (~1 minute) | smollm2-135m | a folder or hub id")
+    se.add_argument("--out", help="folder for the runs, summary.json and the report")
+    se.add_argument("--configs", help="response formats to run, comma-separated among single, short, long "
+                    "(default: all three)")
+    se.add_argument("--steps", type=int, help="DPO steps per configuration (default: the model's preset)")
+    se.add_argument("--sft-steps", type=int, help="SFT warm-up steps per configuration (default: the preset)")
+    se.add_argument("--lr", type=float, help="DPO learning rate (default: the preset)")
+    se.add_argument("--sft-lr", type=float, help="SFT learning rate (default: the preset)")
+    se.add_argument("--beta", type=float, help="DPO beta (default: the preset, 0.1)")
+    se.add_argument("--batch-size", dest="batch", type=int, help="pairs per step (default: the preset)")
+    se.add_argument("--n-train", type=int, help="generated training statements (default: the preset)")
+    se.add_argument("--n-test", type=int, help="generated held-out statements (default: the preset)")
+    se.add_argument("--seed", type=int)
     se.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"),
                     help="sgd: also run each DPO phase with plain gradient descent (no momentum, clipping or decay) "
                     "at the learning rate that moves the margin as the AdamW run does, side by side")
@@ -388,28 +379,34 @@ def _sentiment_parser(st) -> None:
                     help="skip the long-suffix re-runs with the mitigations (pairwise-normalised update, "
                          "sparse token mask)")
     se.add_argument("overrides", nargs="*", help="extra config overrides for every run")
+    from entangle.studies.sentiment import Settings
+
+    _defaults_from(se, Settings)
     se.set_defaults(func=_study_sentiment)
 
 
 def _compare_parser(st) -> None:
     """`entangle study compare`."""
     co = st.add_parser("compare", help="several losses on the same model, data, seed and budget (GE Fig. 1)")
-    co.add_argument("--losses", default="dpo,ipo,simpo,cpo,slic,rdpo,dpop,rrhf,orpo,sppo")
-    co.add_argument("--quick", action="store_true", help="tiny model on generated pairs (about a minute)")
+    co.add_argument("--losses", help="comma-separated loss names (default: dpo,ipo,simpo,cpo,slic,rdpo,dpop,rrhf,"
+                    "orpo,sppo)")
+    co.add_argument("--quick", action="store_true", default=None, help="tiny model on generated pairs (about a minute)")
     co.add_argument("--model", help="default: smollm2-135m with LoRA r 8 (tiny with --quick)")
     co.add_argument("--data", help="training pairs (default: hh-rlhf/helpful-base.train.jsonl under $ENTANGLE_DATA "
                     "or the shared/data folder beside the repository)")
     co.add_argument("--eval-data", help="held-out pairs (default: the matching .test.jsonl)")
-    co.add_argument("--steps", type=int)
-    co.add_argument("--lr", type=float)
-    co.add_argument("--seed", type=int, default=0)
-    co.add_argument("--set", action="append", metavar="LOSS.PARAM=VALUE",
+    co.add_argument("--steps", type=int, help="optimiser steps per loss (default: the preset's)")
+    co.add_argument("--lr", type=float, help="learning rate (default: the preset's)")
+    co.add_argument("--seed", type=int, help="data order and initialisation")
+    co.add_argument("--set", dest="params", action="append", metavar="LOSS.PARAM=VALUE",
                     help="a hyper-parameter for one loss, e.g. --set dpop.lam=50 (repeatable)")
-    co.add_argument("--mitigate", default="dpo",
-                    help="losses also run with each mitigation: optimizer.pairwise_normalized=true as "
-                         "LOSS-pairwise, loss.token_mask=sparse as LOSS-sparse ('' for none)")
-    co.add_argument("--out", default="runs/compare")
+    co.add_argument("--mitigate", help="losses also run with each mitigation: optimizer.pairwise_normalized=true as "
+                    "LOSS-pairwise, loss.token_mask=sparse as LOSS-sparse ('' for none; default dpo)")
+    co.add_argument("--out", help="folder for the runs, summary.json and the report")
     co.add_argument("overrides", nargs="*", help="extra config overrides for every run")
+    from entangle.studies.compare import Settings
+
+    _defaults_from(co, Settings)
     co.set_defaults(func=_study_compare)
 
 

@@ -115,7 +115,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each layer in the backward: less memory, slower
                                             # (off on steps that measure entanglement)
     prefix_sharing: bool = True  # each pair as one row [prompt, chosen, rejected] where the model allows it
-                                 # (diagnostic steps, token masks and unknown architectures use two rows)
+                                 # (token masks and unknown architectures use two rows)
     device: str = "auto"         # auto | cpu | cuda
     memory_gib: Optional[float] = None   # memory budget; null: 90 % of what is free at start. A run whose
                                          # estimated peak exceeds it stops in one line before the first step

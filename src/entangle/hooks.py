@@ -9,8 +9,8 @@ callbacks between steps.
             return m, None                  # None: no per-pair rows for entanglement.jsonl
     fit(build(cfg, hooks=[NormLogger()]))
 
-`StepHook`: for every hook with `due(step)` (and, if any such hook `needs_rows`, on two rows per pair), the step
-calls, in order:
+`StepHook`: for every hook with `due(step)` (and, if any such hook `reads_activations`, without activation
+checkpointing), the step calls, in order:
   on_step_start(step, lr)                   before the first micro-batch
   before_forward(batch)                     each micro-batch, before the policy forward
   on_logps(scored)                          the scored log-prob tensor [2B] (register gradient hooks here)
@@ -55,7 +55,7 @@ class HookContext:
 class StepHook:
     """Inside one optimisation step: a no-op hook; subclasses override the call points they need."""
 
-    needs_rows = False   # True: while due, the step runs two rows per pair (no prefix sharing, no recompute)
+    reads_activations = False   # True: while due, the step keeps every activation (no activation checkpointing)
 
     def due(self, step: int) -> bool:
         """Whether the hook takes part in optimiser step `step` (1-based)."""
@@ -95,7 +95,7 @@ def split(hooks) -> tuple[list[StepHook], list[LoopCallback]]:
     return [h for h in hooks if isinstance(h, StepHook)], [h for h in hooks if isinstance(h, LoopCallback)]
 
 
-def rows_needed(hooks, step: int) -> bool:
-    """Whether step `step` runs two rows per pair: some step hook due then reads per-row activations (decided here
-    only, for the step and for activation checkpointing)."""
-    return any(isinstance(h, StepHook) and h.needs_rows and h.due(step) for h in hooks)
+def activations_read(hooks, step: int) -> bool:
+    """Whether some step hook due at step `step` reads the forward's activations, so that the step must run
+    without activation checkpointing (decided here only)."""
+    return any(isinstance(h, StepHook) and h.reads_activations and h.due(step) for h in hooks)

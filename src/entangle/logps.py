@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 MASK_NEEDS_LAYOUT = ("loss.token_mask=sparse needs a decoder/head layout entangle knows (transformers causal "
                      "LMs without logit scaling)")
 # Attributes on the model's own objects (no module-level state): the LM head carries the row layout of its input
-# while it runs on response rows and a recorder listens; a model remembers what it was told once.
+# while it runs on response rows and a recorder listens, and the prefix-shared layout while a packed forward runs;
+# a model remembers what it was told once.
 LAYOUT, LISTENERS, TOLD = "entangle_head_layout", "entangle_layout_listeners", "entangle_told"
+PACKED = "entangle_packed_layout"
 
 
 @dataclass
@@ -40,6 +42,11 @@ class HeadLayout:
 def head_layout(head) -> HeadLayout | None:
     """The layout of the head's current input, None outside a listened-to response forward."""
     return getattr(head, LAYOUT, None)
+
+
+def packed_layout(head):
+    """The `batching.PackedPairs` of the prefix-shared forward now running, None outside one (or unlistened)."""
+    return getattr(head, PACKED, None)
 
 
 def listen(head, listening: bool) -> None:
@@ -214,10 +221,20 @@ def _packed_logps(model, packed, n_rows: int) -> LogpsOut:
     dtype = dtype if dtype.is_floating_point else torch.float32
     mask = torch.zeros(packed.allowed.shape, dtype=dtype, device=packed.allowed.device)
     mask = mask.masked_fill(~packed.allowed, torch.finfo(dtype).min)[:, None]                  # [B, 1, T, T]
-    hidden = decoder(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
-                     use_cache=False).last_hidden_state                                           # [B, T, d]
-    features = hidden[packed.src_row, packed.src_pos]                                           # [K, d]
-    tok = _chunked_token_logps(head, cfg, features, packed.targets, head_chunk_rows(cfg))       # [K]
+    listened = bool(getattr(head, LISTENERS, 0))   # a gradient recorder unpacks the rows (diagnostics.ghost)
+    if listened:
+        setattr(head, PACKED, packed)
+    try:
+        hidden = decoder(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
+                         use_cache=False).last_hidden_state                                       # [B, T, d]
+        features = hidden[packed.src_row, packed.src_pos]                                       # [K, d]
+        if listened:   # the head at once (a checkpointed chunk would run its forward hooks again)
+            logits = _head(head, cfg, features, packed.out_row, packed.out_pos)                 # [K, V]
+            tok = -F.cross_entropy(logits, packed.targets, reduction="none")                   # [K]
+        else:
+            tok = _chunked_token_logps(head, cfg, features, packed.targets, head_chunk_rows(cfg))
+    finally:
+        setattr(head, PACKED, None)
     logps = torch.zeros(n_rows, dtype=tok.dtype, device=tok.device).index_add(0, packed.out_row, tok)
     return LogpsOut(logps, packed.lengths, None, tokens=tok, rows=packed.out_row)
 

@@ -24,7 +24,7 @@ from entangle.assembly import Run, build
 from entangle.checkpoint import (hf_model, list_checkpoints, load_checkpoint, load_extra, save_checkpoint,
                                  save_tensors, save_weights, write_json)
 from entangle.errors import TrainingError
-from entangle.hooks import rows_needed
+from entangle.hooks import activations_read
 from entangle.metrics import Metrics
 from entangle.models import set_activation_checkpointing
 from entangle.rundir import JsonlLog
@@ -91,7 +91,7 @@ def fit(run: Run, callbacks: Sequence[Callable[[dict, StopFlag], None]] = ()) ->
             idx, micro = step_batches(run, step)
             if tc.activation_checkpointing:  # hooks that read activations off the forward: no recompute
                 set_activation_checkpointing(hf_model(acc, run.policy),
-                                             not rows_needed(run.hooks, step))
+                                             not activations_read(run.hooks, step))
             # 2. One optimisation step; the hooks' per-pair rows and views.
             metrics, rows = train_step(parts, micro, step)
             if rows is not None:

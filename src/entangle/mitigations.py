@@ -74,7 +74,7 @@ def mask_penalty(weights: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 class PairwiseNormalizer(StepHook):
     """`optimizer.pairwise_normalized`: a `StepHook` that replaces the step's gradient before clipping."""
 
-    needs_rows = True   # per-response gradients cannot come from a prefix-shared row
+    reads_activations = True   # per-row gradients from the recorded activations (diagnostics.ghost)
 
     def __init__(self, model):
         self.model = model

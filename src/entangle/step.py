@@ -20,7 +20,7 @@ import torch
 
 from entangle.batching import Batch
 from entangle import engine
-from entangle.hooks import StepHook, rows_needed
+from entangle.hooks import StepHook
 from entangle.logps import CompletionLogps, PairLogps, sequence_logps
 from entangle.losses import Loss, UnpairedLoss, coefficients
 from entangle.metrics import Metrics
@@ -47,13 +47,13 @@ class StepParts:
             self.objective = objective(self.loss_fn)
 
 
-def pair_logps(model, reference: Reference, batch: Batch, hooks: Sequence[StepHook] = (),
-               pack: bool = True) -> tuple[PairLogps, torch.Tensor | None, torch.Tensor | None]:
+def pair_logps(model, reference: Reference, batch: Batch,
+               hooks: Sequence[StepHook] = ()) -> tuple[PairLogps, torch.Tensor | None, torch.Tensor | None]:
     """Policy forward and reference log-probs of a pair batch -> (PairLogps, the reference's plain sums [2B],
     the token weights [2B, T] with their graph, or None without a token mask).
 
     Under a token mask (a `Policy` holding one) the policy and reference sums are weighted by the same m_t."""
-    out = sequence_logps(model, batch, pack=pack)              # logps [2B]
+    out = sequence_logps(model, batch)                         # logps [2B]
     for h in hooks:
         h.on_logps(out.scored)                                  # masked sums under loss.token_mask, else logps
     if out.weights is None:
@@ -72,13 +72,13 @@ def pair_logps(model, reference: Reference, batch: Batch, hooks: Sequence[StepHo
 
 
 def pair_forward(model, loss_fn: Loss, reference: Reference, batch: Batch, initial: Reference | None = None,
-                 hooks: Sequence[StepHook] = (), mask_l1: float = 0.0, pack: bool = True, train: bool = True):
+                 hooks: Sequence[StepHook] = (), mask_l1: float = 0.0, train: bool = True):
     """Log-probs, per-pair loss [B] and metric sums of a pair batch -> (loss [B], Metrics, PairLogps).
 
     Only training batches (`train`) add to a stateful loss's statistics (BCO's running baseline, folded in at
     the step's end by `Loss.commit`). With a token mask,
     `mask_l1` times each pair's mean token weight is added to its loss."""
-    logps, ref_full, live_weights = pair_logps(model, reference, batch, hooks, pack)
+    logps, ref_full, live_weights = pair_logps(model, reference, batch, hooks)
     if train:
         loss_fn.observe(*logps.args())                          # this step's statistics (BCO)
     per_pair = loss_fn(*logps.args())                           # [B]  (the loss's equation, losses.py)
@@ -173,9 +173,8 @@ class Objective:
     def begin_step(self, parts: StepParts, micro_batches: Sequence[Batch]) -> None:
         """Whatever the whole step's batch decides before the first micro-batch's loss."""
 
-    def forward(self, parts: StepParts, batch: Batch, hooks: Sequence[StepHook], pack: bool):
-        return pair_forward(parts.model, parts.loss_fn, parts.reference, batch, parts.initial, hooks, parts.mask_l1,
-                            pack)
+    def forward(self, parts: StepParts, batch: Batch, hooks: Sequence[StepHook]):
+        return pair_forward(parts.model, parts.loss_fn, parts.reference, batch, parts.initial, hooks, parts.mask_l1)
 
     def heldout_metrics(self, model, loss_fn, reference, batch, initial, mask_l1) -> Metrics:
         return pair_forward(model, loss_fn, reference, batch, initial, mask_l1=mask_l1, train=False)[1]
@@ -203,7 +202,7 @@ class Unpaired(Objective):
                                                        torch.tensor(float(n))]).to(parts.accelerator.device), "sum")
         self.z0 = parts.loss_fn.reference_point(summed[0], float(summed[1]))
 
-    def forward(self, parts: StepParts, batch: Batch, hooks: Sequence[StepHook], pack: bool):
+    def forward(self, parts: StepParts, batch: Batch, hooks: Sequence[StepHook]):
         return unpaired_forward(parts.model, parts.loss_fn, parts.reference, batch, self.z0,
                                 self.reference_logps.pop(id(batch)), parts.initial, hooks)
 
@@ -243,7 +242,6 @@ def train_step(parts: StepParts, micro_batches: Sequence[Batch], step: int) -> t
     goal = parts.objective
     goal.begin_step(parts, micro_batches)
     n_pairs = sum(b.n_rows // 2 for b in micro_batches)
-    pack = not rows_needed(hooks, step)             # per-row hooks read two rows per pair
     scale = engine.loss_scale(acc, len(micro_batches))
     metrics = Metrics()
     for i, batch in enumerate(micro_batches):
@@ -252,7 +250,7 @@ def train_step(parts: StepParts, micro_batches: Sequence[Batch], step: int) -> t
             # 3. Policy forward, reference log-probs if the loss has one, per-pair (per-example) loss.
             for h in hooks:
                 h.before_forward(batch)
-            per_pair, batch_metrics, logps = goal.forward(parts, batch, hooks, pack)
+            per_pair, batch_metrics, logps = goal.forward(parts, batch, hooks)
             # 4. Backward of this micro-batch's share of the step's mean loss.
             acc.backward(per_pair.sum() * scale / n_pairs)
         # 5. Hooks read (or add to) what that backward left.

@@ -54,19 +54,20 @@ def _tokenized(pairs, tokenizer) -> list[TokenizedPair]:
 
 
 def entanglement_stats(model, pairs, method: str = "fast", pad_id: int | None = None,
-                       tokenizer=None) -> dict[str, torch.Tensor]:
+                       tokenizer=None, pack: bool = True) -> dict[str, torch.Tensor]:
     """Exact <grad log pi_w, grad log pi_l>, norms and cosine per pair, over parameters with requires_grad.
 
     `pairs`: `TokenizedPair`s, dicts of `prompt_ids`/`chosen_ids`/`rejected_ids`, or text records
     (`prompt`/`chosen`/`rejected`, strings or chat messages, as `entangle train` reads them) with `tokenizer`
     (tokenised as training does, the response ending with EOS). `log pi(y|x)` is the sum of the log-probs of
     the response ids after the prompt ids. `method`: "fast" (one backward, falls back to "exact" where it
-    cannot apply) or "exact". Returns tensors [n_pairs]: inner, norm_w2, norm_l2, cos."""
+    cannot apply) or "exact". `pack`: the fast path runs each pair as one prefix-shared row where the model allows
+    it (as training does), else two rows per pair. Returns tensors [n_pairs]: inner, norm_w2, norm_l2, cos."""
     items = _tokenized(pairs, tokenizer)
     if pad_id is None:
         pad_id = 0 if tokenizer is None or tokenizer.pad_token_id is None else tokenizer.pad_token_id
     device = next(model.parameters()).device
-    batch = collate(items, pad_id).to(device)
+    batch = collate(items, pad_id, pack=pack).to(device)
     if method == "fast":
         rec = GradientRecorder(model)
         try:
@@ -74,6 +75,7 @@ def entanglement_stats(model, pairs, method: str = "fast", pad_id: int | None = 
             rec.start(batch.n_rows, *row_layout(batch))
             logps = sequence_logps(model, batch).logps
             rec.stop()
+            rec.side_pass(logps)   # prefix-shared rows: the chosen part of the prompt's gradients
             logps.sum().backward()  # coefficient 1 per row: the output gradients are d log pi_r / d out
             stats = rec.result(torch.ones(batch.n_rows))
         except Unsupported as e:

@@ -16,11 +16,13 @@ recorder divides `c_r` out at the end. Per kind of module:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
-from torch.func import functional_call, vjp
+from torch.func import functional_call, jvp, vjp, vmap
 
-from entangle.logps import head_layout, listen, split_model
+from entangle.logps import head_layout, listen, packed_layout, split_model
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -44,10 +46,12 @@ class Unsupported(Exception):
 
 
 class _Usage:
-    __slots__ = ("module", "kind", "x", "g", "n", "pos")
+    __slots__ = ("module", "kind", "x", "g", "n", "pos", "out", "g_chosen", "lengths")
 
-    def __init__(self, module, kind, x, n, pos=None):
+    def __init__(self, module, kind, x, n, pos=None, out=None, lengths=None):
         self.module, self.kind, self.x, self.g, self.n, self.pos = module, kind, x, None, n, pos
+        self.out, self.g_chosen = out, None   # prefix-shared rows only: the output, d sum(log pi_w) / d output
+        self.lengths = lengths                # [N] real tokens per row (right padding), None: every position
 
 
 def _kind(module) -> str:
@@ -110,11 +114,14 @@ class GradientRecorder:
                 self.handles.append(module.register_forward_hook(self._forward_hook))
 
     def start(self, n_rows: int, lengths: torch.Tensor | None = None, prompt_lengths: torch.Tensor | None = None):
-        """Record the next forward of `n_rows` rows (chosen rows first, then rejected).
+        """Record the next forward of `n_rows` rows (chosen rows first, then rejected), or of the same pairs in
+        the prefix-shared layout (`batching.PackedPairs`, which the forward announces on the LM head).
 
         `lengths` [N] (real tokens per row) and `prompt_lengths` [B] let the products skip padding and
         compute the prompt positions, which chosen and rejected share, once."""
         self.n_rows = n_rows
+        self.packed, self.packed_uses = None, []
+        self.row_lengths = None if lengths is None else lengths.detach().long()
         self.lengths = None if lengths is None else [int(x) for x in lengths]
         self.prompt_lengths = None if prompt_lengths is None else [int(x) for x in prompt_lengths]
         if not self.recording and self.head is not None:
@@ -150,6 +157,14 @@ class GradientRecorder:
         x, n, kind = args[0], self.n_rows, _kind(module)
         layout = head_layout(self.head) if self.head is not None and x.dim() == 2 and kind != "embedding" else None
         rows = layout.rows if layout is not None else None
+        packed = packed_layout(self.head) if self.head is not None and rows is None else None
+        if packed is not None and output.dim() >= 2 and output.shape[0] == packed.input_ids.shape[0]:
+            # a prefix-shared row [prompt, chosen, rejected]: unpacked into two rows after the backward (`_unpack`)
+            self.packed = packed
+            use = _Usage(module, kind, (_full(x.detach()), None), n, out=output, lengths=self.row_lengths)
+            self.packed_uses.append(use)
+            self._keep(module, use, output)
+            return output
         if output.dim() >= 2 and output.shape[0] == 1 and n > 1 and rows is None:
             # A batch-broadcast output (GPT-2 position embeddings): expand so each row's gradient is kept.
             output = output.expand(n, *output.shape[1:])
@@ -157,12 +172,59 @@ class GradientRecorder:
         elif rows is None and output.shape[0] != n:
             self.problems.append(f"{type(module).__name__}: output batch {output.shape[0]} != rows {n}")
             return None
-        use = _Usage(module, kind, (_full(x.detach()), rows), n, layout.positions if layout is not None else None)
+        use = _Usage(module, kind, (_full(x.detach()), rows), n, layout.positions if layout is not None else None,
+                     lengths=self.row_lengths)
+        self._keep(module, use, output)
+        return output
+
+    def _keep(self, module, use: _Usage, output: torch.Tensor) -> None:
         for p in module.parameters(recurse=False):
             if p.requires_grad:
                 self.usages.setdefault(id(p), []).append(use)
         output.register_hook(lambda g, use=use: setattr(use, "g", _full(g.detach())))
-        return output
+
+    # -- prefix-shared rows
+    def side_pass(self, scored: torch.Tensor) -> None:
+        """After a prefix-shared forward, before its backward: `d sum_i log pi_w,i / d output` of every recorded
+        module (one backward to the activations only, no parameter gradients; the graph is kept for training).
+
+        In a row `[prompt, chosen, rejected]` the chosen positions reach only log pi_w and the rejected positions
+        only log pi_l, but the prompt positions reach both; the training backward's output gradient there is
+        `c_w g_w + c_l g_l`, and this pass gives `g_w`, so `_unpack` can split it exactly."""
+        if not self.packed_uses or not scored.requires_grad:
+            return
+        B = self.packed.input_ids.shape[0]
+        grads = torch.autograd.grad(scored[:B].sum(), [u.out for u in self.packed_uses], retain_graph=True,
+                                    allow_unused=True)
+        for u, g in zip(self.packed_uses, grads):
+            u.g_chosen = None if g is None else _full(g.detach())
+            u.g, u.out = None, None            # the output hooks fired in this pass too: the backward sets g
+
+    @torch.no_grad()
+    def _unpack(self, coef: torch.Tensor) -> None:
+        """Rewrite the prefix-shared usages in the concatenated layout [2B, Tc, ...] (zeros at padding), so that
+        every product below reads them like two rows per pair: chosen row `c_w g_w`, rejected row the rest."""
+        packed, uses = self.packed, self.packed_uses
+        self.packed_uses = []
+        if packed is None:
+            return
+        B, T = packed.input_ids.shape
+        index = packed.unpack.to(coef.device)                                        # [2B, Tc]
+        valid = index >= 0
+        index = torch.where(valid, index, 0)
+        both = torch.cat([index[:B], index[B:] + B * T])     # chosen rows from the chosen part, rejected from the rest
+        for u in uses:
+            x = u.x[0]
+            x = x.reshape(B * T, *x.shape[2:])[index]
+            keep = valid.view(*valid.shape, *[1] * (x.dim() - 2)).to(x.device)
+            u.x = (torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)), None)
+            if u.g is None:
+                continue                                                           # result() says so
+            g_chosen = torch.zeros_like(u.g) if u.g_chosen is None else u.g_chosen
+            chosen = coef[:B].to(u.g).view(B, *[1] * (u.g.dim() - 1)) * g_chosen
+            rows = torch.cat([chosen, u.g - chosen])                               # [2B, T, dout]
+            g = rows.reshape(2 * B * T, *rows.shape[2:])[both.to(rows.device)]
+            u.g, u.g_chosen = g * valid.view(*valid.shape, *[1] * (g.dim() - 2)).to(g), None
 
     # -- per-usage helpers
     def _factors(self, use: _Usage):
@@ -185,22 +247,49 @@ class GradientRecorder:
             for r in range(n):
                 out[r].index_add_(0, ids[r].reshape(-1), G[r].reshape(-1, G.shape[-1]))
             return out
-        # generic: vjp of the module on each row alone
-        names = [k for k, q in use.module.named_parameters(recurse=False)]
-        mine = dict(use.module.named_parameters(recurse=False))
-        key = next(k for k in names if mine[k] is p)
-        x = use.x[0]
-        outs = []
+        # generic: vjp of the module on each row alone, vectorised over the rows where vmap can batch the module
+        mine, key = self._own(use, p)
+
+        def row(xr, gr):
+            _, pull = vjp(lambda params: functional_call(use.module, params, (xr[None],)), mine)
+            return pull(gr[None])[0][key]
+
+        with self._quiet():
+            try:
+                return vmap(row)(use.x[0], use.g)
+            except (RuntimeError, NotImplementedError, ValueError):   # an operation vmap cannot batch
+                return torch.stack([row(use.x[0][r], use.g[r]) for r in range(n)])
+
+    @staticmethod
+    def _own(use: _Usage, p: nn.Parameter) -> tuple[dict, str]:
+        """The module's own parameters (detached, by name) and the name of `p` among them."""
+        mine = {k: v.detach() for k, v in use.module.named_parameters(recurse=False)}
+        return mine, next(k for k, v in use.module.named_parameters(recurse=False) if v is p)
+
+    @contextmanager
+    def _quiet(self):
+        """Re-run a recorded module without recording it."""
         object.__setattr__(self.model, self.QUIET, getattr(self.model, self.QUIET, 0) + 1)
         try:
-            for r in range(n):
-                def f(params, r=r):
-                    return functional_call(use.module, params, (x[r : r + 1],))
-                _, pull = vjp(f, {k: v.detach() for k, v in mine.items()})
-                outs.append(pull(use.g[r : r + 1])[0][key])
+            yield
         finally:
             object.__setattr__(self.model, self.QUIET, getattr(self.model, self.QUIET) - 1)
-        return torch.stack(outs)
+
+    def _generic_sum(self, use: _Usage, p: nn.Parameter, w: torch.Tensor) -> torch.Tensor:
+        """`sum_r w[r] grad_r` of `p` through a module without a closed form: one vjp over every row, since
+        each row of its output depends on that row of its input alone (the recorder checked the batch)."""
+        mine, key = self._own(use, p)
+        with self._quiet():
+            _, pull = vjp(lambda params: functional_call(use.module, params, (use.x[0],)), mine)
+            return pull(use.g * w.to(use.g).view(-1, *[1] * (use.g.dim() - 1)))[0][key]
+
+    def _generic_along(self, use: _Usage, p: nn.Parameter, d: torch.Tensor) -> torch.Tensor:
+        """`<grad_r, d>` [N] of `p` through a module without a closed form: one jvp over every row."""
+        mine, key = self._own(use, p)
+        tangents = {k: d if k == key else torch.zeros_like(v) for k, v in mine.items()}
+        with self._quiet():
+            _, change = jvp(lambda params: functional_call(use.module, params, (use.x[0],)), (mine,), (tangents,))
+        return (use.g.to(change.dtype) * change).flatten(1).sum(1)
 
     def _pair_block(self, u: _Usage, v: _Usage, p: nn.Parameter, ri: torch.Tensor, si: torch.Tensor):
         """<grad_r from usage u, grad_s from usage v> for row index vectors ri, si (same length)."""
@@ -284,22 +373,39 @@ class GradientRecorder:
                 total += self._along(u, p, d).double().cpu()
         return total / coef.double().cpu()
 
+    def _tokens(self, use: _Usage, keep: torch.Tensor | None = None):
+        """(inputs [M, ...], output gradients [M, ...], row [M]) of a linear or embedding usage's real tokens
+        (padding, whose gradient is zero, left out), of the rows where `keep` [N] is True only."""
+        x, rows = use.x
+        g = _emb_grad(use) if use.kind == "embedding" else use.g
+        if rows is not None:                                              # the head's gathered rows [K]
+            if keep is None:
+                return x, g, rows
+            mine = keep.to(rows.device)[rows]
+            return x[mine], g[mine], rows[mine]
+        N, T = g.shape[:2]
+        real = torch.ones(N, T, dtype=torch.bool, device=g.device)
+        if use.lengths is not None:
+            real = torch.arange(T, device=g.device)[None] < use.lengths.to(g.device)[:, None]
+        if keep is not None:
+            real &= keep.to(g.device)[:, None]
+        return x[real], g[real], torch.arange(N, device=g.device)[:, None].expand(N, T)[real]
+
     def _along(self, use: _Usage, p: nn.Parameter, d: torch.Tensor) -> torch.Tensor:
         """`<per-row gradient of p from this usage, d>`: [N], without materialising per-row gradients."""
-        x, rows = use.x
-        if use.kind in ("linear", "conv1d"):
-            G, x = use.g.to(d.dtype), x.to(d.dtype)
-            if p is use.module.bias:
-                per = G @ d                                               # [..., T] or [K]
-            else:
-                dx = x @ (d.T if use.kind == "linear" else d)             # the layer's output change
-                per = (G * dx).sum(-1)
-            if rows is not None:                                          # gathered rows [K] -> [N]
-                return per.new_zeros(use.n).index_add_(0, rows, per)
-            return per.reshape(per.shape[0], -1).sum(1)
+        if use.kind not in ("linear", "conv1d", "embedding"):
+            if d.dtype == p.dtype:
+                return self._generic_along(use, p, d)
+            return (self._dense(use, p) * d).flatten(1).sum(1)
+        x, g, row = self._tokens(use)
+        g = g.to(d.dtype)
         if use.kind == "embedding":
-            return (_emb_grad(use).to(d.dtype) * d[x]).flatten(1).sum(1)
-        return (self._dense(use, p) * d).flatten(1).sum(1)
+            per = (g * d[x]).sum(-1)
+        elif p is use.module.bias:
+            per = g @ d
+        else:
+            per = (g * (x.to(d.dtype) @ (d.T if use.kind == "linear" else d))).sum(-1)   # the output's change
+        return per.new_zeros(use.n).index_add_(0, row, per)
 
     # -- batch-mean gradients
     def weighted_sum(self, usages: dict[int, list[_Usage]], weights: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -316,20 +422,16 @@ class GradientRecorder:
         return out
 
     def _weighted(self, use: _Usage, p: nn.Parameter, w: torch.Tensor, dt) -> torch.Tensor:
-        x, rows = use.x
-        if use.kind in ("linear", "conv1d"):
-            wr = w[rows] if rows is not None else w                        # [K] or [N]
-            G = use.g.to(dt) * wr.view(-1, *[1] * (use.g.dim() - 1))
-            if p is use.module.bias:
-                return G.reshape(-1, G.shape[-1]).sum(0)
-            A = x.to(dt).reshape(-1, x.shape[-1])
-            G = G.reshape(-1, G.shape[-1])
-            return G.T @ A if use.kind == "linear" else A.T @ G
+        """`sum_r w[r] * grad_r` of `p` from this usage, over the real tokens of the rows with a weight only."""
+        if use.kind not in ("linear", "conv1d", "embedding"):
+            return self._generic_sum(use, p, w).to(dt)
+        x, g, row = self._tokens(use, w != 0)
+        G = g.to(dt) * w[row][:, None]
         if use.kind == "embedding":
-            G = _emb_grad(use).to(dt) * w.view(-1, *[1] * (use.g.dim() - 1))
-            return torch.zeros(p.shape, dtype=dt, device=p.device).index_add_(0, x.reshape(-1),
-                                                                              G.reshape(-1, G.shape[-1]))
-        return (self._dense(use, p).to(dt) * w.view(-1, *[1] * p.dim())).sum(0)
+            return torch.zeros(p.shape, dtype=dt, device=p.device).index_add_(0, x, G)
+        if p is use.module.bias:
+            return G.sum(0)
+        return G.T @ x.to(dt) if use.kind == "linear" else x.to(dt).T @ G
 
     # -- per-position split of <grad_w, grad_l>
     def position_split(self, coef: torch.Tensor, usages: dict[int, list[_Usage]] | None = None) -> list[dict]:
@@ -418,6 +520,7 @@ class GradientRecorder:
         self.stop()  # vjp below runs module forwards: do not record them
         if self.problems:
             raise Unsupported("; ".join(sorted(set(self.problems))[:3]))
+        self._unpack(coef)
         missing = [k for k in self.params if k not in self.usages]
         if missing:
             raise Unsupported(f"{len(missing)} trainable parameter(s) not used through a module forward")

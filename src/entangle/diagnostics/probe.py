@@ -23,7 +23,7 @@ from entangle.metrics import Metrics
 class EntanglementProbe(StepHook, LoopCallback):
     """Per-pair `<grad_w, grad_l>`, norms, cosine, d_w, d_l, case and predicted changes, every `every` steps."""
 
-    needs_rows = True   # per-response gradients cannot come from a prefix-shared row
+    reads_activations = True   # per-row gradients from the recorded activations (diagnostics.ghost)
 
     def __init__(self, model, every: int, realised: bool = False, method: str = "fast", update: bool = True,
                  batch_mean: bool = True, positions: bool = False, tokens: int = 0):

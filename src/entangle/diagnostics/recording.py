@@ -44,6 +44,7 @@ class RowRecording:
     def watch(self, scored: torch.Tensor) -> None:
         """Capture dL/d log pi_r of every row during the backward."""
         if scored.requires_grad:
+            self.recorder.side_pass(scored)      # prefix-shared rows: the chosen part of the shared gradients
             scored.register_hook(lambda g: setattr(self, "coef", g.detach()))
 
     def end(self) -> Recorded | None:

@@ -1,6 +1,6 @@
 """`entangle study compare`: the same model, data, seed and budget under several losses (GE Fig. 1).
 
-    summary = run(out="runs/compare", model="tiny", losses=("dpo", "ipo", "cpo"), quick=True)
+    summary = run(Settings(out="runs/compare", losses=("dpo", "ipo", "cpo"), quick=True))
 
 Writes `OUT/LOSS/` (ordinary run directories, each resumable and skipped once finished with the
 same settings), `OUT/summary.json` (a table per loss and the theory check of spec sec. 3) and
@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import asdict, dataclass, field, fields
 from statistics import mean
+from typing import Optional
 
 from entangle import losses as loss_registry
 from entangle.errors import ConfigError
@@ -33,20 +35,61 @@ PRESETS = {
 }
 
 
-def check_settings(names, mitigate, steps, lr, seed, per_loss, extra) -> None:
-    """Every setting in its range before any work: steps, lr, seed, the losses to mitigate (among --losses), and
-    each loss's overrides as a config would take them."""
-    from entangle import config
-    from entangle.studies import check_positive, check_whole
+@dataclass
+class Settings:
+    """The study's settings and their valid ranges (checked by `validate` before any work). `steps` and `lr` left
+    None take the preset's (`PRESETS`: `quick` or `default`, the one place they are written)."""
 
-    check_whole("compare", {"steps": steps, "seed": seed}, {"steps": 1, "seed": 0})
-    check_positive("compare", {"lr": lr}, ("lr",))
-    unknown = [m for m in mitigate if m not in names]
-    if unknown:
-        raise ConfigError(f"--mitigate {','.join(unknown)}: not among --losses ({', '.join(names)}); give losses "
-                          "that run, or '' for none")
-    for name in names:
-        config.load(None, [f"loss.name={name}", *per_loss.get(name, []), *extra])
+    out: str = "runs/compare"
+    losses: tuple = DEFAULT_LOSSES            # registered loss names or aliases
+    quick: bool = False                       # tiny model after a short SFT on generated pairs (about a minute)
+    model: Optional[str] = None               # default: the preset's (smollm2-135m with LoRA r 8; tiny with quick)
+    data: Optional[str] = None                # training pairs (default: HH helpful-base, found by `default_data`)
+    eval_data: Optional[str] = None           # held-out pairs (default: the matching .test.jsonl)
+    steps: Optional[int] = None               # >= 1
+    lr: Optional[float] = None                # > 0
+    seed: int = 0                             # >= 0
+    params: list = field(default_factory=list)  # LOSS.PARAM=VALUE for one loss, e.g. dpop.lam=50
+    mitigate: tuple = ("dpo",)                # losses also run with each mitigation (among `losses`)
+    extra: list = field(default_factory=list)   # config overrides for every run
+
+    def preset(self) -> dict:
+        return dict(PRESETS["quick" if self.quick else "default"])
+
+    def names(self) -> tuple[str, ...]:
+        """The losses' registered names (aliases resolved; an unknown name is a one-line error)."""
+        return tuple(loss_registry.spec(n).name for n in self.losses)
+
+    def validate(self) -> "Settings":
+        """Every setting in its range before any work: steps, lr, seed, the losses to mitigate (among the losses),
+        and each loss's overrides as a config would take them (a 0 is refused, never replaced by the preset)."""
+        from entangle import config
+        from entangle.studies import check_positive, check_whole
+
+        names, p = self.names(), self.preset()
+        if not names:
+            raise ConfigError("study compare: losses = (): give at least one loss")
+        steps, lr = p["steps"] if self.steps is None else self.steps, p["lr"] if self.lr is None else self.lr
+        check_whole("compare", {"steps": steps, "seed": self.seed}, {"steps": 1, "seed": 0})
+        check_positive("compare", {"lr": lr}, ("lr",))
+        unknown = [m for m in self.mitigate if m not in names]
+        if unknown:
+            raise ConfigError(f"--mitigate {','.join(unknown)}: not among --losses ({', '.join(names)}); give losses "
+                              "that run, or '' for none")
+        per_loss = parse_overrides(list(self.params), names)
+        for name in names:
+            config.load(None, [f"loss.name={name}", *per_loss.get(name, []), *self.extra])
+        return self
+
+
+def settings_from_args(args) -> Settings:
+    """`entangle study compare`'s options: what was given, the rest the dataclass's defaults."""
+    given = {f.name: getattr(args, f.name) for f in fields(Settings)
+             if f.name != "extra" and getattr(args, f.name, None) is not None}
+    for name in ("losses", "mitigate"):
+        if isinstance(given.get(name), str):
+            given[name] = tuple(x.strip() for x in given[name].split(",") if x.strip())
+    return Settings(**given, extra=list(args.overrides))
 
 
 def parse_overrides(items: list[str], names: tuple[str, ...]) -> dict[str, list[str]]:
@@ -61,17 +104,14 @@ def parse_overrides(items: list[str], names: tuple[str, ...]) -> dict[str, list[
     return out
 
 
-def run(out: str = "runs/compare", losses: tuple[str, ...] = DEFAULT_LOSSES, quick: bool = False,
-        model: str | None = None, data: str | None = None, eval_data: str | None = None, steps: int | None = None,
-        lr: float | None = None, seed: int = 0, params: list[str] = (), extra: list[str] = (),
-        report: bool = True, mitigate: tuple[str, ...] = ("dpo",)) -> dict:
-    names = tuple(loss_registry.spec(n).name for n in losses)   # aliases -> names; unknown -> error
-    per_loss = parse_overrides(list(params), names)
-    p = dict(PRESETS["quick" if quick else "default"])
-    model = model or p["model"]
+def run(st: Settings | None = None, report: bool = True) -> dict:
+    st = (st or Settings()).validate()
+    names, p, out, quick, seed, extra, mitigate = st.names(), st.preset(), st.out, st.quick, st.seed, st.extra, \
+        tuple(st.mitigate)
+    per_loss = parse_overrides(list(st.params), names)
+    model, data, eval_data = st.model or p["model"], st.data, st.eval_data
     label = f"{model} after SFT" if quick and model == "tiny" and not data else model
-    steps, lr = p["steps"] if steps is None else steps, p["lr"] if lr is None else lr   # a 0 is refused, not replaced
-    check_settings(names, mitigate, steps, lr, seed, per_loss, extra)
+    steps, lr = p["steps"] if st.steps is None else st.steps, p["lr"] if st.lr is None else st.lr
     if not (quick and model == "tiny" and not data):
         data, eval_data = data or default_data("hh-rlhf/helpful-base.train.jsonl", "--data"), \
             eval_data or default_data("hh-rlhf/helpful-base.test.jsonl", "--eval-data")
@@ -109,7 +149,7 @@ def run(out: str = "runs/compare", losses: tuple[str, ...] = DEFAULT_LOSSES, qui
         log.info("compare: %s (%d steps)", name, steps)
         rows = run_once([*base, *own, *extra], os.path.join(out, name))
         results[name] = loss_result(rows, _pair_rows(os.path.join(out, name)))
-    summary = {"study": "compare", "model": label, "steps": steps, "lr": lr, "seed": seed,
+    summary = {"study": "compare", "model": label, "steps": steps, "lr": lr, "seed": seed, "settings": asdict(st),
                "data": {"train": train_src, "eval": eval_src}, "params": per_loss,
                "runs": {n: n for n in results}, "results": results,
                "theory": theory_check({n: r for n, r in results.items() if n in names})}

@@ -1,6 +1,6 @@
 """`entangle study sentiment`: the gradient-entanglement paper's sentiment experiment (GE sec. 4.2, spec sec. 7).
 
-    summary = run(out="runs/sentiment", model="tiny")     # ~2-3 minutes on 2 CPU cores
+    summary = run(Settings(out="runs/sentiment", model="tiny"))     # ~2-3 minutes on 2 CPU cores
 
 For each response format (single token, short suffix, long suffix): a short SFT warm-up on the
 true-sentiment responses, then DPO with the entanglement diagnostics every step. Writes
@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import asdict, dataclass, field, fields
 from statistics import mean
+from typing import Optional
 
 from entangle import synthetic
 from entangle.config import load_saved
+from entangle.errors import ConfigError
 from entangle.studies import make_study_folder, run_once, write_summary
 
 log = logging.getLogger(__name__)
@@ -43,21 +46,70 @@ MITIGATIONS = tuple(MITIGATION_OVERRIDES)
 
 
 def settings(model: str, **overrides) -> dict:
+    """The model's preset (`PRESETS`) with the given values (None: the preset's)."""
     s = dict(PRESETS.get(model, PRESETS["other"]))
     s.update({k: v for k, v in overrides.items() if v is not None})
     return s
 
 
-def check_settings(s: dict, seed: int, extra) -> None:
-    """Every setting in its range and the extra overrides valid, one line each, before any work (a 0 is refused,
-    never replaced by the default)."""
-    from entangle import config
-    from entangle.studies import check_positive, check_whole
+@dataclass
+class Settings:
+    """The study's settings and their valid ranges (checked by `validate` before any work). The sizes, steps and
+    learning rates left None take the model's preset (`PRESETS`, the one place they are written)."""
 
-    check_whole("sentiment", {**s, "seed": seed}, {"n_train": 1, "n_test": 1, "batch": 1, "sft_steps": 1,
-                                                   "steps": 1, "seed": 0})
-    check_positive("sentiment", s, ("sft_lr", "lr", "beta"))
-    config.load(None, ["loss.name=dpo", f"loss.params.beta={s['beta']}", f"optimizer.lr={s['lr']}", *extra])
+    out: str = "runs/sentiment"
+    model: str = "tiny"                       # tiny (built here, ~1 minute) | smollm2-135m | a folder or hub id
+    configs: tuple = CONFIGS                  # response formats, among single, short, long
+    seed: int = 0                             # >= 0
+    steps: Optional[int] = None               # DPO steps per configuration; >= 1
+    sft_steps: Optional[int] = None           # SFT warm-up steps per configuration; >= 1
+    lr: Optional[float] = None                # DPO learning rate; > 0
+    sft_lr: Optional[float] = None            # SFT learning rate; > 0
+    beta: Optional[float] = None              # DPO beta; > 0
+    batch: Optional[int] = None               # pairs per step; >= 1
+    n_train: Optional[int] = None             # generated training statements; >= 1
+    n_test: Optional[int] = None              # generated held-out statements; >= 1
+    mitigations: tuple = MITIGATIONS          # long-suffix re-runs, among pairwise, sparse
+    optimizers: tuple = ("adamw",)            # adamw, and sgd for the side-by-side plain-gradient-descent runs
+    extra: list = field(default_factory=list)  # config overrides for every run
+
+    def resolved(self) -> dict:
+        """The preset with this study's values: every size, step count and rate."""
+        return settings(self.model, **{k: getattr(self, k) for k in PRESETS["other"]})
+
+    def validate(self) -> "Settings":
+        """Every setting in its range and the extra overrides valid, one line each (a 0 is refused, never
+        replaced by the preset)."""
+        from entangle import config
+        from entangle.studies import check_positive, check_whole
+
+        for name, valid in (("configs", CONFIGS), ("mitigations", MITIGATIONS), ("optimizers", ("adamw", "sgd"))):
+            values = tuple(getattr(self, name))
+            if any(v not in valid for v in values) or (name != "mitigations" and not values):
+                raise ConfigError(f"study sentiment: {name} = {values!r}: valid: {', '.join(valid)}")
+        if "adamw" not in self.optimizers:
+            raise ConfigError(f"study sentiment: optimizers = {tuple(self.optimizers)!r}: adamw always runs "
+                              "(sgd is calibrated against it)")
+        s = self.resolved()
+        check_whole("sentiment", {**s, "seed": self.seed}, {"n_train": 1, "n_test": 1, "batch": 1, "sft_steps": 1,
+                                                            "steps": 1, "seed": 0})
+        check_positive("sentiment", s, ("sft_lr", "lr", "beta"))
+        config.load(None, ["loss.name=dpo", f"loss.params.beta={s['beta']}", f"optimizer.lr={s['lr']}",
+                           *self.extra])
+        return self
+
+
+def settings_from_args(args) -> Settings:
+    """`entangle study sentiment`'s options: what was given, the rest the dataclass's defaults."""
+    given = {f.name: getattr(args, f.name) for f in fields(Settings)
+             if f.name != "extra" and getattr(args, f.name, None) is not None}
+    if isinstance(given.get("configs"), str):
+        given["configs"] = tuple(x.strip() for x in given["configs"].split(",") if x.strip())
+    if getattr(args, "optimizer", None) == "sgd":
+        given["optimizers"] = ("adamw", "sgd")
+    if getattr(args, "no_mitigations", False):
+        given["mitigations"] = ()
+    return Settings(**given, extra=list(args.overrides))
 
 
 def source(config: str, split: str, n: int, seed: int) -> str:
@@ -81,16 +133,15 @@ def base_model(out: str, model: str, s: dict, seed: int) -> str:
 CALIBRATION_STEPS = 5   # the AdamW steps whose margin movement the SGD learning rate matches (`sgd_lr`)
 
 
-def run(out: str = "runs/sentiment", model: str = "tiny", configs: tuple[str, ...] = CONFIGS, seed: int = 0,
-        extra: list[str] = (), report: bool = True, mitigations: tuple[str, ...] = MITIGATIONS,
-        optimizers: tuple[str, ...] = ("adamw",), **overrides) -> dict:
+def run(st: Settings | None = None, report: bool = True) -> dict:
     """Train every configuration, check the paper's predictions, write summary.json and the report.
     `mitigations` re-run the long-suffix DPO phase with each mitigation (`OUT/long-NAME/`). With "sgd" in
     `optimizers`, each configuration's DPO phase also runs with plain gradient descent (`OUT/CONFIG-sgd/`: no
     momentum, no clipping, no weight decay) at the learning rate that moves the margin as the AdamW run does
     (`sgd_lr`), and the predictions are checked under each optimiser."""
-    s = settings(model, **overrides)
-    check_settings(s, seed, extra)
+    st = (st or Settings()).validate()
+    s, out, model, seed, extra, configs = st.resolved(), st.out, st.model, st.seed, list(st.extra), tuple(st.configs)
+    mitigations, optimizers = tuple(st.mitigations), tuple(st.optimizers)
     make_study_folder(out)
     base = base_model(out, model, s, seed)
     results, mitigated, sgd, sgd_lrs = {}, {}, {}, {}
@@ -128,7 +179,7 @@ def run(out: str = "runs/sentiment", model: str = "tiny", configs: tuple[str, ..
                 m_dir = os.path.join(out, f"long-{m}")
                 mitigated[f"long-{m}"] = config_result(run_once([*dpo, *MITIGATION_OVERRIDES[m]], m_dir))
                 mitigated[f"long-{m}"]["heldout_token_changes"] = token_changes(start_view, m_dir)
-    summary = {"study": "sentiment", "model": model, "seed": seed, "settings": s,
+    summary = {"study": "sentiment", "model": model, "seed": seed, "settings": s, "study_settings": asdict(st),
                "responses": {c: list(synthetic.RESPONSES[c]) for c in configs},
                "runs": {c: c for c in [*configs, *mitigated, *sgd]}, "results": {**results, **mitigated, **sgd},
                "predictions": predictions(results), "mitigations": mitigation_outcomes(results, mitigated)}
