@@ -162,3 +162,23 @@ def test_the_console_shows_no_library_notices_and_q_no_progress_bars(tmp_path):
     q = entangle("-q", *run, f"train.output_dir={tmp_path / 'b'}")
     assert q.returncode == 0 and "step/s" not in q.stderr and "%|" not in q.stderr
     assert entangle("-v", *run, f"train.output_dir={tmp_path / 'c'}").returncode == 0
+
+
+def test_study_options_take_their_defaults_from_the_settings_dataclasses():
+    """`entangle study sentiment|compare` pass only what was given; the rest is the dataclass's (one place)."""
+    from entangle.cli import build_parser
+    from entangle.studies import compare, sentiment
+
+    for study, module in (("sentiment", sentiment), ("compare", compare)):
+        assert module.settings_from_args(build_parser().parse_args(["study", study])) == module.Settings()
+    s = sentiment.settings_from_args(build_parser().parse_args(
+        ["study", "sentiment", "--configs", "long", "--optimizer", "sgd", "--no-mitigations", "--batch-size", "4"]))
+    assert s.configs == ("long",) and s.optimizers == ("adamw", "sgd") and s.mitigations == () and s.batch == 4
+    assert s.resolved()["batch"] == 4 and s.resolved()["steps"] == sentiment.PRESETS["tiny"]["steps"]
+    c = compare.settings_from_args(build_parser().parse_args(
+        ["study", "compare", "--losses", "dpo,ipo", "--set", "ipo.beta=0.5", "--mitigate", "", "--quick"]))
+    assert c.losses == ("dpo", "ipo") and c.params == ["ipo.beta=0.5"] and c.mitigate == () and c.quick
+    assert c.validate() is c
+    page = subprocess.run([sys.executable, "-m", "entangle.cli", "study", "sentiment", "--help"], capture_output=True,
+                          text=True).stdout
+    assert "(default tiny)" in " ".join(page.split())             # the help shows the dataclass's default

@@ -115,6 +115,10 @@ CASES = {
     "compare steps 0": (["study", "compare", "--quick", "--steps", "0", "--out", "OUT/st"], "steps = 0"),
     "sentiment lr nan": (["study", "sentiment", "--lr", "nan", "--out", "OUT/st"], "lr = nan"),
     "sentiment n-train 0": (["study", "sentiment", "--n-train", "0", "--out", "OUT/st"], "n_train = 0"),
+    "sentiment n-test 0": (["study", "sentiment", "--n-test", "0", "--out", "OUT/st"], "n_test = 0"),
+    "sentiment no configs": (["study", "sentiment", "--configs", ",", "--out", "OUT/st"], "configs = ()"),
+    "compare no losses": (["study", "compare", "--quick", "--losses", ",", "--out", "OUT/st"], "losses = ()"),
+    "compare unknown loss": (["study", "compare", "--quick", "--losses", "dpo,nope", "--out", "OUT/st"], "nope"),
     "scan-filter seeds 0": (["study", "scan-filter", "--seeds", "0", "--out", "OUT/st"], "seeds = 0"),
 }
 

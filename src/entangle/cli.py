@@ -97,11 +97,16 @@ def _gen_settings(args) -> dict:
     return {**given, "progress": not args.quiet}
 
 
+def _given(args, *names: str) -> dict:
+    """The options among `names` the user gave (the others keep the Python function's defaults: one place)."""
+    return {k: getattr(args, k) for k in names if hasattr(args, k)}
+
+
 def _generate(args) -> int:
     from entangle.api import generate
 
-    rows = generate(args.model, args.prompts, out=args.out, limit=args.limit, split=args.split, device=args.device,
-                    dtype=args.dtype, **_gen_settings(args))
+    rows = generate(args.model, args.prompts, out=args.out, limit=args.limit,
+                    **_given(args, "split", "device", "dtype"), **_gen_settings(args))
     print(f"{len(rows)} samples: {args.out}")
     return 0
 
@@ -112,9 +117,9 @@ def _eval(args) -> int:
     if bool(args.prompts) == bool(args.samples):   # the samples carry their prompts: one source, never two
         raise ConfigError("eval: give --prompts (to sample) or --samples (to score a samples file), not both or neither")
 
-    figures = evaluate(args.model, args.prompts, args.scorer, out=args.out, baseline=args.baseline,
-                       initial=args.initial, samples=args.samples, limit=args.limit, split=args.split,
-                       device=args.device, dtype=args.dtype, judge_template=args.judge_template, **_gen_settings(args))
+    figures = evaluate(args.model, args.prompts, out=args.out, baseline=args.baseline, initial=args.initial,
+                       samples=args.samples, limit=args.limit, judge_template=args.judge_template,
+                       **_given(args, "scorer", "split", "device", "dtype"), **_gen_settings(args))
     for k in ("gold/mean", "gold/baseline", "kl/initial", "kl/reference", "win_rate", "length/mean"):
         if figures.get(k) is not None:
             print(f"{k:13} {figures[k]:10.4f} +- {figures[k + '_se']:.4f}  (n={figures[k + '_n']})")
@@ -131,8 +136,8 @@ def _label(args) -> int:
     if "n" in vars(args):   # an option either acts or is refused
         raise ConfigError("label: --n does not apply (labelling draws exactly two samples per prompt)")
     settings = _gen_settings(args)
-    rows = label(args.model, args.prompts, args.scorer, out=args.out, noise=args.noise, limit=args.limit,
-                 split=args.split, device=args.device, dtype=args.dtype, **settings)
+    rows = label(args.model, args.prompts, out=args.out, limit=args.limit,
+                 **_given(args, "scorer", "noise", "split", "device", "dtype"), **settings)
     gap = sum(r["score_chosen"] - r["score_rejected"] for r in rows) / len(rows)
     print(f"{len(rows)} pairs (mean gold gap chosen - rejected {gap:.4f}): {args.out}")
     return 0
@@ -216,7 +221,7 @@ def _sampling_args(p, prompts_required: bool = True) -> None:
     p.add_argument("--prompts", required=prompts_required, help="prompt source: {prompt} JSONL, a preference file "
                    "(its prompts), chat messages, synthetic:NAME" + ("" if prompts_required else
                                                                      " (not with --samples)"))
-    p.add_argument("--split", default="train", help="split for datasets folders and hub ids")
+    p.add_argument("--split", default=argparse.SUPPRESS, help="split for datasets folders and hub ids (default train)")
     p.add_argument("--limit", type=int, help="first N prompts")
     p.add_argument("--n", type=int, help="samples per prompt")
     p.add_argument("--max-new-tokens", type=int, help="tokens sampled at most per completion")
@@ -225,8 +230,8 @@ def _sampling_args(p, prompts_required: bool = True) -> None:
     p.add_argument("--top-p", type=float, help="nucleus sampling")
     p.add_argument("--seed", type=int, help="the same seed and batch size give the same samples")
     p.add_argument("--batch-size", type=int, help="sequences per forward (shrinks to fit the memory budget)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    p.add_argument("--device", default=argparse.SUPPRESS, help="auto | cpu | cuda (default auto)")
+    p.add_argument("--dtype", default=argparse.SUPPRESS, help=DTYPE_HELP)
     p.add_argument("--memory-gib", type=float, help=MEMORY_HELP)
     from entangle.generation import SamplingSettings
 
@@ -461,7 +466,8 @@ def _sampling_parsers(sub) -> None:
     g.set_defaults(func=_generate)
     e = sub.add_parser("eval", help="sample, score with a gold scorer, KL to the initial policy, win rate")
     _sampling_args(e, prompts_required=False)
-    e.add_argument("--scorer", default="vader", help="vader | rm:PATH | python:module:function | judge:PATH")
+    e.add_argument("--scorer", default=argparse.SUPPRESS,
+                   help="vader | rm:PATH | python:module:function | judge:PATH (default vader)")
     e.add_argument("--judge-template", help="file with the judge prompt ({prompt}, {a}, {b})")
     e.add_argument("--initial", help="the initial policy (default: a run's starting model; a model: itself)")
     e.add_argument("--baseline", help="win rate against this model or run (default: the initial policy)")
@@ -470,9 +476,10 @@ def _sampling_parsers(sub) -> None:
     e.set_defaults(func=_eval)
     la = sub.add_parser("label", help="make preference pairs: two samples per prompt, labelled by a gold scorer")
     _sampling_args(la)
-    la.add_argument("--scorer", default="vader", help="vader | rm:PATH | python:module:function")
-    la.add_argument("--noise", type=float, default=0.0,
-                    help="Bradley-Terry temperature: P(a > b) = sigmoid((s_a - s_b) / T); 0: the higher score wins")
+    la.add_argument("--scorer", default=argparse.SUPPRESS,
+                    help="vader | rm:PATH | python:module:function (default vader)")
+    la.add_argument("--noise", type=float, default=argparse.SUPPRESS, help="Bradley-Terry temperature: P(a > b) = "
+                    "sigmoid((s_a - s_b) / T); 0 (the default): the higher score wins")
     la.add_argument("--out", required=True, help="output preference JSONL (prompt/chosen/rejected)")
     la.set_defaults(func=_label)
 

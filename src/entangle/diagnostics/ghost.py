@@ -210,21 +210,28 @@ class GradientRecorder:
             return
         B, T = packed.input_ids.shape
         index = packed.unpack.to(coef.device)                                        # [2B, Tc]
-        valid = index >= 0
-        index = torch.where(valid, index, 0)
-        both = torch.cat([index[:B], index[B:] + B * T])     # chosen rows from the chosen part, rejected from the rest
-        for u in uses:
+        pad, (N, Tc) = index < 0, index.shape
+        flat = index.clamp(min=0).view(-1)                                           # [2B * Tc] into [B * T]
+        chosen, rejected = flat[: B * Tc], flat[B * Tc :]
+        c_w = coef[:B].view(B, 1, 1)
+        for u in uses:   # a new tensor per usage for x and g, every other step in place on those (few page faults)
             x = u.x[0]
-            x = x.reshape(B * T, *x.shape[2:])[index]
-            keep = valid.view(*valid.shape, *[1] * (x.dim() - 2)).to(x.device)
-            u.x = (torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)), None)
+            x = x.reshape(B * T, -1).index_select(0, flat).view(N, Tc, *x.shape[2:])
+            u.x = (x.masked_fill_(pad.view(N, Tc, *[1] * (x.dim() - 2)), 0), None)
             if u.g is None:
                 continue                                                           # result() says so
-            g_chosen = torch.zeros_like(u.g) if u.g_chosen is None else u.g_chosen
-            chosen = coef[:B].to(u.g).view(B, *[1] * (u.g.dim() - 1)) * g_chosen
-            rows = torch.cat([chosen, u.g - chosen])                               # [2B, T, dout]
-            g = rows.reshape(2 * B * T, *rows.shape[2:])[both.to(rows.device)]
-            u.g, u.g_chosen = g * valid.view(*valid.shape, *[1] * (g.dim() - 2)).to(g), None
+            G, g_w = u.g.reshape(B * T, -1), u.g_chosen
+            out = torch.empty((N * Tc, G.shape[1]), dtype=G.dtype, device=G.device)
+            torch.index_select(G, 0, rejected, out=out[B * Tc :])                # c_w g_w + c_l g_l ...
+            if g_w is None:
+                out[: B * Tc].zero_()
+            else:
+                g_w = g_w.reshape(B * T, -1)
+                torch.index_select(g_w, 0, chosen, out=out[: B * Tc])
+                out[: B * Tc].view(B, Tc, -1).mul_(c_w.to(G))                   # chosen rows: c_w g_w
+                out[B * Tc :].view(B, Tc, -1).sub_(g_w.index_select(0, rejected).view(B, Tc, -1).mul_(c_w.to(G)))
+            out = out.view(N, Tc, -1).masked_fill_(pad[..., None], 0)            # ... minus c_w g_w: c_l g_l
+            u.g, u.g_chosen = out.view(N, Tc, *u.g.shape[2:]), None
 
     # -- per-usage helpers
     def _factors(self, use: _Usage):
