@@ -83,6 +83,19 @@ def test_fast_path_matches_brute_force(tok, arch, lora, dtype, tol, pack, caplog
     assert stats["cos"].shape == (3,) and (stats["cos"].abs() <= 1 + 1e-6).all()
 
 
+@pytest.mark.parametrize("arch", ["tiny", "tiny-gpt2"])
+def test_fast_path_on_a_single_prefix_shared_pair(tok, arch, monkeypatch):
+    """One pair: the packed batch has one row, which the recorder must not take for GPT-2's batch-broadcast position
+    embedding (its position ids are given explicitly there)."""
+    unpacked = spy_on_unpacking(monkeypatch)
+    model, _ = models.load_model(arch, dtype="float64", tokenizer=tok)
+    pairs = pairs_of(tok)[:1]
+    stats, ref = entanglement_stats(model, pairs, pad_id=tok.pad_token_id), brute(model, pairs)
+    assert len(unpacked) == 1 and unpacked[0] > 0
+    for k in ("inner", "norm_w2", "norm_l2"):
+        torch.testing.assert_close(stats[k].double(), ref[k], rtol=1e-6, atol=0)
+
+
 def test_exact_method_matches_brute_force(tok):
     model, _ = models.load_model("tiny", dtype="float64", tokenizer=tok)
     pairs = pairs_of(tok)
