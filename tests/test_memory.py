@@ -84,3 +84,39 @@ def test_scan_api_over_budget_refuses_before_any_row(tmp_path):
     with pytest.raises(OverBudget, match="scan of 2 pairs"):
         api.scan("tiny", str(pairs), out=str(tmp_path / "o"), memory_gib=0.001, device="cpu")
     assert not (tmp_path / "o" / "scan.jsonl").exists()
+
+
+def test_the_training_estimate_counts_what_a_gradient_recorder_keeps(tiny, tmp_path):
+    """Every module with trainable parameters keeps its output gradient (and the shared rows are rewritten as two):
+    rows x length x (inputs + outputs) x 4 bytes; a budget between the two estimates admits the plain run and
+    refuses the diagnostic one in one line, before any step."""
+    import torch
+
+    per_token = 0
+    for m in tiny.modules():
+        if isinstance(m, torch.nn.Embedding):
+            per_token += m.embedding_dim + 1
+        elif isinstance(m, torch.nn.Linear):
+            per_token += m.in_features + m.out_features
+        elif any(True for _ in m.parameters(recurse=False)):                   # the norms: input and output
+            per_token += 2 * sum(p.numel() for p in m.parameters(recurse=False))
+    assert memory.recorded(tiny, 3, 7) == 3 * 7 * per_token * 4
+    lora = models.load_model("tiny", lora=models.LoraConfig(r=2, target_modules=["q_proj"]))[0]
+    assert 0 < memory.recorded(lora, 3, 7) < memory.recorded(tiny, 3, 7)
+    plain = 3 * memory.trainable(tiny) + memory.forward(tiny, 16, 128, grad=True)
+    gib = (plain + memory.recorded(tiny, 16, 128) / 2) / 2**30     # admits the plain step, not the recorded one
+    common = ["train", "configs/tiny-dpo.yaml", "model.name=tiny", "data.max_length=128", "train.batch_size=8",
+              "train.max_steps=1", "data.eval=null", f"train.memory_gib={gib}", "tracking.progress=false"]
+    one_line_error(entangle(*common, f"train.output_dir={tmp_path / 'diag'}", "diagnostics.entanglement.every=1"),
+                   "training (batch 8 pairs")
+    assert not (tmp_path / "diag" / "metrics.jsonl").exists()
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from entangle.assembly import check_training_memory
+
+    tc = OmegaConf.create({"batch_size": 8, "activation_checkpointing": False, "memory_gib": gib})
+    check_training_memory(tiny, tc, 128, SimpleNamespace(device=torch.device("cpu")))      # the plain step fits
+    with pytest.raises(OverBudget):
+        check_training_memory(tiny, tc, 128, SimpleNamespace(device=torch.device("cpu")), recorder=True)

@@ -340,14 +340,16 @@ def build(cfg: DictConfig, hooks: Sequence = (), train_data=None, eval_data=None
     return run
 
 
-def check_training_memory(model, tc: DictConfig, max_length: int, acc) -> None:
+def check_training_memory(model, tc: DictConfig, max_length: int, acc, recorder: bool = False) -> None:
     """The estimated peak of a training step (gradients and Adam's two moments of the trainable weights, the
-    activations of one micro-batch) against `train.memory_gib` (default: 90 % of what is free with the model
-    loaded): a one-line error before the first step, else a log line."""
+    activations of one micro-batch, and with a gradient `recorder` what it keeps) against `train.memory_gib`
+    (default: 90 % of what is free with the model loaded): a one-line error before the first step, else a log line."""
     from entangle import memory
 
     need = 3 * memory.trainable(model) + memory.forward(model, 2 * tc.batch_size, max_length,
-                                                        grad=not tc.activation_checkpointing)
+                                                        grad=not tc.activation_checkpointing or recorder)
+    if recorder:   # diagnostic steps run without activation checkpointing and keep every module's gradient
+        need += memory.recorded(model, 2 * tc.batch_size, max_length)
     what = f"training (batch {tc.batch_size} pairs of up to {max_length} tokens)"
     memory.check(need, memory.work_budget(model, str(acc.device), tc.memory_gib, "train.memory_gib"), what,
                  "lower train.batch_size or data.max_length, set train.activation_checkpointing=true, "
@@ -365,7 +367,8 @@ def _assemble(cfg: DictConfig, acc, resume_from: str | None, hooks: Sequence, tr
     dtype = precision(mc.dtype, acc.device.type == "cuda")[0]
     model, tokenizer = load_model(mc.name, dtype, str(acc.device), lora, mc.trust_remote_code, seed=tc.seed)
     check_fits_context(model, cfg.data.max_length, "data.max_length")
-    check_training_memory(model, tc, cfg.data.max_length, acc)
+    check_training_memory(model, tc, cfg.data.max_length, acc,
+                          recorder=bool(cfg.diagnostics.entanglement.every or cfg.optimizer.pairwise_normalized))
     loss_fn = losses.get(cfg.loss.name, **OmegaConf.to_container(cfg.loss.params))
     unpaired, unit = not loss_fn.paired, objective(loss_fn).unit
     train_pairs, train_stats = load_pairs(cfg.data.train if train_data is None else train_data, tokenizer, cfg.data,
