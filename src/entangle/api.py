@@ -263,7 +263,12 @@ def _scan_batch(lm, pairs, s, budget: int) -> int:
     """The largest batch <= `s.batch_size` that fits the memory budget (`memory.largest_batch`)."""
     length = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
     grads = memory.trainable(lm) * (3 if s.method == "exact" else 1)   # exact: per-pair gradient copies
-    return memory.largest_batch(lambda b: grads + memory.forward(lm, 2 * b, length, grad=True), budget,
+
+    def need(b: int) -> int:   # fast: the gradient recorder keeps every module's output gradient
+        return grads + memory.forward(lm, 2 * b, length, grad=True) + \
+            (memory.recorded(lm, 2 * b, length) if s.method == "fast" else 0)
+
+    return memory.largest_batch(need, budget,
                                 min(s.batch_size, len(pairs)), f"scan of {len(pairs)} pairs of up to {length} tokens",
                                 "--batch-size")
 
