@@ -57,6 +57,20 @@ def _get(settings, name: str):
     return settings[name] if isinstance(settings, dict) else getattr(settings, name)
 
 
+def given_settings(settings_cls, args, commas: tuple[str, ...] = ()) -> dict:
+    """The fields of a study's settings dataclass that the command line gave (an option left None is not given,
+    so the dataclass keeps the one default), `extra` from the positional overrides; the options in `commas`
+    ("dpo,ipo") split into tuples."""
+    from dataclasses import fields
+
+    given = {f.name: getattr(args, f.name) for f in fields(settings_cls)
+             if f.name != "extra" and getattr(args, f.name, None) is not None}
+    for name in commas:
+        if isinstance(given.get(name), str):
+            given[name] = tuple(x.strip() for x in given[name].split(",") if x.strip())
+    return {**given, "extra": list(args.overrides)}
+
+
 def check_whole(study: str, settings, lows: dict[str, int]) -> None:
     """Each named setting (an attribute or a key) a whole number at least its low end, else a one-line
     ConfigError naming it."""

@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from statistics import mean
 from typing import Optional
 
 from entangle import losses as loss_registry
 from entangle.errors import ConfigError
 from entangle.data import missing_file
-from entangle.studies import default_data, make_study_folder, run_once, sentiment, write_summary
+from entangle.studies import default_data, given_settings, make_study_folder, run_once, sentiment, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,11 @@ class Settings:
     def preset(self) -> dict:
         return dict(PRESETS["quick" if self.quick else "default"])
 
+    def budget(self) -> tuple[int, float]:
+        """(steps, lr): the given ones, else the preset's (a 0 is kept, and refused by `validate`)."""
+        p = self.preset()
+        return p["steps"] if self.steps is None else self.steps, p["lr"] if self.lr is None else self.lr
+
     def names(self) -> tuple[str, ...]:
         """The losses' registered names (aliases resolved; an unknown name is a one-line error)."""
         return tuple(loss_registry.spec(n).name for n in self.losses)
@@ -66,10 +71,10 @@ class Settings:
         from entangle import config
         from entangle.studies import check_positive, check_whole
 
-        names, p = self.names(), self.preset()
+        names = self.names()
         if not names:
             raise ConfigError("study compare: losses = (): give at least one loss")
-        steps, lr = p["steps"] if self.steps is None else self.steps, p["lr"] if self.lr is None else self.lr
+        steps, lr = self.budget()
         check_whole("compare", {"steps": steps, "seed": self.seed}, {"steps": 1, "seed": 0})
         check_positive("compare", {"lr": lr}, ("lr",))
         unknown = [m for m in self.mitigate if m not in names]
@@ -84,12 +89,7 @@ class Settings:
 
 def settings_from_args(args) -> Settings:
     """`entangle study compare`'s options: what was given, the rest the dataclass's defaults."""
-    given = {f.name: getattr(args, f.name) for f in fields(Settings)
-             if f.name != "extra" and getattr(args, f.name, None) is not None}
-    for name in ("losses", "mitigate"):
-        if isinstance(given.get(name), str):
-            given[name] = tuple(x.strip() for x in given[name].split(",") if x.strip())
-    return Settings(**given, extra=list(args.overrides))
+    return Settings(**given_settings(Settings, args, commas=("losses", "mitigate")))
 
 
 def parse_overrides(items: list[str], names: tuple[str, ...]) -> dict[str, list[str]]:
@@ -111,7 +111,7 @@ def run(st: Settings | None = None, report: bool = True) -> dict:
     per_loss = parse_overrides(list(st.params), names)
     model, data, eval_data = st.model or p["model"], st.data, st.eval_data
     label = f"{model} after SFT" if quick and model == "tiny" and not data else model
-    steps, lr = p["steps"] if st.steps is None else st.steps, p["lr"] if st.lr is None else st.lr
+    steps, lr = st.budget()
     if not (quick and model == "tiny" and not data):
         data, eval_data = data or default_data("hh-rlhf/helpful-base.train.jsonl", "--data"), \
             eval_data or default_data("hh-rlhf/helpful-base.test.jsonl", "--eval-data")

@@ -25,12 +25,12 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from entangle.errors import ConfigError
-from entangle.studies import (check_positive, check_reference_loss, check_whole, make_study_folder,
+from entangle.studies import (given_settings, check_positive, check_reference_loss, check_whole, make_study_folder,
                               run_once, write_summary)
 from entangle.studies.frontier import Curves, compare, describe_fit, positive_control
 
@@ -311,10 +311,8 @@ def format_table(summary: dict) -> str:
 
 def settings_from_args(args) -> Settings:
     """Settings from `entangle study overoptimization` arguments (None keeps the default or --quick's)."""
-    given = {f.name: getattr(args, f.name) for f in fields(Settings)
-             if getattr(args, f.name, None) is not None and f.name != "extra"}
+    given = given_settings(Settings, args)
     for name in ("arms", "betas", "tr_betas", "soft_alphas", "hard_taus"):
         if name in given:
             given[name] = tuple(given[name])
-    given["extra"] = list(args.overrides)
     return Settings.quick(**given) if args.quick else Settings(**given)

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from statistics import mean
 from typing import Optional
 
 from entangle import synthetic
 from entangle.config import load_saved
 from entangle.errors import ConfigError
-from entangle.studies import make_study_folder, run_once, write_summary
+from entangle.studies import given_settings, make_study_folder, run_once, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +101,12 @@ class Settings:
 
 def settings_from_args(args) -> Settings:
     """`entangle study sentiment`'s options: what was given, the rest the dataclass's defaults."""
-    given = {f.name: getattr(args, f.name) for f in fields(Settings)
-             if f.name != "extra" and getattr(args, f.name, None) is not None}
-    if isinstance(given.get("configs"), str):
-        given["configs"] = tuple(x.strip() for x in given["configs"].split(",") if x.strip())
+    given = given_settings(Settings, args, commas=("configs",))
     if getattr(args, "optimizer", None) == "sgd":
         given["optimizers"] = ("adamw", "sgd")
     if getattr(args, "no_mitigations", False):
         given["mitigations"] = ()
-    return Settings(**given, extra=list(args.overrides))
+    return Settings(**given)
 
 
 def source(config: str, split: str, n: int, seed: int) -> str:

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from entangle.errors import ConfigError
-from entangle.studies import (check_positive, check_reference_loss, check_whole, make_study_folder,
+from entangle.studies import (given_settings, check_positive, check_reference_loss, check_whole, make_study_folder,
                               run_once, write_summary)
 from entangle.studies import overoptimization as oo
 
@@ -179,6 +179,4 @@ def format_table(summary: dict) -> str:
 
 
 def settings_from_args(args) -> Settings:
-    given = {f.name: getattr(args, f.name) for f in fields(Settings)
-             if f.name != "extra" and getattr(args, f.name, None) is not None}
-    return Settings(**given, extra=list(args.overrides))
+    return Settings(**given_settings(Settings, args))
