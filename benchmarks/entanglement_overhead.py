@@ -71,7 +71,14 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--hh", default=HH, help="HH pairs for smollm2 (generated sentiment pairs are used for tiny)")
+    ap.add_argument("--default-allocator", action="store_true",
+                    help="no transparent huge pages for large tensors (the command line asks for them: "
+                         "memory.use_huge_pages)")
     args = ap.parse_args()
+    if not args.default_allocator:
+        from entangle.memory import use_huge_pages
+
+        use_huge_pages()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} pairs, "
           f"max_length {args.max_length}, {args.steps} timed steps per mode (median)")

@@ -169,6 +169,10 @@ def child(a) -> None:
     """One side of one setting, in this (fresh) process: prints its result as one JSON line."""
     pairs = json.load(open(a.pairs_file))
     torch.set_num_threads(os.cpu_count() or 1)
+    if a.allocator == "both" or (a.allocator == "entangle" and a.side == "entangle"):
+        from entangle.memory import use_huge_pages
+
+        use_huge_pages()       # what the `entangle` command line does for itself
     result = run_entangle(a.folder, pairs, a) if a.side == "entangle" else run_trl(a.folder, pairs, a)
     if torch.cuda.is_available():
         result["cuda_peak"] = torch.cuda.max_memory_allocated()
@@ -183,7 +187,7 @@ def in_child(side: str, folder: str, pairs: list[dict], a) -> dict:
         json.dump(pairs, f)
     cmd = [sys.executable, __file__, "--side", side, "--folder", folder, "--pairs-file", f.name,
            "--max-length", str(a.max_length), "--batch", str(a.batch), "--steps", str(a.steps), "--lr", str(a.lr),
-           "--beta", str(a.beta)] + ([] if a.prefix_sharing else ["--no-prefix-sharing"]) + \
+           "--beta", str(a.beta), "--allocator", a.allocator] + ([] if a.prefix_sharing else ["--no-prefix-sharing"]) + \
         (["--checkpointing"] if a.checkpointing else [])
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
@@ -214,6 +218,9 @@ def main() -> None:
     ap.add_argument("--no-prefix-sharing", dest="prefix_sharing", action="store_false")
     ap.add_argument("--checkpointing", action="store_true",
                     help="activation checkpointing in both trainers (TRL's default; off by default here)")
+    ap.add_argument("--allocator", choices=("entangle", "both", "neither"), default="entangle",
+                    help="which side puts large tensors on transparent huge pages (memory.use_huge_pages): "
+                         "entangle (as each tool runs from its command line), both, or neither")
     ap.add_argument("--side", help=argparse.SUPPRESS)            # the child processes
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--pairs-file", help=argparse.SUPPRESS)

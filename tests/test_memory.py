@@ -2,6 +2,8 @@
 
 import logging
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -120,3 +122,37 @@ def test_the_training_estimate_counts_what_a_gradient_recorder_keeps(tiny, tmp_p
     check_training_memory(tiny, tc, 128, SimpleNamespace(device=torch.device("cpu")))      # the plain step fits
     with pytest.raises(OverBudget):
         check_training_memory(tiny, tc, 128, SimpleNamespace(device=torch.device("cpu")), recorder=True)
+
+
+FAULTS_AFTER_REUSE = """
+import resource, sys
+import torch
+from entangle import memory
+if sys.argv[1] == "huge":
+    assert memory.use_huge_pages()
+for _ in range(2):                                  # a large tensor, freed, then one of the same size again
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(64 * 2**20 // 4)                     # 64 MiB: beyond glibc's largest mmap threshold (32 MiB)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(faults)
+"""
+
+
+def _huge_pages_granted() -> bool:
+    try:
+        return "[never]" not in open(memory.THP_MODE).read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _huge_pages_granted(), reason="the kernel grants no transparent huge pages")
+def test_use_huge_pages_faults_a_large_tensor_in_far_fewer_pages():
+    def faults(mode: str) -> int:
+        env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+        out = subprocess.run([sys.executable, "-c", FAULTS_AFTER_REUSE, mode], capture_output=True, text=True,
+                             check=True, env=env)
+        return int(out.stdout.split()[-1])
+
+    pages = 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")
+    assert faults("default") > pages // 2          # mapped afresh on every allocation: every 4 KiB page faults
+    assert faults("huge") < pages // 10            # 2 MiB pages: 512x fewer faults

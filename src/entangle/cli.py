@@ -503,6 +503,9 @@ def quiet_libraries() -> None:
     logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
 
 
+HEAVY = ("train", "scan", "study", "generate", "eval", "label")   # commands that run a model
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _split_config_arg(args)
@@ -512,6 +515,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not args.verbose:
         quiet_libraries()
+    if args.command in HEAVY:   # large tensors on huge pages: fewer page faults per step (the CLI owns the process)
+        from entangle.memory import use_huge_pages
+
+        use_huge_pages()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -104,6 +104,7 @@ class GradientRecorder:
         self.usages: dict[int, list[_Usage]] = {}   # id(param) -> usages
         self.params: dict[int, nn.Parameter] = {}
         self.n_rows = 0
+        self.sums: dict[str, dict[int, torch.Tensor]] = {"w": {}, "l": {}}   # see result(sums=True)
         self.recording = False
         self.problems: list[str] = []
         for module in model.modules():
@@ -298,13 +299,15 @@ class GradientRecorder:
             _, change = jvp(lambda params: functional_call(use.module, params, (use.x[0],)), (mine,), (tangents,))
         return (use.g.to(change.dtype) * change).flatten(1).sum(1)
 
-    def _pair_block(self, u: _Usage, v: _Usage, p: nn.Parameter, ri: torch.Tensor, si: torch.Tensor):
-        """<grad_r from usage u, grad_s from usage v> for row index vectors ri, si (same length)."""
+    def _pair_block(self, u: _Usage, v: _Usage, p: nn.Parameter, ri: torch.Tensor, si: torch.Tensor,
+                    inverse: torch.Tensor | None = None):
+        """<grad_r from usage u, grad_s from usage v> for row index vectors ri, si (same length). `inverse` [N]
+        (1/c_r): also this usage's batch sums of a linear weight, kept in `self.sums` (see `result`)."""
         if u is v and u.kind in ("linear", "conv1d") and p is u.module.weight:
             x, rows = u.x
             if rows is not None:  # the response-only LM head: [K, d] rows of several sequences
                 return self._gram_2d(x, u.g, rows)[ri, si]
-            return self._linear_pairs(x, u.g)
+            return self._linear_pairs(x, u.g, inverse if u.kind == "linear" else None, p)
         if u is v and u.kind == "embedding":
             ids, G = u.x[0], _emb_grad(u)
             gg = torch.bmm(G[ri], G[si].transpose(1, 2))
@@ -318,14 +321,19 @@ class GradientRecorder:
         dv = du if dv is None else dv
         return (du[ri] * dv[si]).flatten(1).sum(1)
 
-    def _linear_pairs(self, A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    def _linear_pairs(self, A: torch.Tensor, G: torch.Tensor, inverse: torch.Tensor | None = None,
+                      p: nn.Parameter | None = None) -> torch.Tensor:
         """[ww..., ll..., wl...] weight-gradient products of a linear layer, pair by pair.
 
         Per pair, whichever is cheaper: Gram ("ghost") products sum((A_r A_s^T) * (G_r G_s^T)), with
-        the shared prompt positions' activations counted once, or the two per-row gradients materialised."""
+        the shared prompt positions' activations counted once, or the two per-row gradients materialised.
+        With `inverse` [N] (1/c_r) the batch sums `sum_i grad log pi_w,i` and `sum_i grad log pi_l,i` are
+        wanted too (`self.sums`): those need the per-row gradients materialised anyway, so every pair takes
+        that branch and the sums come from it at no further cost."""
         B, T = self.n_rows // 2, A.shape[1]
         din, dout = A.shape[-1], G.shape[-1]
         out = A.new_zeros(3 * B, dtype=torch.float64)
+        sum_w = sum_l = None
         for i in range(B):
             lw = self.lengths[i] if self.lengths else T
             ll = self.lengths[B + i] if self.lengths else T
@@ -333,7 +341,7 @@ class GradientRecorder:
             Aw, Al, Gw, Gl = A[i, :lw], A[B + i, :ll], G[i, :lw], G[B + i, :ll]
             shared = P > 0 and torch.equal(Aw[:P], Al[:P])
             U = lw + ll - (P if shared else 0)
-            if U * U * din + (lw * lw + ll * ll + lw * ll) * dout < (lw + ll) * din * dout:
+            if inverse is None and U * U * din + (lw * lw + ll * ll + lw * ll) * dout < (lw + ll) * din * dout:
                 X = torch.cat([Aw, Al[P:] if shared else Al])                     # [U, din]
                 XX = X @ X.T
                 il = torch.cat([torch.arange(P), torch.arange(lw, U)]) if shared else torch.arange(lw, U)
@@ -344,7 +352,14 @@ class GradientRecorder:
             else:
                 Ww, Wl = Gw.T @ Aw, Gl.T @ Al                                      # [dout, din]
                 ww, lL, wl = (Ww * Ww).sum(), (Wl * Wl).sum(), (Ww * Wl).sum()
+                if inverse is not None:
+                    dt = wide(p.dtype)
+                    Ww, Wl = Ww.to(dt) * float(inverse[i]), Wl.to(dt) * float(inverse[B + i])
+                    sum_w = Ww if sum_w is None else sum_w.add_(Ww)
+                    sum_l = Wl if sum_l is None else sum_l.add_(Wl)
             out[i], out[B + i], out[2 * B + i] = ww, lL, wl
+        if inverse is not None:
+            self.sums["w"][id(p)], self.sums["l"][id(p)] = sum_w, sum_l
         return out
 
     def _gram_2d(self, A: torch.Tensor, G: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -415,11 +430,15 @@ class GradientRecorder:
         return per.new_zeros(use.n).index_add_(0, row, per)
 
     # -- batch-mean gradients
-    def weighted_sum(self, usages: dict[int, list[_Usage]], weights: torch.Tensor) -> dict[int, torch.Tensor]:
-        """`sum_r weights[r] * (output-gradient-carried) grad_r` per parameter (id -> tensor, float32/64).
-        With weights `1/c_r` on the chosen rows and 0 elsewhere this is `sum_i grad log pi_w,i`."""
+    def weighted_sum(self, usages: dict[int, list[_Usage]], weights: torch.Tensor,
+                     skip=()) -> dict[int, torch.Tensor]:
+        """`sum_r weights[r] * (output-gradient-carried) grad_r` per parameter (id -> tensor, float32/64), the
+        parameters in `skip` left out. With weights `1/c_r` on the chosen rows and 0 elsewhere this is
+        `sum_i grad log pi_w,i`."""
         out: dict[int, torch.Tensor] = {}
         for pid, uses in usages.items():
+            if pid in skip:
+                continue
             p = self.params[pid]
             dt = wide(p.dtype)
             acc = torch.zeros(p.shape, dtype=dt, device=p.device)
@@ -521,8 +540,12 @@ class GradientRecorder:
         return None
 
     # -- result
-    def result(self, coef: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-pair `norm_w2`, `norm_l2`, `inner` (float64) with the row coefficients divided out."""
+    def result(self, coef: torch.Tensor, sums: bool = False) -> dict[str, torch.Tensor]:
+        """Per-pair `norm_w2`, `norm_l2`, `inner` (float64) with the row coefficients divided out.
+
+        `sums`: also `self.sums` = {"w": {id(param): sum_i grad log pi_w,i}, "l": {...}} for the weights of
+        linear layers used once (the products materialise their per-row gradients then); `weighted_sum` gives
+        the other parameters'."""
         n = self.n_rows
         self.stop()  # vjp below runs module forwards: do not record them
         if self.problems:
@@ -542,11 +565,13 @@ class GradientRecorder:
         ri = torch.cat([w, l, w])
         si = torch.cat([w, l, l])
         total = torch.zeros(3 * B, dtype=torch.float64)
+        self.sums = {"w": {}, "l": {}}
+        inverse = 1.0 / coef.double().cpu() if sums else None
         for pid, uses in self.usages.items():
             p = self.params[pid]
             for u in uses:
                 for v in uses:
-                    total += self._pair_block(u, v, p, ri, si).double().cpu()
+                    total += self._pair_block(u, v, p, ri, si, inverse if len(uses) == 1 else None).double().cpu()
         c = coef.double().cpu()
         scale = c[ri] * c[si]
         total = total / scale

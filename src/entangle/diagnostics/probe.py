@@ -30,7 +30,7 @@ class EntanglementProbe(StepHook, LoopCallback):
         self.model, self.every, self.realised, self.method = model, every, realised, method
         self.update, self.batch_mean, self.positions, self.tokens = update, batch_mean, positions, tokens
         self.position_rows: list[dict] = []
-        self.recording = RowRecording(model, "entanglement") if method == "fast" else None
+        self.recording = RowRecording(model, "entanglement", sums=batch_mean) if method == "fast" else None
         self.pairs: list[dict] = []
         self.fallbacks = 0
         self.lr = 0.0
@@ -61,7 +61,7 @@ class EntanglementProbe(StepHook, LoopCallback):
             if self.update:
                 self.kept.append((got.usages, got.coef, len(self.pairs)))
             if self.batch_mean:
-                self._accumulate_batch_sums(got.usages, got.coef)
+                self._accumulate_batch_sums(got.usages, got.coef, got.sums)
             if self.positions:
                 self._split_positions(batch, got)
         else:
@@ -94,13 +94,15 @@ class EntanglementProbe(StepHook, LoopCallback):
                 "rejected_ids": batch.input_ids[B + i, : lengths[B + i]].tolist()})
 
     @torch.no_grad()
-    def _accumulate_batch_sums(self, usages, coef: torch.Tensor) -> None:
-        """Running `sum_i grad log pi_w,i` and `sum_i grad log pi_l,i` over the step's micro-batches."""
+    def _accumulate_batch_sums(self, usages, coef: torch.Tensor, done: dict) -> None:
+        """Running `sum_i grad log pi_w,i` and `sum_i grad log pi_l,i` over the step's micro-batches; `done`:
+        the parameters' sums the recorder's products already gave."""
         B = coef.numel() // 2
         inv = 1.0 / coef.double()
         zeros = torch.zeros_like(inv)
         for side, w in (("w", torch.cat([inv[:B], zeros[B:]])), ("l", torch.cat([zeros[:B], inv[B:]]))):
-            part = self.recording.recorder.weighted_sum(usages, w)
+            part = self.recording.recorder.weighted_sum(usages, w, skip=done[side])
+            part.update(done[side])
             into = self.batch_sums.setdefault(side, {})
             for pid, v in part.items():
                 into[pid] = into[pid] + v if pid in into else v

@@ -23,12 +23,13 @@ class Recorded:
     stats: dict[str, torch.Tensor]   # per pair: norm_w2, norm_l2, inner (float64, coefficients divided out)
     usages: dict                     # id(param) -> recorded usages (for weighted sums and directions)
     coef: torch.Tensor               # [2B] dL/d log pi_r of each row
+    sums: dict                       # with sums=True: {"w"|"l": {id(param): batch sum}} (GradientRecorder.result)
 
 
 class RowRecording:
-    def __init__(self, model, what: str):
+    def __init__(self, model, what: str, sums: bool = False):
         self.recorder = GradientRecorder(model)
-        self.what = what
+        self.what, self.sums = what, sums
         self.coef: torch.Tensor | None = None
         self._warned = False
 
@@ -53,11 +54,11 @@ class RowRecording:
         try:
             if self.coef is None:
                 raise Unsupported("the scored log-probs received no gradient")
-            stats = self.recorder.result(self.coef)
+            stats = self.recorder.result(self.coef, self.sums)
         except Unsupported as e:
             if not self._warned:
                 log.warning("%s: fast path not applicable (%s); using exact per-row backward passes", self.what, e)
                 self._warned = True
             self.recorder.take()
             return None
-        return Recorded(stats, self.recorder.take(), self.coef)
+        return Recorded(stats, self.recorder.take(), self.coef, self.recorder.sums)
