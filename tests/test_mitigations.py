@@ -43,7 +43,7 @@ def test_several_pairs_and_accumulation_match_the_exact_per_row_path(tmp_path, m
     """2 micro-batches x 2 pairs: the recorder's weighted sums equal per-row backward passes."""
     train(cfg(tmp_path / "fast", "train.batch_size=2", "train.grad_accum=2", "train.max_steps=2"))
 
-    def unsupported(self, coef):
+    def unsupported(self, coef, sums=False):
         raise Unsupported("forced for the test")
 
     monkeypatch.setattr(GradientRecorder, "result", unsupported)
