@@ -138,14 +138,7 @@ print(faults)
 """
 
 
-def _huge_pages_granted() -> bool:
-    try:
-        return "[never]" not in open(memory.THP_MODE).read()
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _huge_pages_granted(), reason="the kernel grants no transparent huge pages")
+@pytest.mark.skipif(not memory.huge_pages_granted(), reason="the kernel grants no transparent huge pages")
 def test_use_huge_pages_faults_a_large_tensor_in_far_fewer_pages():
     def faults(mode: str) -> int:
         env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}

@@ -35,6 +35,15 @@ FREE_SHARE = 0.9     # the default budget: this share of the memory free when th
 THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
+def huge_pages_granted() -> bool:
+    """Whether the kernel gives transparent huge pages to memory that asks for them (mode `madvise` or `always`)."""
+    try:
+        with open(THP_MODE) as f:
+            return "[never]" not in f.read()
+    except OSError:            # not Linux, or no transparent huge pages
+        return False
+
+
 def use_huge_pages() -> bool:
     """Put every tensor of 2 MiB or more on transparent huge pages (PyTorch's `THP_MEM_ALLOC_ENABLE`): a large
     tensor freed and allocated again each step (logits, the embedding's gradient) then faults in 512x fewer
@@ -42,12 +51,7 @@ def use_huge_pages() -> bool:
     still goes back to the system, so memory stays bounded (about 0.1 GiB more peak RSS, from the 2 MiB rounding).
     Takes effect only before the process's first tensor of 2 MiB; True when the kernel grants huge pages on
     request (Linux, THP mode `madvise` or `always`). Process-wide, so the library never calls it on its own."""
-    try:
-        with open(THP_MODE) as f:
-            mode = f.read()
-    except OSError:            # not Linux, or no transparent huge pages
-        return False
-    if "[never]" in mode:
+    if not huge_pages_granted():
         return False
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     return os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
