@@ -337,3 +337,23 @@ def test_a_run_evaluates_at_step_0_by_default_and_fit_returns_its_metrics(tmp_pa
     assert result.metrics_path == os.path.join(result.run_dir, "metrics.jsonl")
     assert result.metrics["step"] == 2 and result.metrics["loss"] == logged[-1]["loss"]
     assert result.metrics["eval/loss"] == logged[-1]["eval/loss"]
+
+
+@pytest.mark.parametrize("reference", ["frozen", "precomputed"])
+def test_mixed_precision_runs_the_reference_in_the_policys_arithmetic(tmp_path, reference):
+    """`bf16-mixed` (float32 weights, bf16 autocast): at the start the policy is its reference, so the held-out
+    and step-1 DPO losses are exactly log 2 only if the reference's forwards run under the same autocast as
+    the prepared policy's (a float32 reference against a bf16 policy gives a bf16-noise margin instead)."""
+    import math
+
+    logged = {}
+    for dtype in ("bf16-mixed", "float32"):
+        train(cfg_for(tmp_path / dtype, f"model.dtype={dtype}", f"reference.type={reference}", "train.max_steps=1",
+                      "train.eval_at_start=true"))
+        with open(tmp_path / dtype / "metrics.jsonl") as f:
+            logged[dtype] = [json.loads(line) for line in f]
+    mixed = logged["bf16-mixed"]
+    assert mixed[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert mixed[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    # the autocast is on: the policy's log-probs are not float32's
+    assert mixed[1]["logps/chosen"] != pytest.approx(logged["float32"][1]["logps/chosen"], abs=1e-4)

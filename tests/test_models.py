@@ -54,6 +54,8 @@ def test_dtype_auto_is_one_rule_for_training_and_every_other_command(monkeypatch
     assert models.precision("auto", "cpu") == (torch.float32, None)
     assert models.precision("bf16", "cuda") == (torch.bfloat16, None)
     assert training_precision("auto", cuda=True) == ("float32", "bf16")
+    assert models.precision("bf16-mixed", "cpu") == (torch.float32, torch.bfloat16)   # mixed on any device
+    assert training_precision("bf16-mixed", cuda=False) == ("float32", "bf16")
     with pytest.raises(ModelError, match="not one of auto"):
         models.precision("int8")
     model, _ = models.load_model("tiny", "auto", "cpu")

@@ -195,10 +195,11 @@ def check_resume_config(cfg: DictConfig, run_dir: str, checkpoint: str, is_main:
 def precision(dtype: str, cuda: bool) -> tuple[str, str]:
     """`(weights dtype, Accelerate mixed_precision)` of a training run. `auto` on CUDA is mixed precision as HF
     Trainer and TRL run it: float32 master weights, bf16 autocast (pure bf16 loses small updates: at lr 1e-6 most
-    weights never change); `auto` on CPU is float32 (bf16 is ~50x slower there). An explicit dtype is pure."""
+    weights never change); `auto` on CPU is float32; `bf16-mixed` is mixed precision on any device. Any other
+    dtype is pure."""
     from entangle.models import precision as rule
 
-    autocast = rule(dtype, "cuda" if cuda else "cpu")[1]     # bf16 only for auto on CUDA
+    autocast = rule(dtype, "cuda" if cuda else "cpu")[1]     # bf16 for auto on CUDA and for bf16-mixed
     return ("float32", "bf16") if autocast is not None else (dtype if dtype != "auto" else "float32", "no")
 
 
@@ -212,8 +213,18 @@ def make_accelerator(cfg: DictConfig):
     for t in trackers:
         if importlib.util.find_spec(t) is None and not (t == "tensorboard" and importlib.util.find_spec("tensorboardX")):
             raise TrainingError(f"tracking.report_to={t} needs the {t} package: pip install {t}")
-    acc = Accelerator(cpu=cpu, log_with=trackers or None, project_dir=cfg.train.output_dir,
-                      mixed_precision=precision(cfg.model.dtype, not cpu)[1])
+    settings = dict(cpu=cpu, log_with=trackers or None, project_dir=cfg.train.output_dir,
+                    mixed_precision=precision(cfg.model.dtype, not cpu)[1])
+    try:
+        acc = Accelerator(**settings)
+    except ValueError as e:   # an earlier run in this process set another precision (Accelerate keeps one state)
+        from accelerate.state import AcceleratorState, PartialState
+
+        if PartialState().num_processes > 1:
+            raise TrainingError(f"model.dtype={cfg.model.dtype} asks for mixed precision "
+                                f"{settings['mixed_precision']}, but this launch set another: {e}") from None
+        AcceleratorState._reset_state()
+        acc = Accelerator(**settings)
     if is_deepspeed(acc):
         _deepspeed_settings(acc, cfg.train)
     return acc
@@ -381,7 +392,8 @@ def _assemble(cfg: DictConfig, acc, resume_from: str | None, hooks: Sequence, tr
         train_stats["desirable"], train_stats["undesirable"] = check_labels(
             train_pairs, "data.train" if train_data is None else "train_data", loss_fn.params["desirable_weight"],
             loss_fn.params["undesirable_weight"])
-    refs = make_references(cfg, model, train_pairs, eval_pairs, tokenizer.pad_token_id, acc)
+    with acc.autocast():   # mixed precision: a precomputed reference in the arithmetic the policy trains in
+        refs = make_references(cfg, model, train_pairs, eval_pairs, tokenizer.pad_token_id, acc)
     global_batch = tc.batch_size * tc.grad_accum * acc.num_processes
     steps_per_epoch = len(train_pairs) // global_batch
     if steps_per_epoch == 0:

@@ -13,7 +13,8 @@ from entangle.errors import ConfigError, EntangleError, Interrupted
 
 MEMORY_HELP = ("memory budget in GiB (default: 90 %% of what is free); batches shrink to fit it, and a command that "
                "cannot fit stops with one line before its work")
-DTYPE_HELP = "auto (float32 weights; bf16 autocast on CUDA, as training) | float32 | bfloat16 | float16"
+DTYPE_HELP = ("auto (float32 weights; bf16 autocast on CUDA, as training) | bf16-mixed (float32 weights, bf16 "
+              "autocast on any device) | float32 | bfloat16 | float16")
 
 
 def _train(args) -> int:

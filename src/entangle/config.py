@@ -32,7 +32,8 @@ class LoraConfig:
 class ModelConfig:
     name: str = "tiny"              # tiny | tiny-gpt2 | smollm2-135m | a local folder | a hub id
     dtype: str = "auto"             # auto: float32 weights, with bf16 autocast on CUDA (training and every
-                                    # other command); float32 / bfloat16 / float16: pure (no float32 master weights)
+                                    # other command); bf16-mixed: the same autocast on any device (fast on
+                                    # CPUs with AMX); float32 / bfloat16 / float16: pure (no float32 master weights)
     trust_remote_code: bool = False   # run a hub model's own code; only from your command line or config,
                                       # never from a run folder's saved config
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -185,7 +186,7 @@ CHOICES = {
     "schedule.decay": ("linear", "cosine", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
     "diagnostics.entanglement.method": ("fast", "exact"),
-    "model.dtype": ("auto", "float32", "bfloat16", "float16", "float64", "fp32", "bf16", "fp16"),
+    "model.dtype": ("auto", "bf16-mixed", "float32", "bfloat16", "float16", "float64", "fp32", "bf16", "fp16"),
 }
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 _R = losses.Range

@@ -182,7 +182,8 @@ def evaluate_heldout(run: Run, step: int) -> dict:
         # A process out of pairs still runs a batch (sharded forwards gather across processes) and adds
         # zeros, so that every process reduces the same metrics.
         batch = batching.collate(chunk or pairs[:1], run.tokenizer.pad_token_id, tc.prefix_sharing).to(acc.device)
-        m = eval_batch(run.policy, run.loss_fn, run.eval_reference, batch, run.eval_initial, run.mask_l1)
+        with acc.autocast():   # mixed precision: the references' forwards as the prepared policy's
+            m = eval_batch(run.policy, run.loss_fn, run.eval_reference, batch, run.eval_initial, run.mask_l1)
         total.update(m if chunk else m.zeros_like())
     run.policy.train()
     metrics = {f"eval/{k}": v for k, v in total.reduce(acc).items() if k not in ("n_pairs", "n_tokens")}

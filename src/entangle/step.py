@@ -240,7 +240,8 @@ def train_step(parts: StepParts, micro_batches: Sequence[Batch], step: int) -> t
     for h in hooks:
         h.on_step_start(step, lr)
     goal = parts.objective
-    goal.begin_step(parts, micro_batches)
+    with acc.autocast():   # mixed precision: the reference's forwards as the prepared policy's
+        goal.begin_step(parts, micro_batches)
     n_pairs = sum(b.n_rows // 2 for b in micro_batches)
     scale = engine.loss_scale(acc, len(micro_batches))
     metrics = Metrics()
@@ -250,7 +251,8 @@ def train_step(parts: StepParts, micro_batches: Sequence[Batch], step: int) -> t
             # 3. Policy forward, reference log-probs if the loss has one, per-pair (per-example) loss.
             for h in hooks:
                 h.before_forward(batch)
-            per_pair, batch_metrics, logps = goal.forward(parts, batch, hooks)
+            with acc.autocast():
+                per_pair, batch_metrics, logps = goal.forward(parts, batch, hooks)
             # 4. Backward of this micro-batch's share of the step's mean loss.
             acc.backward(per_pair.sum() * scale / n_pairs)
         # 5. Hooks read (or add to) what that backward left.
