@@ -53,9 +53,9 @@ class PeakRSS:
         self.thread.join()
 
 
-def matmul_peak(n: int = 2048, reps: int = 10) -> float:
-    """Measured float32 matmul FLOP/s on this machine (best of `reps`)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(n: int = 2048, reps: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """Measured matmul FLOP/s in `dtype` on this machine (best of `reps`)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(reps):
@@ -113,9 +113,10 @@ def run_trl(folder: str, pairs: list[dict], a) -> dict:
                          logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
                          dataloader_drop_last=True, disable_tqdm=True, max_grad_norm=1.0, warmup_steps=0,
                          optim="adamw_torch", weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-                         # float32 like entangle (TRL's default is bf16 autocast), and no activation
-                         # checkpointing (TRL's default recomputes the forward: slower, less memory)
-                         bf16=False, gradient_checkpointing=a.checkpointing)
+                         # float32 weights, bf16 autocast only with --precision bf16-mixed (TRL's default),
+                         # and no activation checkpointing (TRL's default recomputes the forward: slower, less
+                         # memory) unless --checkpointing
+                         bf16=a.precision == "bf16-mixed", gradient_checkpointing=a.checkpointing)
         ds = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
         trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
         trainer._get_train_sampler = lambda *x, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
@@ -136,7 +137,7 @@ def run_entangle(model: str, pairs: list[dict], a) -> dict:
         path = os.path.join(out, "pairs.jsonl")
         with open(path, "w") as f:
             f.writelines(json.dumps({k: p[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for p in pairs)
-        cfg = config.load(None, [f"model.name={model}", "model.dtype=float32", f"data.train={path}",
+        cfg = config.load(None, [f"model.name={model}", f"model.dtype={a.precision}", f"data.train={path}",
                                  f"data.max_length={a.max_length}", "loss.name=dpo", f"loss.params.beta={a.beta}",
                                  "reference.type=frozen", "reference.kl_to_init=false", f"optimizer.lr={a.lr}",
                                  "schedule.decay=constant", "schedule.warmup_steps=0", f"train.batch_size={a.batch}",
@@ -187,8 +188,8 @@ def in_child(side: str, folder: str, pairs: list[dict], a) -> dict:
         json.dump(pairs, f)
     cmd = [sys.executable, __file__, "--side", side, "--folder", folder, "--pairs-file", f.name,
            "--max-length", str(a.max_length), "--batch", str(a.batch), "--steps", str(a.steps), "--lr", str(a.lr),
-           "--beta", str(a.beta), "--allocator", a.allocator] + ([] if a.prefix_sharing else ["--no-prefix-sharing"]) + \
-        (["--checkpointing"] if a.checkpointing else [])
+           "--beta", str(a.beta), "--allocator", a.allocator, "--precision", a.precision] + \
+        ([] if a.prefix_sharing else ["--no-prefix-sharing"]) + (["--checkpointing"] if a.checkpointing else [])
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
         out = proc.stdout.read()
@@ -218,6 +219,9 @@ def main() -> None:
     ap.add_argument("--no-prefix-sharing", dest="prefix_sharing", action="store_false")
     ap.add_argument("--checkpointing", action="store_true",
                     help="activation checkpointing in both trainers (TRL's default; off by default here)")
+    ap.add_argument("--precision", choices=("float32", "bf16-mixed"), default="float32",
+                    help="both sides: float32, or float32 weights under bf16 autocast (TRL's bf16=True, entangle's "
+                         "model.dtype=bf16-mixed)")
     ap.add_argument("--allocator", choices=("entangle", "both", "neither"), default="entangle",
                     help="which side puts large tensors on transparent huge pages (memory.use_huge_pages): "
                          "entangle (as each tool runs from its command line), both, or neither")
@@ -242,10 +246,11 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(folder)
     n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(folder).parameters())
-    peak = matmul_peak()
-    print(f"# {time.strftime('%Y-%m-%d')} | {a.model} ({n_params / 1e6:.1f}M parameters) float32 | "
+    peak = matmul_peak(dtype=torch.bfloat16 if a.precision == "bf16-mixed" else torch.float32)
+    print(f"# {time.strftime('%Y-%m-%d')} | {a.model} ({n_params / 1e6:.1f}M parameters) {a.precision} | "
           f"activation checkpointing {'on' if a.checkpointing else 'off'} | each side in its own process | "
-          f"{os.cpu_count()} CPU threads | float32 matmul peak {peak / 1e9:.1f} GFLOP/s | torch {torch.__version__}")
+          f"{os.cpu_count()} CPU threads | {'bf16' if a.precision == 'bf16-mixed' else 'float32'} matmul peak "
+          f"{peak / 1e9:.1f} GFLOP/s | torch {torch.__version__}")
     print("| max_length | batch | trainer | median step s | pairs/s | tokens/s | peak RSS GiB | step-1 loss | "
           "step-1 logp chosen / rejected | step-2 loss | MFU | speed-up | memory vs TRL |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
