@@ -357,3 +357,17 @@ def test_mixed_precision_runs_the_reference_in_the_policys_arithmetic(tmp_path, 
     assert mixed[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     # the autocast is on: the policy's log-probs are not float32's
     assert mixed[1]["logps/chosen"] != pytest.approx(logged["float32"][1]["logps/chosen"], abs=1e-4)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_the_start_up_line_points_a_cpu_with_amx_to_bf16_mixed(tmp_path, caplog, monkeypatch, amx):
+    import logging
+
+    from entangle import models
+
+    monkeypatch.setattr(models, "fast_cpu_bf16", lambda: amx)
+    for dtype in ("auto", "float32"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            train(cfg_for(tmp_path / dtype, "train.max_steps=1", f"model.dtype={dtype}"))
+        assert ("model.dtype=bf16-mixed" in caplog.text) == (amx and dtype == "auto")

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from entangle import batching
+from entangle import batching, models
 from entangle.assembly import Run, build
 from entangle.checkpoint import (hf_model, list_checkpoints, load_checkpoint, load_extra, save_checkpoint,
                                  save_tensors, save_weights, write_json)
@@ -251,6 +251,9 @@ def announce(run: Run) -> None:
             log.warning("data: train %s (%d %s) | eval: NONE, no held-out figures (give data.eval=FILE; a "
                         "config's own eval set is never used with your data.train)", source, len(run.train_pairs),
                         unit)
+        if cfg.model.dtype == "auto" and run.accelerator.device.type == "cpu" and models.fast_cpu_bf16():
+            log.info("this CPU has AMX bf16 units: model.dtype=bf16-mixed (float32 weights, bf16 autocast) "
+                     "trains faster than the float32 that auto means on a CPU")
     if cfg.tracking.report_to:
         run.accelerator.init_trackers(cfg.tracking.project,
                                       config={k: str(v) for k, v in OmegaConf.to_container(cfg).items()})

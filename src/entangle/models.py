@@ -58,6 +58,16 @@ def precision(dtype: str, device: str = "cpu") -> tuple[torch.dtype, torch.dtype
     return _DTYPES[dtype], None
 
 
+def fast_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX): there `bf16-mixed` is the fast choice (on
+    one 2-core Sapphire Rapids-class machine a bf16 matmul ran at 2.3 TFLOP/s against float32's 0.33)."""
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    try:
+        return bool(capabilities is not None and capabilities().get("amx_bf16"))
+    except (RuntimeError, AttributeError):
+        return False
+
+
 def resolve_dtype(dtype: str, device: str = "cpu") -> torch.dtype:
     """The weights' dtype under `precision`'s rule."""
     return precision(dtype, device)[0]
