@@ -317,6 +317,21 @@ def test_batch_mean_gradient_quantities_equal_brute_force(tmp_path):
     assert m["entanglement/batch_cos"] == pytest.approx(float(gw @ gl / (gw.norm() * gl.norm())), rel=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batch_mean_products_in_pieces_equal_the_whole_products(dtype):
+    """`dot3` walks the gradients in pieces (one not a multiple of the piece size here): the same three products
+    as float64 products of the whole tensors."""
+    from entangle.diagnostics.probe import dot3
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(37, 29, generator=g, dtype=dtype), torch.randn(37, 29, generator=g, dtype=dtype)
+    want = torch.stack([a.double().flatten() @ b.double().flatten(), a.double().norm() ** 2, b.double().norm() ** 2])
+    for chunk in (100, 1073, 1 << 16):
+        got = dot3(a, b, chunk)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
 def test_update_and_batch_mean_quantities_can_be_switched_off(tmp_path):
     train(run_cfg(tmp_path / "run", "train.max_steps=1", "diagnostics.entanglement.step_changes=false",
                   "diagnostics.entanglement.batch_mean=false"))

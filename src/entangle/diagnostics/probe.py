@@ -113,9 +113,8 @@ class EntanglementProbe(StepHook, LoopCallback):
         if not sw or self.fallbacks:
             return None
         n = len(self.pairs)
-        inner = sum(float((sw[k].double() * sl[k].double()).sum()) for k in sw) / n ** 2
-        nw = sum(float((v.double() ** 2).sum()) for v in sw.values()) ** 0.5 / n
-        nl = sum(float((v.double() ** 2).sum()) for v in sl.values()) ** 0.5 / n
+        wl, ww, ll = (float(x) for x in sum(dot3(sw[k], sl[k]) for k in sw))
+        inner, nw, nl = wl / n ** 2, ww ** 0.5 / n, ll ** 0.5 / n
         return {"batch_inner": inner, "batch_norm_w": nw, "batch_norm_l": nl,
                 "batch_cos": inner / max(nw * nl, 1e-300)}
 
@@ -192,6 +191,17 @@ class EntanglementProbe(StepHook, LoopCallback):
         if self.tokens and ctx.is_main:
             save_token_views(ctx.run_dir, f"step-{ctx.step}", ctx.accelerator.unwrap_model(ctx.policy),
                              ctx.tokenizer, ctx.step_pairs[: self.tokens])
+
+
+def dot3(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
+    """`[<a,b>, <a,a>, <b,b>]` in float64 (a [3] tensor), one pass over a and b in cache-sized float64 pieces: the
+    widened copies of whole gradients (and the products' temporaries) cost more than the products themselves."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    out = torch.zeros(3, dtype=torch.float64, device=a.device)
+    for start in range(0, a.numel(), chunk):
+        x, y = a[start : start + chunk].double(), b[start : start + chunk].double()
+        out += torch.stack([x @ y, x @ x, y @ y])
+    return out
 
 
 def _case_counts(prefix: str, case: torch.Tensor) -> dict[str, torch.Tensor]:
