@@ -297,6 +297,33 @@ def test_first_order_change_along_the_actual_update_matches_the_realised_change(
     assert sum(m[f"entanglement/step_case{c}"] for c in (1, 2, 3)) <= 1 + 1e-9
 
 
+def test_small_modules_per_row_gradients_serve_the_update_and_the_batch_sums(tmp_path, monkeypatch):
+    """The norms' per-row gradients, made once for the pair products, also give step_dlogp and the batch sums (no
+    second pass through those modules); recomputing them there instead (nothing kept) gives the same numbers."""
+    from entangle.diagnostics.ghost import GradientRecorder
+
+    calls = []
+    for name in ("_generic_along", "_generic_sum"):
+        original = getattr(GradientRecorder, name)
+        monkeypatch.setattr(GradientRecorder, name,
+                            lambda self, *a, _o=original, _n=name: calls.append(_n) or _o(self, *a))
+
+    def run(out):
+        train(run_cfg(out, "train.max_steps=1"))
+        return pair_rows(out), json.loads(open(out / "metrics.jsonl").readline())
+
+    kept_rows, kept_metrics = run(tmp_path / "kept")
+    assert calls == [] and all("step_dlogp_w" in r for r in kept_rows)
+    monkeypatch.setattr(GradientRecorder, "KEEP_DENSE", 0)
+    again_rows, again_metrics = run(tmp_path / "again")
+    assert "_generic_along" in calls and "_generic_sum" in calls
+    for a, b in zip(kept_rows, again_rows):
+        for k in ("step_dlogp_w", "step_dlogp_l", "inner"):
+            assert a[k] == pytest.approx(b[k], rel=1e-9, abs=1e-15)
+    for k in ("entanglement/batch_inner", "entanglement/batch_norm_w", "entanglement/batch_norm_l"):
+        assert kept_metrics[k] == pytest.approx(again_metrics[k], rel=1e-9)
+
+
 def test_batch_mean_gradient_quantities_equal_brute_force(tmp_path):
     """One step of 2 micro-batches x 2 pairs: <mean_i grad log pi_w,i, mean_i grad log pi_l,i>, the two
     norms and their cosine, against the sum of independent per-sequence gradients."""

@@ -46,12 +46,13 @@ class Unsupported(Exception):
 
 
 class _Usage:
-    __slots__ = ("module", "kind", "x", "g", "n", "pos", "out", "g_chosen", "lengths")
+    __slots__ = ("module", "kind", "x", "g", "n", "pos", "out", "g_chosen", "lengths", "dense")
 
     def __init__(self, module, kind, x, n, pos=None, out=None, lengths=None):
         self.module, self.kind, self.x, self.g, self.n, self.pos = module, kind, x, None, n, pos
         self.out, self.g_chosen = out, None   # prefix-shared rows only: the output, d sum(log pi_w) / d output
         self.lengths = lengths                # [N] real tokens per row (right padding), None: every position
+        self.dense: dict[int, torch.Tensor] = {}   # id(param) -> per-row gradients of a small generic module
 
 
 def _kind(module) -> str:
@@ -95,6 +96,7 @@ class GradientRecorder:
     """Attach around one forward+backward of a concatenated pair batch (chosen rows, then rejected)."""
 
     QUIET = "entangle_recorders_quiet"   # on the model: > 0 while a recorder re-runs one of its modules (vjp)
+    KEEP_DENSE = 1 << 22                 # per-row gradients of a generic module kept up to this many numbers
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -255,7 +257,10 @@ class GradientRecorder:
             for r in range(n):
                 out[r].index_add_(0, ids[r].reshape(-1), G[r].reshape(-1, G.shape[-1]))
             return out
-        # generic: vjp of the module on each row alone, vectorised over the rows where vmap can batch the module
+        # generic: vjp of the module on each row alone, vectorised over the rows where vmap can batch the module;
+        # kept on the usage when small (norm scales), for the update's first-order change and the batch sums
+        if id(p) in use.dense:
+            return use.dense[id(p)]
         mine, key = self._own(use, p)
 
         def row(xr, gr):
@@ -264,9 +269,12 @@ class GradientRecorder:
 
         with self._quiet():
             try:
-                return vmap(row)(use.x[0], use.g)
+                rows = vmap(row)(use.x[0], use.g)
             except (RuntimeError, NotImplementedError, ValueError):   # an operation vmap cannot batch
-                return torch.stack([row(use.x[0][r], use.g[r]) for r in range(n)])
+                rows = torch.stack([row(use.x[0][r], use.g[r]) for r in range(n)])
+        if rows.numel() <= self.KEEP_DENSE:
+            use.dense[id(p)] = rows
+        return rows
 
     @staticmethod
     def _own(use: _Usage, p: nn.Parameter) -> tuple[dict, str]:
@@ -353,10 +361,11 @@ class GradientRecorder:
                 Ww, Wl = Gw.T @ Aw, Gl.T @ Al                                      # [dout, din]
                 ww, lL, wl = (Ww * Ww).sum(), (Wl * Wl).sum(), (Ww * Wl).sum()
                 if inverse is not None:
-                    dt = wide(p.dtype)
-                    Ww, Wl = Ww.to(dt) * float(inverse[i]), Wl.to(dt) * float(inverse[B + i])
-                    sum_w = Ww if sum_w is None else sum_w.add_(Ww)
-                    sum_l = Wl if sum_l is None else sum_l.add_(Wl)
+                    dt, iw, il_ = wide(p.dtype), float(inverse[i]), float(inverse[B + i])
+                    if sum_w is None:
+                        sum_w, sum_l = Ww.to(dt) * iw, Wl.to(dt) * il_
+                    else:
+                        sum_w.add_(Ww.to(dt), alpha=iw), sum_l.add_(Wl.to(dt), alpha=il_)
             out[i], out[B + i], out[2 * B + i] = ww, lL, wl
         if inverse is not None:
             self.sums["w"][id(p)], self.sums["l"][id(p)] = sum_w, sum_l
@@ -416,7 +425,7 @@ class GradientRecorder:
     def _along(self, use: _Usage, p: nn.Parameter, d: torch.Tensor) -> torch.Tensor:
         """`<per-row gradient of p from this usage, d>`: [N], without materialising per-row gradients."""
         if use.kind not in ("linear", "conv1d", "embedding"):
-            if d.dtype == p.dtype:
+            if d.dtype == p.dtype and id(p) not in use.dense:
                 return self._generic_along(use, p, d)
             return (self._dense(use, p) * d).flatten(1).sum(1)
         x, g, row = self._tokens(use)
@@ -450,6 +459,9 @@ class GradientRecorder:
     def _weighted(self, use: _Usage, p: nn.Parameter, w: torch.Tensor, dt) -> torch.Tensor:
         """`sum_r w[r] * grad_r` of `p` from this usage, over the real tokens of the rows with a weight only."""
         if use.kind not in ("linear", "conv1d", "embedding"):
+            if id(p) in use.dense:
+                dense = use.dense[id(p)]
+                return (dense.to(dt) * w.view(-1, *[1] * (dense.dim() - 1))).sum(0)
             return self._generic_sum(use, p, w).to(dt)
         x, g, row = self._tokens(use, w != 0)
         G = g.to(dt) * w[row][:, None]
