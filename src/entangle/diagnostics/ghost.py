@@ -365,7 +365,8 @@ class GradientRecorder:
                     if sum_w is None:
                         sum_w, sum_l = Ww.to(dt) * iw, Wl.to(dt) * il_
                     else:
-                        sum_w.add_(Ww.to(dt), alpha=iw), sum_l.add_(Wl.to(dt), alpha=il_)
+                        sum_w.add_(Ww.to(dt), alpha=iw)
+                        sum_l.add_(Wl.to(dt), alpha=il_)
             out[i], out[B + i], out[2 * B + i] = ww, lL, wl
         if inverse is not None:
             self.sums["w"][id(p)], self.sums["l"][id(p)] = sum_w, sum_l
