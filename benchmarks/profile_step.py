@@ -27,7 +27,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--precision", choices=("float32", "bf16-mixed"), default="float32")
     a = ap.parse_args()
+    from entangle.memory import use_huge_pages
+
+    use_huge_pages()       # what the `entangle` command line does for itself
     from transformers import AutoTokenizer
 
     from entangle import config, models
@@ -39,7 +43,7 @@ def main() -> None:
         path = os.path.join(out, "pairs.jsonl")
         with open(path, "w") as f:
             f.writelines(json.dumps({k: p[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for p in pairs)
-        cfg = config.load(None, [f"model.name={folder}", "model.dtype=float32", f"data.train={path}",
+        cfg = config.load(None, [f"model.name={folder}", f"model.dtype={a.precision}", f"data.train={path}",
                                  f"data.max_length={a.max_length}", "reference.type=frozen", "reference.kl_to_init=false",
                                  "optimizer.lr=5e-6", "schedule.decay=constant", f"train.batch_size={a.batch}",
                                  f"train.max_steps={a.steps + 1}", "tracking.progress=false", f"train.output_dir={out}/r",
@@ -48,7 +52,8 @@ def main() -> None:
         run = build(cfg)
         times: list[float] = []
         prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                      schedule=torch.profiler.schedule(wait=1, warmup=0, active=a.steps))
+                                      schedule=torch.profiler.schedule(wait=1, warmup=0, active=a.steps),
+                                      record_shapes=bool(os.environ.get("SHAPES")))
 
         def step_done(row, stop):
             times.append(row["step_time_s"])
@@ -60,6 +65,8 @@ def main() -> None:
         print(f"# {a.max_length} tokens, batch {a.batch}: steps {[round(t, 2) for t in times]} s "
               f"({time.perf_counter() - t0:.0f} s in all)")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.top))
+        if os.environ.get("SHAPES"):
+            print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=a.top))
 
 
 if __name__ == "__main__":

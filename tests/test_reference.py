@@ -25,6 +25,44 @@ def test_frozen_reference_does_not_move_with_the_policy(tok):
     assert not before.is_inference()
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
+def test_a_frozen_reference_made_under_autocast_holds_its_linear_layers_rounded_with_the_same_numbers(tok, name):
+    """Under mixed precision the frozen copy keeps its linear weights in bf16 (autocast would round them to that at
+    every forward): bit for bit the log-probs of a float32 copy under the same autocast, with or without one
+    around the call, in fewer bytes; a tied LM head (GPT-2's) is untied so the embeddings keep float32."""
+    from entangle.logps import sequence_logps
+
+    model, _ = models.load_model(name, tokenizer=tok)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    assert (head.weight is embed.weight) == (name == "tiny-gpt2")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = reference.make_reference("frozen", model)
+    plain = reference.make_reference("frozen", model)
+    assert ref.autocast == torch.bfloat16 and plain.autocast is None
+    linears = [m for m in ref.model.modules() if models.module_kind(m) in ("linear", "conv1d")]
+    assert len(linears) > 4 and all(p.dtype == torch.bfloat16 for m in linears for p in m.parameters())
+    copy_head, copy_embed = ref.model.get_output_embeddings(), ref.model.get_input_embeddings()
+    assert copy_head.weight.dtype == torch.bfloat16 and copy_embed.weight.dtype == torch.float32
+    torch.testing.assert_close(copy_embed.weight, embed.weight, rtol=0, atol=0)
+    assert all(p.dtype == torch.float32 for p in model.parameters())    # the policy is untouched
+
+    def nbytes(m):
+        return sum(p.numel() * p.element_size() for p in {id(p): p for p in m.parameters()}.values())
+
+    rounded = sum(p.numel() for m in plain.model.modules() if models.module_kind(m) in ("linear", "conv1d")
+                  for p in m.parameters(recurse=False))
+    tied = head.weight.numel() if name == "tiny-gpt2" else 0           # the untied head: one more bf16 copy
+    assert nbytes(ref.model) == nbytes(plain.model) - 2 * (rounded - tied) + 2 * tied
+    batch = batching.collate(pairs_for(tok), tok.pad_token_id)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = sequence_logps(plain.model, batch).logps
+        inside = ref.logps(batch)
+    assert torch.equal(inside, expected)
+    assert torch.equal(ref.logps(batch), expected)                      # its own autocast when called outside one
+    with torch.inference_mode():
+        assert not torch.equal(sequence_logps(plain.model, batch).logps, expected)   # bf16 is really in use
+
+
 def test_lora_reference_is_the_base_model_without_a_copy(tok):
     model, _ = models.load_model("tiny", tokenizer=tok, lora=models.LoraConfig(r=4))
     ref = reference.make_reference("frozen", model)
@@ -52,7 +90,7 @@ def test_precomputed_cache_is_reused_and_invalidated_by_tokenisation(tok, monkey
 
     computed = []
     real = reference.FrozenReference
-    monkeypatch.setattr(reference, "FrozenReference", lambda m: computed.append(1) or real(m))
+    monkeypatch.setattr(reference, "FrozenReference", lambda m, *a: computed.append(1) or real(m, *a))
     r2 = reference.precompute_reference(model, pairs, tok.pad_token_id)
     assert r2.path == r1.path and computed == []            # second run: reused, nothing computed
     r3 = reference.precompute_reference(model, pairs_for(tok, max_length=26), tok.pad_token_id)

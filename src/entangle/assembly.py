@@ -392,7 +392,7 @@ def _assemble(cfg: DictConfig, acc, resume_from: str | None, hooks: Sequence, tr
         train_stats["desirable"], train_stats["undesirable"] = check_labels(
             train_pairs, "data.train" if train_data is None else "train_data", loss_fn.params["desirable_weight"],
             loss_fn.params["undesirable_weight"])
-    with acc.autocast():   # mixed precision: a precomputed reference in the arithmetic the policy trains in
+    with acc.autocast():   # mixed precision: every reference in the arithmetic the policy trains in
         refs = make_references(cfg, model, train_pairs, eval_pairs, tokenizer.pad_token_id, acc)
     global_batch = tc.batch_size * tc.grad_accum * acc.num_processes
     steps_per_epoch = len(train_pairs) // global_batch

@@ -12,6 +12,8 @@ Built-in names: `tiny` (Llama, untied), `tiny-gpt2` (GPT-2, tied embeddings), `s
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import importlib.util
 import logging
 import os
@@ -79,6 +81,62 @@ def compute(dtype: str, device: str = "cpu"):
     if autocast is None:
         return contextlib.nullcontext()
     return torch.autocast(str(device).split(":")[0], dtype=autocast)
+
+
+def autocast_now(device) -> torch.dtype | None:
+    """The dtype of the autocast in force for `device`'s type here, or None outside one."""
+    kind = torch.device(device).type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
+@functools.cache
+def _conv1d():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return None
+    return Conv1D
+
+
+def module_kind(module) -> str:
+    """`linear`, `conv1d` (GPT-2's), `embedding` or `generic`: a closed form is named only for a module whose forward
+    is exactly the base class's."""
+    from torch import nn
+
+    Conv1D = _conv1d()
+    forward = type(module).forward
+    if isinstance(module, nn.Linear) and forward is nn.Linear.forward:
+        return "linear"
+    if Conv1D is not None and isinstance(module, Conv1D) and forward is Conv1D.forward:
+        return "conv1d"
+    if isinstance(module, nn.Embedding) and forward is nn.Embedding.forward and module.max_norm is None:
+        return "embedding"
+    return "generic"
+
+
+def autocast_copy(model, dtype: torch.dtype):
+    """A frozen copy of `model` for forwards that only ever run under `dtype` autocast, its linear layers' weights
+    and biases held in `dtype`: autocast rounds a float32 linear weight to `dtype` at every call, so holding the
+    rounded weight gives the same numbers bit for bit (tested), half those layers' memory and no cast per forward.
+    Embeddings, norms and the rest stay as they are; a linear weight tied to another module (the LM head to the
+    input embeddings) gets its own rounded copy. The copy is made without a full-precision copy of those layers."""
+    from torch import nn
+
+    linear = [m for m in model.modules() if module_kind(m) in ("linear", "conv1d")]
+    elsewhere = {id(p) for m in model.modules() if module_kind(m) not in ("linear", "conv1d")
+                 for p in m.parameters(recurse=False)}
+    memo, tied = {}, []
+    for m in linear:
+        for name, p in m.named_parameters(recurse=False):
+            if id(p) in elsewhere:
+                tied.append((m, name))
+            elif p.is_floating_point() and p.dtype != dtype:
+                memo[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+    twin = copy.deepcopy(model, memo)
+    mine = dict(zip(model.modules(), twin.modules()))
+    for m, name in tied:                    # untied: the other module keeps its own dtype
+        setattr(mine[m], name, nn.Parameter(getattr(m, name).detach().to(dtype), requires_grad=False))
+    return twin.eval().requires_grad_(False)
 
 
 # ------------------------------------------------------------------------------------ tiny

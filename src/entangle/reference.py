@@ -23,7 +23,7 @@ from entangle.batching import Batch, collate
 from entangle.config import check_trust_region
 from entangle.errors import ConfigError
 from entangle.logps import Policy, sequence_logps
-from entangle.models import cache_dir, is_peft
+from entangle.models import autocast_copy, autocast_now, cache_dir, is_peft
 from entangle.sharding import clean_name, full_parameters, inner, sharding
 
 log = logging.getLogger(__name__)
@@ -115,15 +115,25 @@ class FrozenReference(_ModelReference):
     def initial_policy(self, *args, **kwargs) -> Reference:
         return self   # a static reference is the initial policy
 
-    def __init__(self, policy):
+    def __init__(self, policy, autocast: torch.dtype | None = None):
+        """`autocast`: the dtype of the autocast the policy trains under (mixed precision), or None. The copy then
+        holds its linear layers in that dtype (`models.autocast_copy`: the same numbers, half their memory) and its
+        forwards always run under that autocast."""
+        self.autocast = None
         if is_peft(policy):
             self.model, self.shared = policy, True
+        elif autocast is not None:
+            self.model, self.shared, self.autocast = autocast_copy(policy, autocast), False, autocast
         else:
             self.model, self.shared = copy.deepcopy(policy), False
             self.model.eval().requires_grad_(False)
 
     def _context(self):
-        return self.model.disable_adapter() if self.shared else contextlib.nullcontext()
+        if self.shared:
+            return self.model.disable_adapter()
+        if self.autocast is not None:
+            return torch.autocast(next(self.model.parameters()).device.type, dtype=self.autocast)
+        return contextlib.nullcontext()
 
 
 class PrecomputedReference(Reference):
@@ -167,8 +177,8 @@ def precompute_reference(policy, pairs: Sequence[TokenizedPair], pad_id: int, ba
     path = os.path.join(cache_dir(), "refcache", f"{key}.safetensors")
     if not os.path.exists(path) and is_main:
         log.info("precomputing reference log-probs for %d pairs -> %s", len(pairs), path)
-        frozen = FrozenReference(policy)
         device = next(policy.parameters()).device
+        frozen = FrozenReference(policy, autocast_now(device))
         chosen, rejected = [], []
         for s in range(0, len(pairs), batch_size):
             lp = frozen.logps(collate(pairs[s : s + batch_size], pad_id, pack=True).to(device)).float().cpu()
@@ -191,11 +201,12 @@ def precompute_reference(policy, pairs: Sequence[TokenizedPair], pad_id: int, ba
 def make_reference(kind: str, policy, alpha: float = 0.0, tau: int = 1) -> Reference:
     """`frozen`, `trust_region` or `none`; `precomputed` needs the data (`precompute_reference`).
 
-    A precomputed table cannot follow a moving reference, so the two never combine."""
+    Made under the autocast the policy trains in (mixed precision), a frozen copy holds its linear layers in
+    that dtype (`FrozenReference`). A precomputed table cannot follow a moving reference, so the two never combine."""
     if kind == "none":
         return Reference()
     if kind == "frozen":
-        return FrozenReference(policy)
+        return FrozenReference(policy, autocast_now(next(policy.parameters()).device))
     if kind == "trust_region":
         return TrustRegionReference(policy, alpha, tau)
     raise ValueError(f"reference type {kind!r} is built with precompute_reference")

@@ -23,12 +23,7 @@ from torch import nn
 from torch.func import functional_call, jvp, vjp, vmap
 
 from entangle.logps import head_layout, listen, packed_layout, split_model
-
-try:
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = ()
-
+from entangle.models import module_kind
 
 def wide(dtype: torch.dtype) -> torch.dtype:
     """The dtype gradient sums and updates are measured in: float64 stays, bf16/fp16/fp32 become float32."""
@@ -53,18 +48,6 @@ class _Usage:
         self.out, self.g_chosen = out, None   # prefix-shared rows only: the output, d sum(log pi_w) / d output
         self.lengths = lengths                # [N] real tokens per row (right padding), None: every position
         self.dense: dict[int, torch.Tensor] = {}   # id(param) -> per-row gradients of a small generic module
-
-
-def _kind(module) -> str:
-    """Closed forms only for modules whose forward is exactly the base class's; others use vjp."""
-    forward = type(module).forward
-    if isinstance(module, nn.Linear) and forward is nn.Linear.forward:
-        return "linear"
-    if Conv1D and isinstance(module, Conv1D) and forward is Conv1D.forward:
-        return "conv1d"
-    if isinstance(module, nn.Embedding) and forward is nn.Embedding.forward and module.max_norm is None:
-        return "embedding"
-    return "generic"
 
 
 def _emb_grad(use) -> torch.Tensor:
@@ -157,7 +140,7 @@ class GradientRecorder:
         if not isinstance(output, torch.Tensor) or len(args) != 1 or not isinstance(args[0], torch.Tensor):
             self.problems.append(f"{type(module).__name__}: forward with several inputs or outputs")
             return None
-        x, n, kind = args[0], self.n_rows, _kind(module)
+        x, n, kind = args[0], self.n_rows, module_kind(module)
         layout = head_layout(self.head) if self.head is not None and x.dim() == 2 and kind != "embedding" else None
         rows = layout.rows if layout is not None else None
         packed = packed_layout(self.head) if self.head is not None and rows is None else None
