@@ -49,3 +49,11 @@ def test_the_readme_is_short_and_every_local_link_resolves():
             if "://" in target:
                 continue
             assert os.path.exists(os.path.normpath(os.path.join(os.path.dirname(md), target))), (md, target)
+
+
+def test_every_code_block_in_the_docs_is_closed():
+    """An unclosed ``` fence renders the rest of its page as code (getting-started.md's command list did)."""
+    pages = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(ROOT, "docs")) for f in fs if f.endswith(".md")]
+    for md in pages + [os.path.join(ROOT, "README.md")]:
+        fences = [n for n, line in enumerate(open(md, encoding="utf-8"), 1) if line.lstrip().startswith("```")]
+        assert len(fences) % 2 == 0, f"{md}: the fence on line {fences[-1]} is never closed"
