@@ -162,6 +162,34 @@ def test_sampling_during_training_logs_gold_kl_and_win_rate(tmp_path):
     assert f["kl/initial"] == pytest.approx(evals[-1]["eval/kl/initial"], rel=1e-6)
 
 
+def test_sampling_during_mixed_precision_training_runs_in_its_arithmetic_with_the_reference_as_initial(tmp_path):
+    """`model.dtype=bf16-mixed`: the in-training samples' KL is `entangle eval --dtype bf16-mixed`'s on the same
+    samples (it ran in float32 before: the policy's arithmetic was not the run's), and the initial policy is the
+    frozen reference's own copy, not one more model in memory."""
+    from entangle.api import evaluate
+    from entangle.evaluation import GenerationEval
+    from entangle.loop import build, fit
+
+    out = tmp_path / "run"
+    run = build(config.load(None, ["model.name=tiny", "model.dtype=bf16-mixed",
+                                   "data.train=synthetic:sentiment?config=short&n=32", "data.max_length=64",
+                                   "optimizer.lr=1e-2", "train.batch_size=4", "train.max_steps=3",
+                                   "eval.generate.every=3", "eval.generate.n_prompts=4", "eval.generate.max_new_tokens=5",
+                                   "eval.generate.prompts=synthetic:sentiment?config=short&n=8&split=test",
+                                   "tracking.progress=false", f"train.output_dir={out}"]))
+    sampler = next(h for h in run.loop_callbacks if isinstance(h, GenerationEval))
+    assert sampler.initial_model is run.reference.model
+    fit(run)
+    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in logged if "eval/kl/initial" in r][-1]
+    assert last["step"] == 3 and last["eval/kl/initial"] != 0
+    samples = [json.loads(x) for x in (out / "samples" / "step-3.jsonl").read_text().splitlines()]
+    write_jsonl(tmp_path / "s.jsonl", samples)
+    for dtype, same in (("bf16-mixed", True), ("float32", False)):
+        f = evaluate(str(out), None, "vader", samples=str(tmp_path / "s.jsonl"), progress=False, dtype=dtype)
+        assert (f["kl/initial"] == pytest.approx(last["eval/kl/initial"], rel=1e-6)) == same, dtype
+
+
 def test_report_shows_the_gold_kl_path_and_escaped_samples(tmp_path):
     from entangle.report import write_report
 

@@ -34,7 +34,7 @@ from entangle.hooks import HookContext, LoopCallback, StepHook, split
 from entangle.logps import Policy
 from entangle.mitigations import PairwiseNormalizer, make_token_mask
 from entangle.models import LoraConfig, check_fits_context, count_parameters, is_peft, load_model
-from entangle.reference import Reference, make_reference, precompute_reference
+from entangle.reference import FrozenReference, Reference, make_reference, precompute_reference
 from entangle.rundir import check_output_dir, git_sha, is_run, prepare_run_dir
 from entangle.step import Objective, StepParts, objective
 from entangle.version import __version__
@@ -305,9 +305,11 @@ def make_hooks(cfg: DictConfig, lm, token_mask, sharded: str | None) -> list:
     return hooks
 
 
-def make_generation_eval(cfg: DictConfig, model, tokenizer, total_steps: int, acc) -> LoopCallback:
+def make_generation_eval(cfg: DictConfig, model, tokenizer, total_steps: int, acc,
+                         reference: Reference | None = None) -> LoopCallback:
     """`eval.generate`: the hook that samples at evaluation steps; the initial policy is the LoRA base with
-    adapters off, or a frozen copy made before the first step (one more model in memory)."""
+    adapters off, the frozen `reference`'s own copy, or else a frozen copy made before the first step (one more
+    model in memory)."""
     from entangle.evaluation import GenerationEval, get_scorer
     from entangle.generation import load_prompts
 
@@ -318,6 +320,8 @@ def make_generation_eval(cfg: DictConfig, model, tokenizer, total_steps: int, ac
     prompts = load_prompts(g.prompts or cfg.data.eval, cfg.data.eval_split, g.n_prompts, dict(cfg.data.columns))
     if is_peft(model):
         initial, context = model, model.disable_adapter
+    elif isinstance(reference, FrozenReference):   # the initial policy already: no second copy
+        initial, context = reference.model, reference.context
     else:
         initial, context = copy.deepcopy(model).eval().requires_grad_(False), contextlib.nullcontext
     settings = {"n": g.n, "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
@@ -401,7 +405,7 @@ def _assemble(cfg: DictConfig, acc, resume_from: str | None, hooks: Sequence, tr
                             f"of {global_batch} (batch_size x grad_accum x processes); lower train.batch_size")
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
     if cfg.eval.generate.every:
-        hooks = [make_generation_eval(cfg, model, tokenizer, total_steps, acc), *hooks]
+        hooks = [make_generation_eval(cfg, model, tokenizer, total_steps, acc, refs[0]), *hooks]
     token_mask = make_token_mask(model, cfg.loss, acc.device)
     optimizer, scheduler = make_optimizer(cfg, model, token_mask, total_steps, is_sharded(acc))
     policy, optimizer = acc.prepare(Policy(model, token_mask), optimizer)

@@ -171,7 +171,8 @@ def evaluate_heldout(run: Run, step: int) -> dict:
     run.policy.eval()
     out = {}
     for h in run.loop_callbacks:
-        out.update(h.on_evaluate(run.context(step)))
+        with acc.autocast():   # sampling and scoring in the policy's arithmetic (`entangle eval`'s rule for auto)
+            out.update(h.on_evaluate(run.context(step)))
     if not pairs:
         run.policy.train()
         return out

@@ -128,12 +128,15 @@ class FrozenReference(_ModelReference):
             self.model, self.shared = copy.deepcopy(policy), False
             self.model.eval().requires_grad_(False)
 
-    def _context(self):
+    def context(self):
+        """The context `self.model` runs in as the initial policy: adapters off (LoRA), its autocast (mixed precision)."""
         if self.shared:
             return self.model.disable_adapter()
         if self.autocast is not None:
             return torch.autocast(next(self.model.parameters()).device.type, dtype=self.autocast)
         return contextlib.nullcontext()
+
+    _context = context
 
 
 class PrecomputedReference(Reference):
