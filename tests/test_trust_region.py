@@ -39,6 +39,20 @@ def test_full_blend_matches_the_closed_form(tok):
     assert ref.updates == k and ref.drift() > 0
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_drift_is_the_distance_from_the_start_read_one_tensor_at_a_time(tok, lora, monkeypatch):
+    """`ref/drift` = ||theta_ref - theta_ref,0|| (LoRA: of the deltas), without a second copy of the whole state."""
+    model, _ = models.load_model("tiny", tokenizer=tok, lora=models.LoraConfig(r=4) if lora else None)
+    ref = reference.TrustRegionReference(model, alpha=0.5, tau=1)
+    start = ref.state_tensors()
+    perturb(model, 0.05, seed=0)
+    ref.update(model)
+    now = ref.state_tensors()
+    expected = sum(float((now[k].double() - start.get(k, 0)).pow(2).sum()) for k in now) ** 0.5
+    monkeypatch.setattr(ref, "state_tensors", lambda: pytest.fail("drift copied the whole state"))
+    assert expected > 0 and ref.drift() == pytest.approx(expected, rel=1e-9)
+
+
 def test_lora_reference_is_base_plus_dense_blended_delta(tok):
     """Delta_ref = sum_i a (1-a)^(k-i) s B_i A_i, not low-rank; the reference forward equals a plain
     model whose adapted weights are W0 + Delta_ref."""

@@ -322,7 +322,9 @@ class TrustRegionReference(_ModelReference):
 
     # -- state
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        return {"ref_updates": self.updates}, self.state_tensors()
+        """For a checkpoint written at once: the tensors are the reference's own where they already are on the CPU
+        in float32 (no second copy of the model while it is saved)."""
+        return {"ref_updates": self.updates}, {k: self._exact(k) for k in self._state_names()}
 
     def load_state(self, state: dict, tensors: dict[str, torch.Tensor] | None) -> None:
         if tensors is None:
@@ -332,14 +334,19 @@ class TrustRegionReference(_ModelReference):
         self._drift = self.drift()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """The reference's exact state (float32): LoRA deltas, or the full parameters."""
-        if self.lora:
-            return {k: v.detach().cpu().clone() for k, v in self.delta.items()}
-        def exact(n, p):  # float32 at least; a float64 model keeps float64
-            t = self.master[n] if self.master[n] is not None else p.detach()
-            return (t if t.dtype == torch.float64 else t.float()).cpu().clone()
+        """The reference's exact state (float32): LoRA deltas, or the full parameters (copies on the CPU)."""
+        return {k: self._exact(k).clone() for k in self._state_names()}
 
-        return {n: exact(n, p) for n, p in self.model.named_parameters()}
+    def _state_names(self) -> list[str]:
+        return list(self.delta) if self.lora else [n for n, _ in self.model.named_parameters()]
+
+    def _exact(self, name: str) -> torch.Tensor:
+        """One tensor of the state on the CPU, float32 at least (a float64 model keeps float64); not a copy where the
+        tensor already is that."""
+        if self.lora:
+            return self.delta[name].detach().cpu()
+        t = self.master[name] if self.master[name] is not None else self.model.get_parameter(name).detach()
+        return (t if t.dtype == torch.float64 else t.float()).cpu()
 
     @torch.no_grad()
     def load_state_tensors(self, state: dict[str, torch.Tensor], updates: int) -> None:
@@ -354,11 +361,11 @@ class TrustRegionReference(_ModelReference):
             p.copy_(state[n])
 
     def drift(self) -> float:
-        """L2 distance of the reference's parameters (LoRA: its deltas) from where they started."""
-        now = self.state_tensors()
+        """L2 distance of the reference's parameters (LoRA: its deltas) from where they started, one tensor at a
+        time (never a second copy of the whole state)."""
         total = 0.0
-        for k, v in sorted(now.items()):   # a fixed order: resumed state loads in another
-            start = self.initial_state.get(k)
+        for k in sorted(self._state_names()):   # a fixed order: resumed state loads in another
+            v, start = self._exact(k), self.initial_state.get(k)
             total += float(((v - start) if start is not None else v).double().pow(2).sum())
         return total ** 0.5
 
