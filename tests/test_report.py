@@ -65,6 +65,9 @@ def test_report_overlays_runs_and_embeds_everything(tmp_path):
     assert "Token view: a, step-2" not in page  # only the newest training-step view
     assert "dpo &lt;beta&gt;" in page  # configs shown, escaped
     assert page.count("<td>finished</td>") == 2
+    # metric names as column headers wrap at their separators, not inside a word
+    assert "<th>eval/<wbr>rewards/<wbr>accuracies</th>" in page and "<th>pairs_<wbr>per_<wbr>s</th>" in page
+    assert "overflow-wrap: anywhere" not in page
     for png in ("logps.png", "entanglement.png", "cases.png", "case_plane.png", "tokens-a-step-10.png",
                 "positions-a-step-3.png"):
         assert (tmp_path / "out" / png).read_bytes()[:4] == b"\x89PNG"

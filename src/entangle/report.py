@@ -15,6 +15,7 @@ import html
 import json
 import logging
 import os
+import re
 
 from entangle.errors import DataError
 from entangle.rundir import check_writable_folder
@@ -417,9 +418,14 @@ def case_bar(shares: dict) -> str:
     return f'<span class=bar>{parts}</span> <small>{text}</small>'
 
 
+def _header(name: str) -> str:
+    """A column name, escaped, that wraps after "_" and "/" (metric names) and never inside a word."""
+    return re.sub(r"([_/])", r"\1<wbr>", html.escape(name))
+
+
 def _table(columns: list[str], rows: list[list[str]], css: str = "") -> str:
     """A table inside its own scrolling box (never wider than the page); cells are HTML already escaped."""
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    head = "".join(f"<th>{_header(c)}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
     return f"<div class=scroll><table{' class=' + css if css else ''}><tr>{head}</tr>{body}</table></div>"
 
@@ -574,7 +580,7 @@ section {{ margin-bottom: 2.2rem; }}
 img {{ max-width: 100%; height: auto; border: 1px solid #eee; }}
 table {{ border-collapse: collapse; font-size: .85rem; }}
 th, td {{ border: 1px solid #ddd; padding: .25rem .5rem; text-align: right; white-space: nowrap; }}
-th {{ background: #f5f5f7; white-space: normal; overflow-wrap: anywhere; min-width: 4rem; }} td:first-child {{ text-align: left; font-weight: 600; }}
+th {{ background: #f5f5f7; white-space: normal; overflow-wrap: break-word; min-width: 4rem; }} td:first-child {{ text-align: left; font-weight: 600; }}
 .scroll {{ overflow-x: auto; max-width: 100%; }}
 .bar {{ display: inline-flex; width: 7rem; height: .8rem; vertical-align: middle; border: 1px solid #ccc; }}
 .bar span {{ display: block; height: 100%; }}
