@@ -106,3 +106,25 @@ def test_a_masked_run_shows_its_learned_token_weights(tmp_path):
     page = open(write_report([str(out)], str(tmp_path / "rep"))).read()
     assert "Token mask: run, final" in page and "Sparse token mask" in page
     assert (tmp_path / "rep" / "masks-run-final.png").exists() and (tmp_path / "rep" / "mask.png").exists()
+
+
+def test_the_case_plane_reads_a_long_log_as_a_bounded_sample_of_its_second_half(tmp_path, monkeypatch):
+    """A long run's entanglement.jsonl is read line by line and drawn as a uniform sample (seeded) of the second
+    half's pair-steps, counted in full: the report's memory does not grow with the log."""
+    import entangle.report as report
+
+    fake_run(tmp_path / "a")
+    rows = [{"step": s, "pair": i, "pred_dlogp_w": 0.01 * i, "pred_dlogp_l": -0.01, "step_dlogp_w": 0.02 * s,
+             "step_dlogp_l": -0.02, "inner": 1.0} for s in range(1, 41) for i in range(8)]
+    (tmp_path / "a" / "entanglement.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4')
+    monkeypatch.setattr(report, "PLANE_POINTS", 50)
+    kept, total, kinds = report._case_plane_rows(str(tmp_path / "a" / "entanglement.jsonl"))
+    assert total == 20 * 8 and len(kept) == 50 and kinds == {"step", "pred"}        # steps 21..40; torn line skipped
+    assert set(kept[0]) == {"pred_dlogp_w", "pred_dlogp_l", "step_dlogp_w", "step_dlogp_l"}
+    assert min(r["step_dlogp_w"] for r in kept) > 0.02 * 20 and len({r["step_dlogp_w"] for r in kept}) > 10
+    assert report._case_plane_rows(str(tmp_path / "a" / "entanglement.jsonl"))[0] == kept          # seeded
+    page = open(write_report([str(tmp_path / "a")], str(tmp_path / "out"))).read()
+    assert "show a uniform sample of that many" in page
+    (tmp_path / "a" / "entanglement.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(DataError, match="entanglement.jsonl:2: not a JSON object"):
+        report._case_plane_rows(str(tmp_path / "a" / "entanglement.jsonl"))

@@ -131,9 +131,11 @@ def plot_case_runs(runs: dict[str, list[dict]], path: str, prefix: str = "entang
 CHANGE_KINDS = {"real": "realised", "step": "first-order (optimiser's update)", "pred": "first-order (gradient step)"}
 
 
-def plot_case_plane(pairs: dict[str, list[dict]], path: str, which: str = "pred", title: str | None = None) -> str:
+def plot_case_plane(pairs: dict[str, list[dict]], path: str, which: str = "pred", title: str | None = None,
+                    totals: dict[str, int] | None = None) -> str:
     """Per-pair (d log pi_w, d log pi_l) of one step each, one colour per run; the quadrants are the cases.
-    `which`: `real` (realised), `step` (first order along the optimiser's update), `pred` (SGD step)."""
+    `which`: `real` (realised), `step` (first order along the optimiser's update), `pred` (SGD step). `totals`: how
+    many pair-steps each run has when `pairs` holds a sample of them (the legend counts those)."""
     plt = _pyplot()
     kw, kl = f"{which}_dlogp_w", f"{which}_dlogp_l"
     fig, ax = plt.subplots(figsize=(6.4, 5.2))
@@ -144,7 +146,9 @@ def plot_case_plane(pairs: dict[str, list[dict]], path: str, which: str = "pred"
         y = [r[kl] for r in rows if kl in r]
         if x:
             lim = max(lim, max(map(abs, x)), max(map(abs, y)))
-            ax.scatter(x, y, s=9, alpha=0.45, color=colours[i % len(colours)], label=f"{name} ({len(x)} pair-steps)")
+            total = (totals or {}).get(name, len(x))
+            shown = f"{total:,} pair-steps" + (f", {len(x):,} drawn" if total != len(x) else "")
+            ax.scatter(x, y, s=9, alpha=0.45, color=colours[i % len(colours)], label=f"{name} ({shown})")
     lim *= 1.08
     ax.set_xlim(-lim, lim)
     ax.set_ylim(-lim, lim)
@@ -157,7 +161,7 @@ def plot_case_plane(pairs: dict[str, list[dict]], path: str, which: str = "pred"
     what = CHANGE_KINDS[which]
     ax.set_xlabel(f"{what} change of log pi(chosen)")
     ax.set_ylabel(f"{what} change of log pi(rejected)")
-    ax.set_title(title or f"Per-pair log-prob changes, second half of training ({what})", fontsize=10)
+    ax.set_title(title or f"Per-pair log-prob changes, second half of training\n({what})", fontsize=10)
     ax.grid(alpha=0.3)
     if ax.collections:
         ax.legend(fontsize=8, loc="upper center")

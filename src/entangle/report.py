@@ -15,6 +15,7 @@ import html
 import json
 import logging
 import os
+import random
 import re
 
 from entangle.errors import DataError
@@ -87,28 +88,31 @@ def load_metrics(run_dir: str) -> list[dict]:
 def _jsonl(path: str) -> list[dict]:
     """The JSON rows of a log. A torn last line (a killed writer) is skipped with a warning; any other line that
     is not UTF-8 JSON is a DataError naming the file and line."""
+    return list(_iter_jsonl(path))
+
+
+def _iter_jsonl(path: str):
+    """`_jsonl`'s rows one at a time, read line by line (memory: one line)."""
     if not os.path.exists(path):
-        return []
+        return
+    bad = None                                   # (line number, error) of a line that may be the torn last one
     with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
-    while lines and not lines[-1].strip():
-        lines.pop()
-    rows = []
-    for i, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw.decode("utf-8"))
-            if not isinstance(row, dict):
-                raise ValueError("not an object")
-            rows.append(row)
-        except (UnicodeDecodeError, ValueError) as e:
-            if i == len(lines):
-                log.warning("%s:%d: a torn last line (skipped)", path, i)
+        for i, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
-            raise DataError(f"{path}:{i}: not a JSON object ({type(e).__name__}); the file was edited or damaged: "
-                            "remove or fix that line") from None
-    return rows
+            if bad is not None:                  # a bad line with more after it: damaged, not torn
+                raise DataError(f"{path}:{bad[0]}: not a JSON object ({bad[1]}); the file was edited or damaged: "
+                                "remove or fix that line")
+            try:
+                row = json.loads(raw.decode("utf-8"))
+                if not isinstance(row, dict):
+                    raise ValueError("not an object")
+            except (UnicodeDecodeError, ValueError) as e:
+                bad = (i, type(e).__name__)
+                continue
+            yield row
+    if bad is not None:
+        log.warning("%s:%d: a torn last line (skipped)", path, bad[0])
 
 
 def _json(path: str) -> dict | None:
@@ -175,14 +179,17 @@ def write_report(paths: list[str], out: str, title: str | None = None, study_blo
             sections.append(_figure("Case fractions" + (": one panel per run" if len(metrics) > 1 else ""), png,
                                     NOTES["cases"]))
     sections += _generation_sections(run_dirs, metrics, out)
-    pairs = {name: _second_half(_jsonl(os.path.join(d, "entanglement.jsonl"))) for name, d in run_dirs.items()}
-    pairs = {k: v for k, v in pairs.items() if v}
-    if pairs:
-        rows_all = [r for rows in pairs.values() for r in rows]
-        which = "real" if all("real_dlogp_w" in r for r in rows_all) else \
-            "step" if all("step_dlogp_w" in r for r in rows_all) else "pred"
-        png = plot_case_plane(pairs, os.path.join(out, "case_plane.png"), which=which)
-        sections.append(_figure("Per-pair changes: which case each pair is in", png, CASE_NOTE))
+    planes = {name: _case_plane_rows(os.path.join(d, "entanglement.jsonl")) for name, d in run_dirs.items()}
+    planes = {k: v for k, v in planes.items() if v[0]}
+    if planes:
+        pairs = {k: rows for k, (rows, _, _) in planes.items()}
+        kinds = set.intersection(*(kinds for _, _, kinds in planes.values()))   # what every pair-step has
+        which = next(k for k in ("real", "step", "pred") if k in kinds or k == "pred")
+        totals = {k: total for k, (_, total, _) in planes.items()}
+        png = plot_case_plane(pairs, os.path.join(out, "case_plane.png"), which=which, totals=totals)
+        drawn = "" if all(len(pairs[k]) == totals[k] for k in pairs) else \
+            f" Runs with more than {PLANE_POINTS:,} pair-steps show a uniform sample of that many (the legend counts all)."
+        sections.append(_figure("Per-pair changes: which case each pair is in", png, CASE_NOTE + drawn))
     sections += _view_sections(run_dirs, out)
     sections.append(_configs(run_dirs))
     title = title or f"entangle report: {', '.join(run_dirs)}"
@@ -315,11 +322,33 @@ def _samples_table(name: str, first: str, last: str, n: int = 4) -> str:
             "same seed as the policy's.</p>")
 
 
-def _second_half(rows: list[dict]) -> list[dict]:
-    if not rows:
-        return rows
-    last = max(r["step"] for r in rows)
-    return [r for r in rows if r["step"] > last / 2]
+PLANE_POINTS = 20_000   # pair-steps drawn per run in the case plane; a uniform sample of them beyond that
+
+
+def _case_plane_rows(path: str) -> tuple[list[dict], int, set[str]]:
+    """The second half of training's per-pair changes in `entanglement.jsonl`, read in two passes line by line and
+    kept only as the plane's numbers: (at most `PLANE_POINTS` rows, a uniform sample beyond that (seeded); how many
+    there are; the kinds of change, of real/step/pred, that every one of them has). Memory: the sample, whatever
+    the log's length."""
+    last = max((r["step"] for r in _iter_jsonl(path)), default=None)
+    if last is None:
+        return [], 0, set()
+    keys = [f"{k}_dlogp_{s}" for k in ("real", "step", "pred") for s in ("w", "l")]
+    kinds, kept, seen = {"real", "step", "pred"}, [], 0
+    draw = random.Random(0)
+    for r in _iter_jsonl(path):
+        if r["step"] <= last / 2:
+            continue
+        kinds &= {k for k in ("real", "step", "pred") if f"{k}_dlogp_w" in r}
+        row = {k: r[k] for k in keys if k in r}
+        seen += 1
+        if len(kept) < PLANE_POINTS:                 # reservoir sampling: each row kept with chance N / seen
+            kept.append(row)
+        else:
+            j = draw.randrange(seen)
+            if j < PLANE_POINTS:
+                kept[j] = row
+    return kept, seen, kinds
 
 
 def _token_files(run_dir: str) -> list[str]:
