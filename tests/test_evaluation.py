@@ -305,3 +305,21 @@ def test_eval_json_records_what_the_sampling_settings_made(tmp_path):
     again = json.loads((tmp_path / "b" / "eval.json").read_text())
     assert again["baseline_sampling"]["temperature"] == 0.7 and "settings" not in again
     assert again["samples_file"].endswith("samples.jsonl")
+
+
+def test_a_baseline_sampled_under_autocast_has_its_own_cache_entry(tok):
+    """The baseline's samples are cached by weights, prompts, settings and arithmetic: a float32 evaluation never
+    reuses samples drawn under bf16 autocast."""
+    import os
+
+    from entangle.evaluation import baseline_samples
+    from entangle.models import cache_dir
+
+    model, _ = models.load_model("tiny", tokenizer=tok)
+    gen = {"n": 1, "max_new_tokens": 4, "temperature": 1.0, "seed": 0, "batch_size": 2, "progress": False}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = baseline_samples(model, tok, ["Hello", "The film"], gen)
+    plain = baseline_samples(model, tok, ["Hello", "The film"], gen)
+    again = baseline_samples(model, tok, ["Hello", "The film"], gen)
+    assert len(os.listdir(os.path.join(cache_dir(), "samples"))) == 2
+    assert again == plain and len(mixed) == len(plain) == 2

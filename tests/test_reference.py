@@ -63,6 +63,22 @@ def test_a_frozen_reference_made_under_autocast_holds_its_linear_layers_rounded_
         assert not torch.equal(sequence_logps(plain.model, batch).logps, expected)   # bf16 is really in use
 
 
+def test_a_table_precomputed_under_autocast_is_not_reused_without_it(tok):
+    """The cache key holds the arithmetic: a bf16-mixed run's table never serves a float32 run (whose step-1 loss
+    would then start from a margin of bf16 noise), and each table is its own arithmetic's log-probs."""
+    model, _ = models.load_model("tiny", tokenizer=tok)
+    pairs = pairs_for(tok)
+    batch = batching.collate(pairs, tok.pad_token_id)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = reference.precompute_reference(model, pairs, tok.pad_token_id, batch_size=2)
+        frozen_mixed = reference.FrozenReference(model, torch.bfloat16).logps(batch)
+    plain = reference.precompute_reference(model, pairs, tok.pad_token_id, batch_size=2)
+    assert mixed.path != plain.path
+    torch.testing.assert_close(plain.logps(batch), reference.FrozenReference(model).logps(batch))
+    torch.testing.assert_close(mixed.logps(batch), frozen_mixed)
+    assert not torch.allclose(mixed.logps(batch), plain.logps(batch), rtol=0, atol=1e-6)
+
+
 def test_lora_reference_is_the_base_model_without_a_copy(tok):
     model, _ = models.load_model("tiny", tokenizer=tok, lora=models.LoraConfig(r=4))
     ref = reference.make_reference("frozen", model)

@@ -266,17 +266,17 @@ def score_samples(samples: list[dict], scorer: Scorer, baseline: list[dict] | No
 
 def baseline_samples(model, tokenizer, prompts: Sequence, gen: dict) -> list[dict]:
     """A baseline's samples (no log-probs), cached on disk under `$ENTANGLE_CACHE/samples/`, keyed by the
-    model's weights, the prompts and the sampling settings: every evaluation against the same initial
+    model's weights and arithmetic (the autocast in force), the prompts and the sampling settings: every evaluation against the same initial
     policy (several checkpoints, a study's runs) samples it once."""
     import hashlib
     import json
 
-    from entangle.models import cache_dir
+    from entangle.models import autocast_now, cache_dir
     from entangle.reference import fingerprint
 
     settings = {k: v for k, v in gen.items() if k != "progress"}
     h = hashlib.blake2b(digest_size=16)
-    h.update(fingerprint(model, []).encode())
+    h.update(fingerprint(model, [], autocast_now(next(model.parameters()).device)).encode())   # and its arithmetic
     h.update(json.dumps([list(prompts), settings, tokenizer.eos_token_id], sort_keys=True, default=str).encode())
     path = os.path.join(cache_dir(), "samples", f"{h.hexdigest()}.jsonl")
     if os.path.exists(path):

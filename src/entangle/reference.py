@@ -158,9 +158,12 @@ class PrecomputedReference(Reference):
         return torch.cat([chosen, rejected]).to(batch.input_ids.device)
 
 
-def fingerprint(model, pairs: Sequence[TokenizedPair]) -> str:
-    """Content hash of the reference weights (LoRA adapters excluded) and of the tokenised pairs."""
+def fingerprint(model, pairs: Sequence[TokenizedPair], autocast: torch.dtype | None = None) -> str:
+    """Content hash of the reference weights (LoRA adapters excluded), of the tokenised pairs and of the autocast
+    the log-probs are computed under (None: the weights' own arithmetic, the key it always had)."""
     h = hashlib.blake2b(digest_size=16)
+    if autocast is not None:
+        h.update(f"autocast:{autocast}".encode())
     for name, t in sorted(model.state_dict().items()):
         if "lora_" in name:
             continue
@@ -175,13 +178,14 @@ def fingerprint(model, pairs: Sequence[TokenizedPair]) -> str:
 def precompute_reference(policy, pairs: Sequence[TokenizedPair], pad_id: int, batch_size: int = 8,
                          is_main: bool = True, barrier=lambda: None) -> PrecomputedReference:
     """Reference log-probs of every pair, reused from `$ENTANGLE_CACHE/refcache` when the weights,
-    data and tokenisation are unchanged (any change gives a new key)."""
-    key = fingerprint(policy, pairs)
+    data, tokenisation and arithmetic (the autocast in force) are unchanged (any change gives a new key)."""
+    device = next(policy.parameters()).device
+    autocast = autocast_now(device)          # a table made under bf16 autocast is not float32's: its own key
+    key = fingerprint(policy, pairs, autocast)
     path = os.path.join(cache_dir(), "refcache", f"{key}.safetensors")
     if not os.path.exists(path) and is_main:
         log.info("precomputing reference log-probs for %d pairs -> %s", len(pairs), path)
-        device = next(policy.parameters()).device
-        frozen = FrozenReference(policy, autocast_now(device))
+        frozen = FrozenReference(policy, autocast)
         chosen, rejected = [], []
         for s in range(0, len(pairs), batch_size):
             lp = frozen.logps(collate(pairs[s : s + batch_size], pad_id, pack=True).to(device)).float().cpu()
