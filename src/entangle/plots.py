@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 
 
@@ -19,13 +20,21 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str) -> None:
+    """Write the PNG and free the figure now: a figure's objects refer to each other, and a report of long runs
+    left them to the cycle collector, one figure after another (the report of a 100,000-step run: 0.91 GiB peak
+    instead of 1.38)."""
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    gc.collect()
+
+
 def _finish(plt, fig, path: str, title: str | None) -> str:
     """Title, layout, write the PNG, free the figure; return its path."""
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
@@ -89,8 +98,7 @@ def plot_metrics(runs: dict[str, list[dict]], panels: list[tuple[str, list[str]]
         fig.tight_layout(rect=(0, 0.12 * legend_rows / rows_n, 1, 1))
     else:
         fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
@@ -123,8 +131,7 @@ def plot_case_runs(runs: dict[str, list[dict]], path: str, prefix: str = "entang
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.1 / rows_n, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
@@ -166,8 +173,7 @@ def plot_case_plane(pairs: dict[str, list[dict]], path: str, which: str = "pred"
     if ax.collections:
         ax.legend(fontsize=8, loc="upper center")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
@@ -190,8 +196,7 @@ def plot_distributions(rows: list[dict], panels: list[tuple[str, str]], path: st
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
@@ -225,8 +230,7 @@ def plot_token_views(views: list[dict], path: str, title: str) -> str:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="cos(grad log p(chosen token), "
                      "grad log p(rejected token))")
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
@@ -249,8 +253,7 @@ def _pair_bars(views: list[dict], path: str, title: str, width: float, row_heigh
         for j, side in enumerate(("chosen", "rejected")):
             draw(axes[2 * k + j, 0], v, side)
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
