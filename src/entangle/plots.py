@@ -21,9 +21,8 @@ def _pyplot():
 
 
 def _save(plt, fig, path: str) -> None:
-    """Write the PNG and free the figure now: a figure's objects refer to each other, and a report of long runs
-    left them to the cycle collector, one figure after another (the report of a 100,000-step run: 0.91 GiB peak
-    instead of 1.38)."""
+    """Write the PNG and free the figure now: a figure's objects refer to each other, and a report of a long run
+    left them to the cycle collector one figure after another (`benchmarks/report_memory.py`)."""
     fig.savefig(path, dpi=110)
     plt.close(fig)
     gc.collect()

@@ -83,7 +83,7 @@ def drawn_panels(metrics: dict[str, list[dict]], panels) -> list[tuple[str, list
 
 def load_metrics(run_dir: str) -> list[dict]:
     """The rows of `metrics.jsonl` (lenient: a torn last line from a killed run is skipped). Every row names the same
-    few dozen metrics: one copy of each name (a 100,000-step log: 0.42 GiB instead of 0.70)."""
+    few dozen metrics: one copy of each name (a 100,000-step log held in 0.42 GiB instead of 0.70)."""
     return [{sys.intern(k): v for k, v in row.items()} for row in _iter_jsonl(os.path.join(run_dir, "metrics.jsonl"))]
 
 
