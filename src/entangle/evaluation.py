@@ -266,8 +266,8 @@ def score_samples(samples: list[dict], scorer: Scorer, baseline: list[dict] | No
 
 def baseline_samples(model, tokenizer, prompts: Sequence, gen: dict) -> list[dict]:
     """A baseline's samples (no log-probs), cached on disk under `$ENTANGLE_CACHE/samples/`, keyed by the
-    model's weights and arithmetic (the autocast in force), the prompts and the sampling settings: every evaluation against the same initial
-    policy (several checkpoints, a study's runs) samples it once."""
+    model's weights and arithmetic (the autocast in force), the prompts and the sampling settings: every evaluation
+    against the same initial policy (several checkpoints, a study's runs) samples it once."""
     import hashlib
     import json
 

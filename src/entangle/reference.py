@@ -76,7 +76,7 @@ class Reference:
 
 
 class _ModelReference(Reference):
-    """A reference that runs a model (`self.model` under `self._context()`)."""
+    """A reference that runs a model (`self.model` under `self.context()`)."""
 
     def logps(self, batch: Batch) -> torch.Tensor:
         return self._forward(batch)
@@ -102,7 +102,7 @@ class _ModelReference(Reference):
 
     def _forward(self, batch: Batch, token_level: bool = False, context=None):
         """Reference forward without autograd; returns plain tensors usable as autograd constants."""
-        with self.no_grad(), (context if context is not None else self._context()):
+        with self.no_grad(), (context if context is not None else self.context()):
             out = sequence_logps(self.runner if self.runner is not None else self.model, batch, token_level)
         return out.token_logps.clone() if token_level else out.logps.clone()
 
@@ -136,7 +136,6 @@ class FrozenReference(_ModelReference):
             return torch.autocast(next(self.model.parameters()).device.type, dtype=self.autocast)
         return contextlib.nullcontext()
 
-    _context = context
 
 
 class PrecomputedReference(Reference):
@@ -259,7 +258,8 @@ class TrustRegionReference(_ModelReference):
         self._drift = 0.0
 
     # -- forward
-    def _context(self, delta: dict | None = None):
+    def context(self, delta: dict | None = None):
+        """The context `self.model` runs in: for LoRA, the base with adapters off plus `delta` (default: the current blend)."""
         if not self.lora:
             return contextlib.nullcontext()
         delta = self.delta if delta is None else delta
@@ -272,7 +272,7 @@ class TrustRegionReference(_ModelReference):
 
     def initial_logps(self, batch: Batch) -> torch.Tensor:
         """LoRA only: log-probs under the initial policy (W0 + the initial deltas), at no memory cost."""
-        return self._forward(batch, context=self._context(self.initial_state))
+        return self._forward(batch, context=self.context(self.initial_state))
 
     def initial_policy(self, policy, pairs, pad_id: int, batch_size: int, is_main: bool = True,
                        barrier=lambda: None, without_reference: bool = False) -> Reference:

@@ -25,6 +25,7 @@ from torch.func import functional_call, jvp, vjp, vmap
 from entangle.logps import head_layout, listen, packed_layout, split_model
 from entangle.models import module_kind
 
+
 def wide(dtype: torch.dtype) -> torch.dtype:
     """The dtype gradient sums and updates are measured in: float64 stays, bf16/fp16/fp32 become float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
