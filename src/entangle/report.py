@@ -93,8 +93,8 @@ def _jsonl(path: str) -> list[dict]:
     return list(_iter_jsonl(path))
 
 
-def _iter_jsonl(path: str):
-    """`_jsonl`'s rows one at a time, read line by line (memory: one line)."""
+def _iter_jsonl(path: str, warn: bool = True):
+    """`_jsonl`'s rows one at a time, read line by line (memory: one line); `warn`: say so of a torn last line."""
     if not os.path.exists(path):
         return
     bad = None                                   # (line number, error) of a line that may be the torn last one
@@ -113,7 +113,7 @@ def _iter_jsonl(path: str):
                 bad = (i, type(e).__name__)
                 continue
             yield row
-    if bad is not None:
+    if bad is not None and warn:
         log.warning("%s:%d: a torn last line (skipped)", path, bad[0])
 
 
@@ -186,7 +186,7 @@ def write_report(paths: list[str], out: str, title: str | None = None, study_blo
     if planes:
         pairs = {k: rows for k, (rows, _, _) in planes.items()}
         kinds = set.intersection(*(kinds for _, _, kinds in planes.values()))   # what every pair-step has
-        which = next(k for k in ("real", "step", "pred") if k in kinds or k == "pred")
+        which = "real" if "real" in kinds else "step" if "step" in kinds else "pred"
         totals = {k: total for k, (_, total, _) in planes.items()}
         png = plot_case_plane(pairs, os.path.join(out, "case_plane.png"), which=which, totals=totals)
         drawn = "" if all(len(pairs[k]) == totals[k] for k in pairs) else \
@@ -332,7 +332,7 @@ def _case_plane_rows(path: str) -> tuple[list[dict], int, set[str]]:
     kept only as the plane's numbers: (at most `PLANE_POINTS` rows, a uniform sample beyond that (seeded); how many
     there are; the kinds of change, of real/step/pred, that every one of them has). Memory: the sample, whatever
     the log's length."""
-    last = max((r["step"] for r in _iter_jsonl(path)), default=None)
+    last = max((r["step"] for r in _iter_jsonl(path, warn=False)), default=None)   # the second pass says it
     if last is None:
         return [], 0, set()
     keys = [f"{k}_dlogp_{s}" for k in ("real", "step", "pred") for s in ("w", "l")]
