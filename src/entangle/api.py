@@ -74,10 +74,10 @@ def generate(model: str, prompts: str | list, out: str | None = None, limit: int
 def _read_samples(path: str) -> list[dict]:
     """The rows of a samples file written by `entangle generate`, every field checked (file and line named);
     a torn last line is skipped, as resume skips one."""
-    from entangle.report import _jsonl
+    from entangle.report import read_jsonl
 
     try:
-        rows = _jsonl(path)
+        rows = read_jsonl(path)
     except OSError as e:
         raise DataError(f"{path}: cannot read samples ({e.strerror}); give a file written by entangle generate") \
             from None

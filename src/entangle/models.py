@@ -21,6 +21,7 @@ import shutil
 import tempfile
 
 import torch
+from torch import nn
 
 from entangle.config import LoraConfig
 from entangle.errors import ModelError
@@ -101,8 +102,6 @@ def _conv1d():
 def module_kind(module) -> str:
     """`linear`, `conv1d` (GPT-2's), `embedding` or `generic`: a closed form is named only for a module whose forward
     is exactly the base class's."""
-    from torch import nn
-
     Conv1D = _conv1d()
     forward = type(module).forward
     if isinstance(module, nn.Linear) and forward is nn.Linear.forward:
@@ -120,8 +119,6 @@ def autocast_copy(model, dtype: torch.dtype):
     rounded weight gives the same numbers bit for bit (tested), half those layers' memory and no cast per forward.
     Embeddings, norms and the rest stay as they are; a linear weight tied to another module (the LM head to the
     input embeddings) gets its own rounded copy. The copy is made without a full-precision copy of those layers."""
-    from torch import nn
-
     linear = [m for m in model.modules() if module_kind(m) in ("linear", "conv1d")]
     elsewhere = {id(p) for m in model.modules() if module_kind(m) not in ("linear", "conv1d")
                  for p in m.parameters(recurse=False)}

@@ -87,14 +87,14 @@ def load_metrics(run_dir: str) -> list[dict]:
     return [{sys.intern(k): v for k, v in row.items()} for row in _iter_jsonl(os.path.join(run_dir, "metrics.jsonl"))]
 
 
-def _jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str) -> list[dict]:
     """The JSON rows of a log. A torn last line (a killed writer) is skipped with a warning; any other line that
     is not UTF-8 JSON is a DataError naming the file and line."""
     return list(_iter_jsonl(path))
 
 
 def _iter_jsonl(path: str, warn: bool = True):
-    """`_jsonl`'s rows one at a time, read line by line (memory: one line); `warn`: say so of a torn last line."""
+    """`read_jsonl`'s rows one at a time, read line by line (memory: one line); `warn`: say so of a torn last line."""
     if not os.path.exists(path):
         return
     bad = None                                   # (line number, error) of a line that may be the torn last one
@@ -301,7 +301,7 @@ def _samples_table(name: str, first: str, last: str, n: int = 4) -> str:
     """A few held-out prompts: the initial policy's completion beside the policy's at the first and last
     evaluation (every string escaped)."""
     def rows_of(path):
-        return {r["prompt_index"]: r for r in _jsonl(path) if r.get("sample", 0) == 0}
+        return {r["prompt_index"]: r for r in read_jsonl(path) if r.get("sample", 0) == 0}
 
     a, b = rows_of(first), rows_of(last)
     label = lambda p: os.path.basename(p)[:-6]  # noqa: E731

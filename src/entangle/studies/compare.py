@@ -9,7 +9,6 @@ same settings), `OUT/summary.json` (a table per loss and the theory check of spe
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -158,11 +157,9 @@ def run(st: Settings | None = None, report: bool = True) -> dict:
 
 
 def _pair_rows(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, "entanglement.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    from entangle.report import read_jsonl   # a torn last line skipped, a damaged one named
+
+    return read_jsonl(os.path.join(run_dir, "entanglement.jsonl"))
 
 
 def loss_result(rows: list[dict], pairs: list[dict]) -> dict:
